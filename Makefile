@@ -1,0 +1,39 @@
+# tlpipe — the two commands: `make demo` and `make test`. Both bootstrap .venv with uv from uv.lock.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+# uv from PATH, else installed with pip (python3 -m uv works wherever pip put it).
+UV = $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+DEMO_DATA ?= $(CURDIR)/../shared/data/clothing-small.tar.gz
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo test test-fast bench lint clean
+
+help:
+	@echo "make demo   - validate, extract and probe clothing-small end to end (offline, CPU)"
+	@echo "make test   - run the test suite (bootstraps .venv)"
+	@echo "make bench  - run the benchmarks and write BENCHMARKS.md"
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+	@touch $@
+
+venv: $(VENV)/.synced
+
+demo: venv
+	$(PY) -m jobs.demo --data "$(DEMO_DATA)"
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) -m bench.extract --write
+	$(PY) -m bench.probe --write
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""tlpipe pure compute."""
