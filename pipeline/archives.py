@@ -7,6 +7,7 @@ marker file written last — an interrupted unpack is redone, a finished one is 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tarfile
@@ -47,24 +48,33 @@ def unpack(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     marker = target / ".tlpipe-unpacked"
     if not marker.exists():
         base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=base))
-        try:
-            if archive.name.lower().endswith(".zip"):
-                with zipfile.ZipFile(archive) as zf:
-                    for member in zf.namelist():
-                        dest = (tmp / member).resolve()
-                        if not dest.is_relative_to(tmp.resolve()):
-                            raise ValueError(f"{archive}: member {member!r} escapes the archive")
-                    zf.extractall(tmp)
-            else:
-                with tarfile.open(archive) as tf:
-                    tf.extractall(tmp, filter="data")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        marker.write_text(str(archive.resolve()))
+        with open(base / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test runs / jobs unpack once
+            try:
+                if not marker.exists():
+                    _unpack_into(archive, target, base)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
     entries = [p for p in target.iterdir() if not p.name.startswith(".")]
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
+
+
+def _unpack_into(archive: Path, target: Path, base: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=base))
+    try:
+        if archive.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                for member in zf.namelist():
+                    if not (tmp / member).resolve().is_relative_to(tmp.resolve()):
+                        raise ValueError(f"{archive}: member {member!r} escapes the archive")
+                zf.extractall(tmp)
+        else:
+            with tarfile.open(archive) as tf:
+                tf.extractall(tmp, filter="data")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (target / ".tlpipe-unpacked").write_text(str(archive.resolve()))

@@ -1,0 +1,82 @@
+"""Find candidate images in a source: ImageFolder tree, CSV/JSONL manifest, Hugging Face datasets.
+
+Sources only list files (path, label, split); decoding and hashing happen in `validate`.
+Nothing here raises for a bad file: it becomes an `ExcludedFile` with a code and a reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.hf import load_hf_disk, load_hf_hub, scan_hf
+from pipeline.data.imagefolder import scan_imagefolder
+from pipeline.data.manifest import MANIFEST_SUFFIXES, scan_manifest
+from pipeline.data.records import DatasetError, SourceListing, display_path
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+__all__ = ["SourceListing", "default_cache_dir", "discover", "scan_hf", "scan_imagefolder", "scan_manifest"]
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def default_cache_dir() -> Path:
+    """`$TLPIPE_CACHE_DIR` or `~/.cache/tlpipe` (read at call time)."""
+    return Path(os.environ.get("TLPIPE_CACHE_DIR") or "~/.cache/tlpipe").expanduser()
+
+
+def _is_hf_object(source: Any) -> bool:
+    mod = type(source).__module__ or ""
+    return mod.startswith("datasets.") and hasattr(source, "column_names")
+
+
+def _is_hf_disk_folder(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
+def discover(source: Any, *, cache_dir: str | os.PathLike | None = None) -> SourceListing:
+    """List the candidates of `source` (folder, manifest file, HF folder / hub id / object)."""
+    image_cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "hf-images"
+    if _is_hf_object(source):
+        return scan_hf(source, cache_dir=image_cache, name="in-memory", source="<datasets object>",
+                       kind="hf_memory")
+    if not isinstance(source, (str, os.PathLike)):
+        raise DatasetError(
+            f"unsupported dataset source {source!r}: pass a folder, a CSV/JSONL manifest, a folder "
+            "saved with datasets' save_to_disk, or a Hugging Face hub id"
+        )
+    text = os.fspath(source)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    for prefix in ("hf://datasets/", "hf://", "hf:"):
+        if text.startswith(prefix):
+            return load_hf_hub(text[len(prefix):], cache_dir=image_cache)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if _is_hf_disk_folder(path):
+            return load_hf_disk(path, cache_dir=image_cache)
+        return scan_imagefolder(path)
+    if path.is_file():
+        if path.suffix.lower() in MANIFEST_SUFFIXES:
+            return scan_manifest(path)
+        raise DatasetError(
+            f"{display_path(path)} is a file but not a manifest: pass an image folder, or a "
+            f"manifest ending in {', '.join(sorted(MANIFEST_SUFFIXES))} with path,label columns"
+        )
+    if path.exists() or os.path.lexists(path):
+        raise DatasetError(f"{display_path(path)} is neither a folder nor a regular file (broken link?)")
+    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+        try:
+            return load_hf_hub(text, cache_dir=image_cache)
+        except DatasetError as exc:
+            raise DatasetError(
+                f"no such file or folder {text!r} (relative to {os.getcwd()}), and as a Hugging "
+                f"Face hub id: {exc}"
+            ) from exc
+    raise DatasetError(f"dataset path {display_path(path)} does not exist; check the path")

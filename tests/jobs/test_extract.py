@@ -1,0 +1,100 @@
+"""The extraction job on a real local Ray, real EfficientNet-Lite0 weights and real CIFAR-10 photos."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feature_store import FeatureStore
+from pipeline.backbones import get_spec
+
+LITE0 = "efficientnet/tf_efficientnet_lite0.in1k"
+
+
+@pytest.fixture(scope="module")
+def small_spec():
+    # CIFAR photos are 32 px: 96 px input keeps the real weights useful and the test fast.
+    return dataclasses.replace(get_spec(LITE0), input_size=96, crop_pct=1.0)
+
+
+@pytest.fixture(scope="module")
+def cifar_subset(cifar10_dir, tmp_path_factory) -> Path:
+    """ImageFolder with train (30 a class) and test (10 a class) copied from real CIFAR-10."""
+    root = tmp_path_factory.mktemp("cifar-subset")
+    for split, n in (("train", 30), ("test", 10)):
+        for cls_dir in sorted((cifar10_dir / split).iterdir()):
+            dest = root / split / cls_dir.name
+            dest.mkdir(parents=True)
+            for p in sorted(cls_dir.glob("*.jpg"))[:n]:
+                shutil.copy(p, dest / p.name)
+    return root
+
+
+def _files(ds):
+    return [(r.sha256, r.path) for r in ds.records]
+
+
+def test_extract_knn_cache_and_new_images(ray_local, cifar10_dir, cifar_subset, small_spec, tmp_path):
+    from jobs.extract import extract_features
+    from pipeline.data import load_dataset
+    from pipeline.heads import KNN
+
+    ds = load_dataset(cifar_subset)
+    store = FeatureStore(tmp_path / "features")
+    (s1,) = extract_features(_files(ds), [small_spec], store=store)
+    assert (s1.requested, s1.cached, s1.extracted, s1.failed) == (len(ds.records), 0, len(ds.records), [])
+    assert s1.engine == "onnx"  # CNN on CPU takes the ONNX Runtime fast path
+
+    train = ds.split("train") + ds.split("val")
+    test = ds.split("test")
+    x_tr = store.get(s1.fingerprint, [r.sha256 for r in train])
+    x_te = store.get(s1.fingerprint, [r.sha256 for r in test])
+    assert x_tr.shape == (len(train), small_spec.embed_dim) and np.isfinite(x_tr).all()
+    head = KNN(k=5).fit(x_tr, np.array([r.label for r in train]))
+    acc = float(np.mean(head.predict(x_te) == np.array([r.label for r in test])))
+    assert acc >= 0.35, f"k-NN accuracy {acc:.2f} is not well above chance (0.10)"
+
+    # Same data again: everything is a cache hit, nothing recomputed.
+    (s2,) = extract_features(_files(ds), [small_spec], store=store)
+    assert (s2.cached, s2.extracted) == (len(ds.records), 0)
+
+    # A new dataset version with ~10 % new images: only those are extracted, old rows unchanged.
+    for cls_dir in sorted((cifar10_dir / "train").iterdir()):
+        for p in sorted(cls_dir.glob("*.jpg"))[30:34]:  # not in the subset (it took the first 30)
+            shutil.copy(p, cifar_subset / "train" / cls_dir.name / f"new_{p.name}")
+    ds2 = load_dataset(cifar_subset)
+    new_keys = {r.sha256 for r in ds2.records} - {r.sha256 for r in ds.records}
+    (s3,) = extract_features(_files(ds2), [small_spec], store=store)
+    assert len(new_keys) >= 35
+    assert (s3.extracted, s3.cached) == (len(new_keys), len({r.sha256 for r in ds.records}))
+    np.testing.assert_array_equal(store.get(s1.fingerprint, [r.sha256 for r in train]), x_tr)
+
+
+def test_fused_and_tasks_layouts_agree(ray_local, cifar_subset, small_spec, tmp_path):
+    from jobs.extract import extract_features
+    from pipeline.data import load_dataset
+
+    ds = load_dataset(cifar_subset)
+    files = _files(ds)[:64]
+    (a,) = extract_features(files, [small_spec], store=FeatureStore(tmp_path / "a"), layout="fused")
+    (b,) = extract_features(files, [small_spec], store=FeatureStore(tmp_path / "b"), layout="tasks")
+    keys = [k for k, _ in files]
+    ea = FeatureStore(tmp_path / "a").get(a.fingerprint, keys)
+    eb = FeatureStore(tmp_path / "b").get(b.fingerprint, keys)
+    np.testing.assert_allclose(ea, eb, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_file_is_reported_not_fatal(ray_local, cifar_subset, small_spec, tmp_path):
+    from jobs.extract import extract_features
+
+    good = sorted(cifar_subset.glob("train/cat/*.jpg"))[:5]
+    bad = tmp_path / "vanished.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    files = [(f"k{i}", str(p)) for i, p in enumerate(good)] + [("kbad", str(bad))]
+    (s,) = extract_features(files, [small_spec], store=FeatureStore(tmp_path / "s"))
+    assert s.extracted == 5 and [f["key"] for f in s.failed] == ["kbad"]
+    assert "not_image" in s.failed[0]["reason"] or "corrupt" in s.failed[0]["reason"]

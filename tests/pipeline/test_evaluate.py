@@ -1,0 +1,327 @@
+import json
+import re
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from pipeline.evaluate import EvalReport, evaluate, hardest_examples
+from pipeline.latency import count_params, measure_latency
+from pipeline.plots import (confusion_matrix_figure, hardest_captions, hardest_examples_figure,
+                            pareto_figure, per_class_csv, png_bytes, reliability_figure,
+                            report_html, save_png)
+from pipeline.select import Candidate
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _random_problem(n, classes, seed, signal=1.0):
+    rng = np.random.default_rng(seed)
+    c = len(classes)
+    y = rng.integers(0, c, n)
+    logits = rng.normal(size=(n, c))
+    logits[np.arange(n), y] += signal
+    return np.asarray(classes, dtype=object)[y], _softmax(logits)
+
+
+# Deliberately unsorted string labels: proba columns follow this order, not alphabetical.
+CLASSES = ["zebra", "cat", "dog", "bird", "ant", "yak", "moose"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_sklearn(seed):
+    y, p = _random_problem(600, CLASSES, seed, signal=0.8)
+    r = evaluate(y, p, CLASSES, n_bootstrap=50, seed=seed)
+    pred = np.asarray(CLASSES, dtype=object)[p.argmax(axis=1)]
+    assert r.n_samples == 600
+    assert r.accuracy == pytest.approx(skm.accuracy_score(y, pred))
+    assert r.balanced_accuracy == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert r.macro_f1 == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert r.confusion_matrix == skm.confusion_matrix(y, pred, labels=CLASSES).tolist()
+    # sklearn's top_k needs sorted labels: reorder our columns alphabetically for the reference.
+    order = np.argsort(CLASSES)
+    assert r.top_k == 5
+    assert r.top5 == pytest.approx(skm.top_k_accuracy_score(
+        y, p[:, order], k=5, labels=np.asarray(CLASSES)[order]))
+    prec, rec, f1, sup = skm.precision_recall_fscore_support(y, pred, labels=CLASSES,
+                                                             zero_division=0)
+    assert [row["class"] for row in r.per_class] == CLASSES
+    np.testing.assert_allclose([row["precision"] for row in r.per_class], prec)
+    np.testing.assert_allclose([row["recall"] for row in r.per_class], rec)
+    np.testing.assert_allclose([row["f1"] for row in r.per_class], f1)
+    assert [row["support"] for row in r.per_class] == sup.tolist()
+    assert r.metric_value == r.balanced_accuracy
+
+
+def test_absent_class_follows_sklearn_defaults():
+    # "moose" never occurs in y_true; a few samples are predicted as it.
+    rng = np.random.default_rng(5)
+    classes = ["a", "b", "c", "moose"]
+    y = np.array(["a", "b", "c"] * 40, dtype=object)
+    p = _softmax(rng.normal(size=(120, 4)) * 2)
+    r = evaluate(y, p, classes, n_bootstrap=0)
+    pred = np.asarray(classes, dtype=object)[p.argmax(axis=1)]
+    assert (pred == "moose").any()
+    assert r.balanced_accuracy == pytest.approx(
+        np.mean(skm.recall_score(y, pred, labels=["a", "b", "c"], average=None)))
+    assert r.macro_f1 == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0))
+    assert r.ci_low is None and r.ci_high is None
+
+
+def test_topk_uses_min_5_n_classes_and_top1_equals_accuracy():
+    y, p = _random_problem(300, ["x", "y", "z"], 3)
+    r = evaluate(y, p, ["x", "y", "z"], n_bootstrap=0)
+    assert r.top_k == 3 and r.top5 == 1.0
+    # With ties everywhere, argmax picks the first column: top-1 must agree with accuracy.
+    flat = np.full((4, 3), 1 / 3)
+    r1 = evaluate(["x", "y", "z", "x"], flat, ["x", "y", "z"], n_bootstrap=0)
+    assert r1.accuracy == 0.5
+    # Same tie rule for top-k: with 6 tied columns, the top-5 are the first 5 columns.
+    six = list("abcdef")
+    r6 = evaluate(["a", "f", "e", "f"], np.full((4, 6), 1 / 6), six, n_bootstrap=0)
+    assert r6.top_k == 5 and r6.top5 == 0.5
+
+
+def test_ece_calibrated_vs_overconfident():
+    rng = np.random.default_rng(0)
+    n, c = 20000, 4
+    classes = ["a", "b", "c", "d"]
+    conf = rng.uniform(0.3, 1.0, n)
+    pred = rng.integers(0, c, n)
+    p = np.empty((n, c))
+    p[:] = ((1 - conf) / (c - 1))[:, None]
+    p[np.arange(n), pred] = conf
+    # Calibrated: the predicted class is right with probability exactly `conf`.
+    right = rng.uniform(size=n) < conf
+    other = (pred + rng.integers(1, c, n)) % c
+    y_cal = np.where(right, pred, other)
+    r_cal = evaluate(np.asarray(classes)[y_cal], p, classes, n_bootstrap=0)
+    assert r_cal.ece < 0.02
+    # Over-confident: same confidences, but only right 40 % of the time.
+    right_over = rng.uniform(size=n) < 0.4
+    y_over = np.where(right_over, pred, other)
+    r_over = evaluate(np.asarray(classes)[y_over], p, classes, n_bootstrap=0)
+    assert r_over.ece > 0.2
+    assert len(r_cal.reliability) == 15
+    assert sum(b["count"] for b in r_cal.reliability) == n
+    filled = [b for b in r_over.reliability if b["count"]]
+    assert all(b["lower"] < b["mean_confidence"] <= b["upper"] for b in filled)
+    ece = sum(b["count"] / n * abs(b["accuracy"] - b["mean_confidence"]) for b in filled)
+    assert r_over.ece == pytest.approx(ece)
+
+
+def test_bootstrap_ci_contains_estimate_narrows_and_is_seeded():
+    small_y, small_p = _random_problem(200, CLASSES, 7)
+    big_y, big_p = _random_problem(5000, CLASSES, 7)
+    for metric in ("balanced_accuracy", "accuracy", "macro_f1", "top5"):
+        s = evaluate(small_y, small_p, CLASSES, selection_metric=metric, n_bootstrap=400)
+        b = evaluate(big_y, big_p, CLASSES, selection_metric=metric, n_bootstrap=400)
+        for r in (s, b):
+            assert r.metric_value == r.metric(metric)
+            assert r.ci_low <= r.metric_value <= r.ci_high
+        assert (b.ci_high - b.ci_low) < 0.5 * (s.ci_high - s.ci_low)
+    again = evaluate(small_y, small_p, CLASSES, n_bootstrap=400, seed=0)
+    first = evaluate(small_y, small_p, CLASSES, n_bootstrap=400, seed=0)
+    other = evaluate(small_y, small_p, CLASSES, n_bootstrap=400, seed=1)
+    assert (again.ci_low, again.ci_high) == (first.ci_low, first.ci_high)
+    assert (other.ci_low, other.ci_high) != (first.ci_low, first.ci_high)
+
+
+def test_bootstrap_is_fast():
+    y, p = _random_problem(10_000, [f"c{i}" for i in range(10)], 1)
+    evaluate(y[:100], p[:100], [f"c{i}" for i in range(10)], n_bootstrap=10)  # warm caches
+    t0 = time.perf_counter()
+    r = evaluate(y, p, [f"c{i}" for i in range(10)], n_bootstrap=1000)
+    elapsed = time.perf_counter() - t0
+    assert r.ci_low < r.ci_high
+    assert elapsed < 2.0, f"1000 bootstrap resamples on 10k samples took {elapsed:.2f}s"
+
+
+def test_report_json_round_trip_has_no_numpy():
+    y, p = _random_problem(300, CLASSES, 2)
+    r = evaluate(list(y), p.astype(np.float32), CLASSES, n_bootstrap=100)
+    d = r.to_dict()
+    text = json.dumps(d)  # raises on numpy scalars
+    back = EvalReport.from_dict(json.loads(text))
+    assert back == r
+    assert back.to_dict() == d
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        else:
+            assert x is None or type(x) in (int, float, str, bool), type(x)
+    walk(d)
+    with pytest.raises(ValueError, match="missing keys"):
+        EvalReport.from_dict({"classes": ["a"]})
+
+
+def test_input_validation_messages():
+    with pytest.raises(ValueError, match="not in classes"):
+        evaluate(["a", "q"], [[0.5, 0.5], [0.5, 0.5]], ["a", "b"])
+    with pytest.raises(ValueError, match="shape"):
+        evaluate(["a", "b"], [[1.0, 0.0, 0.0]] * 2, ["a", "b"])
+    with pytest.raises(ValueError, match="softmax"):
+        evaluate(["a", "b"], [[2.0, 1.0], [0.0, 3.0]], ["a", "b"])
+    with pytest.raises(ValueError, match="selection_metric"):
+        evaluate(["a", "b"], [[1.0, 0.0], [0.0, 1.0]], ["a", "b"], selection_metric="auc")
+    with pytest.raises(ValueError, match="empty"):
+        evaluate([], np.zeros((0, 2)), ["a", "b"])
+
+
+def test_hardest_examples_are_confident_mistakes():
+    classes = ["a", "b", "c"]
+    y = ["a", "b", "c", "a", "b"]
+    p = np.array([[0.1, 0.9, 0.0],    # wrong, conf .9
+                  [0.0, 1.0, 0.0],    # right
+                  [0.6, 0.0, 0.4],    # wrong, conf .6
+                  [0.2, 0.05, 0.75],  # wrong, conf .75
+                  [0.3, 0.4, 0.3]])   # right
+    ids = ["i0", "i1", "i2", "i3", "i4"]
+    h = hardest_examples(y, p, classes, ids, k=2)
+    assert [e["id"] for e in h] == ["i0", "i3"]
+    assert h[0] == {"id": "i0", "true": "a", "predicted": "b", "confidence": 0.9,
+                    "true_prob": 0.1}
+    assert len(hardest_examples(y, p, classes, ids, k=16)) == 3
+    json.dumps(h)
+
+
+# ----------------------------------------------------------------------------- figures / report
+
+def _is_png(data):
+    return isinstance(data, bytes) and data[:8] == PNG_MAGIC and len(data) > 500
+
+
+def test_figures_render_png(tmp_path):
+    y, p = _random_problem(400, CLASSES, 4)
+    r = evaluate(y, p, CLASSES, n_bootstrap=50)
+    cm = confusion_matrix_figure(r)
+    rel = reliability_figure(r)
+    assert _is_png(png_bytes(cm)) and _is_png(png_bytes(rel))
+    out = save_png(rel, tmp_path / "sub" / "reliability.png")
+    assert open(out, "rb").read(8) == PNG_MAGIC
+
+    ex = hardest_examples(y, p, CLASSES, [f"img{i}" for i in range(400)], k=5)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (40 + 10 * i, 60, 3), dtype=np.uint8))
+            for i in range(len(ex))]
+    grid = hardest_examples_figure(imgs, hardest_captions(ex), ncols=3)
+    assert _is_png(png_bytes(grid))
+    assert _is_png(png_bytes(hardest_examples_figure([], [])))
+    with pytest.raises(ValueError, match="captions"):
+        hardest_examples_figure(imgs, [])
+
+    cands = [Candidate(f"m{i}", f"bb{i}", "logreg", fam, 0.6 + 0.05 * i, 0.58 + 0.05 * i,
+                       0.62 + 0.05 * i, latency_ms_b1=1.5 * (i + 1), params_m=5.0 * (i + 1))
+             for i, fam in enumerate(["efficientnet", "efficientnet", "clip", "dino"])]
+    cands.append(Candidate("nolat", "x", "knn", "clip", 0.7))
+    fig = pareto_figure(cands, winner="m2")
+    assert _is_png(png_bytes(fig))
+    assert "not shown" in fig.axes[0].get_title()
+
+
+def test_no_pyplot_state_leaks():
+    import sys
+
+    y, p = _random_problem(100, CLASSES, 4)
+    r = evaluate(y, p, CLASSES, n_bootstrap=0)
+    png_bytes(confusion_matrix_figure(r))
+    if "matplotlib.pyplot" in sys.modules:  # another test may have imported it; check no figures
+        import matplotlib.pyplot as plt
+        assert plt.get_fignums() == []
+
+
+def test_per_class_csv():
+    y, p = _random_problem(200, CLASSES, 5)
+    r = evaluate(y, p, CLASSES, n_bootstrap=0)
+    lines = per_class_csv(r).strip().split("\n")
+    assert lines[0] == "class,precision,recall,f1,support"
+    assert len(lines) == 1 + len(CLASSES)
+    assert lines[1].startswith("zebra,")
+    assert sum(int(line.rsplit(",", 1)[1]) for line in lines[1:]) == 200
+
+
+def test_report_html_self_contained():
+    y, p = _random_problem(200, CLASSES, 6)
+    r = evaluate(y, p, CLASSES, n_bootstrap=50)
+    figs = {"confusion matrix": png_bytes(confusion_matrix_figure(r)),
+            "reliability": png_bytes(reliability_figure(r))}
+    rows = [{"rank": 1, "name": "effnet-lite0/logreg", "balanced_accuracy": 0.91234,
+             "latency_ms_b1": 3.2},
+            {"rank": 2, "name": "clip-b32/<knn>", "balanced_accuracy": 0.9, "latency_ms_b1": 9.0}]
+    card = {"name": "clothing-small", "source": "/data/clothing", "classes": ["a", "b"],
+            "counts": {"train": {"a": 80, "b": 20}, "val": {"a": 10, "b": 2},
+                       "test": {"a": 10, "b": 3}},
+            "imbalance_ratio": 4.0, "dataset_hash": "abc123",
+            "excluded": [{"path": "a/broken.jpg", "code": "truncated", "reason": "cut short"}],
+            "duplicates": [], "label_conflicts": [["x/1.jpg", "y/1.jpg"]]}
+    page = report_html(rows, card, figs, notes="Winner: effnet-lite0/logreg")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count("<html") == 1
+    assert page.count("data:image/png;base64,") == 2
+    assert "effnet-lite0/logreg" in page and "0.9123" in page
+    assert "clip-b32/&lt;knn&gt;" in page  # escaped
+    assert "a/broken.jpg" in page and "truncated" in page and "abc123" in page
+    assert "<td>125</td>" in page  # grand total of the counts table
+    # No external assets: nothing fetched over the network or from disk.
+    assert not re.search(r"""(src|href)\s*=\s*['"](?!data:)""", page)
+    assert "<link" not in page and "<script" not in page
+    with pytest.raises(ValueError, match="PNG"):
+        report_html(rows, card, {"bad": b"not a png"})
+
+
+# ----------------------------------------------------------------------------- latency
+
+def test_measure_latency_and_count_params():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert count_params(model) == 8 * 4 + 4 + 4 * 2 + 2
+    shared = torch.nn.Linear(3, 3)
+    tied = torch.nn.Sequential(shared, shared)
+    assert count_params(tied) == 12
+    model[0].weight.requires_grad_(False)
+    assert count_params(model, trainable_only=True) == 4 + 4 * 2 + 2
+
+    calls = []
+
+    def fn(batch):
+        calls.append(len(batch))
+        time.sleep(0.002 * len(batch) / 4)
+
+    res = measure_latency(fn, lambda bs: list(range(bs)), batch_sizes=(1, 8), warmup=1,
+                          repeats=3)
+    assert calls == [1] * 4 + [8] * 4
+    assert set(res) >= {"latency_ms_b1", "latency_ms_b8", "batches", "machine"}
+    # 8 images take ~4 ms per batch → ~0.5 ms per image; b1 ≥ 0.5 ms
+    assert 0.4 < res["latency_ms_b8"] < 5.0
+    assert res["latency_ms_b1"] >= 0.45
+    assert res["batches"][1]["median_ms_per_batch"] == pytest.approx(res["latency_ms_b8"] * 8)
+    json.dumps(res)
+    with pytest.raises(ValueError):
+        measure_latency(fn, lambda bs: [0] * bs, batch_sizes=(0,))
+
+
+def test_hardest_grid_opens_paths_through_pipeline_images(tmp_path):
+    pytest.importorskip("pipeline.images", reason="pipeline.images not available yet")
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.full((300, 200, 3), 120, dtype=np.uint8)).save(good, quality=90)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    fig = hardest_examples_figure([str(good), good.read_bytes(), str(bad)], ["a", "b", "c"])
+    assert _is_png(png_bytes(fig))
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any(t.startswith("cannot open") for t in texts)
+    assert sum(1 for ax in fig.axes if ax.images) == 2
