@@ -23,7 +23,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from feature_store import FeatureStore
-from pipeline.backbones import BackboneSpec, get_spec, resolve_engine
+from pipeline.backbones import BackboneSpec, get_spec
+from pipeline.devices import default_dtype
 from pipeline.images import DEFAULT_MAX_PIXELS
 
 
@@ -58,7 +59,7 @@ class _EmbedFilesActor:
         from pipeline.backbones import load_backbone
         from pipeline.extraction import ChunkEmbedder
 
-        backbone = load_backbone(spec, device=device, engine=engine, threads=threads)
+        backbone = load_backbone(spec, device=device, engine=engine, intra_op_num_threads=threads)
         self.embedder = ChunkEmbedder(
             backbone, micro_batch=micro_batch, decode_threads=threads, max_pixels=max_pixels
         )
@@ -94,7 +95,7 @@ class _EmbedPixelsActor:
     def __init__(self, spec: BackboneSpec, engine: str, device: str, threads: int) -> None:
         from pipeline.backbones import load_backbone
 
-        self.backbone = load_backbone(spec, device=device, engine=engine, threads=threads)
+        self.backbone = load_backbone(spec, device=device, engine=engine, intra_op_num_threads=threads)
         self.dim = int(spec.embed_dim)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -103,6 +104,32 @@ class _EmbedPixelsActor:
         if ok.any():
             emb[ok] = self.backbone.embed(batch["pixels"][ok])
         return {"key": batch["key"], "embedding": emb, "ok": ok, "error": batch["error"]}
+
+
+def resolve_engine(spec: BackboneSpec, *, device: str, engine: str = "auto") -> str:
+    """The engine workers will run, decided before the fingerprint is computed.
+
+    `auto` is ONNX Runtime on CPU when the backbone exports (the export is cached on disk by
+    fingerprint, so workers find it ready), eager torch otherwise and on GPUs. Workers get the
+    resolved engine explicitly, so a worker can never silently compute different numbers.
+    """
+    if engine != "auto":
+        return engine
+    if device != "cpu":
+        return "torch"
+    import logging
+
+    from pipeline.backbones import WeightsUnavailableError, load_backbone
+
+    try:
+        load_backbone(spec, engine="onnx")
+        return "onnx"
+    except WeightsUnavailableError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any export failure means eager torch
+        logging.getLogger(__name__).warning("%s: no ONNX export (%s); extracting with eager torch",
+                                            spec.name, exc)
+        return "torch"
 
 
 def extract_features(
@@ -139,7 +166,7 @@ def extract_features(
     for item in backbones:
         spec = get_spec(item) if isinstance(item, str) else item
         eng = resolve_engine(spec, device=device, engine=engine)
-        fp = spec.fingerprint_for(eng)
+        fp = spec.fingerprint_for(eng, default_dtype(device) if eng == "torch" else "float32")
         missing = store.missing(fp, list(by_key))
         row = ExtractStats(backbone=spec.name, fingerprint=fp, engine=eng, requested=len(by_key),
                            cached=len(by_key) - len(missing), extracted=0)

@@ -94,7 +94,9 @@ def test_bad_file_is_reported_not_fatal(ray_local, cifar_subset, small_spec, tmp
     good = sorted(cifar_subset.glob("train/cat/*.jpg"))[:5]
     bad = tmp_path / "vanished.jpg"
     bad.write_bytes(b"not a jpeg at all")
-    files = [(f"k{i}", str(p)) for i, p in enumerate(good)] + [("kbad", str(bad))]
+    from pipeline.images import sha256_bytes
+
+    files = [(sha256_bytes(p.read_bytes()), str(p)) for p in good + [bad]]
     (s,) = extract_features(files, [small_spec], store=FeatureStore(tmp_path / "s"))
-    assert s.extracted == 5 and [f["key"] for f in s.failed] == ["kbad"]
+    assert s.extracted == 5 and [f["key"] for f in s.failed] == [files[-1][0]]
     assert "not_image" in s.failed[0]["reason"] or "corrupt" in s.failed[0]["reason"]

@@ -1,0 +1,52 @@
+"""The MLflow pyfunc wrapper of a tlpipe predictor, logged as *models from code*.
+
+MLflow stores this file's source, not a cloudpickle of Python objects; the predictor itself
+travels as the `predictor` artifact (JSON + safetensors + FAISS, no pickle). Input: a DataFrame
+with an `image` column of base64 strings or raw bytes (or a list of those). Output: one row per
+image with label, score, decision and top-k.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+
+def _as_bytes(item) -> bytes:
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, str):
+        try:
+            return base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"image is neither bytes nor valid base64: {exc}") from exc
+    raise TypeError(f"unsupported image value of type {type(item).__name__}; send base64 or bytes")
+
+
+class TlpipeModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from pipeline.predictor import Predictor
+
+        self.predictor = Predictor.load(context.artifacts["predictor"])
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            if "image" not in model_input.columns:
+                raise ValueError(f"expected an 'image' column, got {list(model_input.columns)}")
+            images = list(model_input["image"])
+        elif isinstance(model_input, dict) and "image" in model_input:
+            images = list(model_input["image"])
+        else:
+            images = list(model_input)
+        preds = self.predictor.predict_images([_as_bytes(x) for x in images])
+        return pd.DataFrame([{"label": p.label, "score": p.score, "decision": p.decision,
+                              "top_k": json.dumps(p.top_k)} for p in preds])
+
+
+set_model(TlpipeModel())
