@@ -7,6 +7,8 @@ same test split (same dataset hash), unless forced — and records why in the ve
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +42,17 @@ def register_predictor(predictor_dir: str | Path, model_name: str, *, run_id: st
     predictor_dir = Path(predictor_dir)
     if not (predictor_dir / "predictor.json").is_file():
         raise FileNotFoundError(f"{predictor_dir} holds no saved predictor (predictor.json)")
-    with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{model_name}"):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_CODE),
-            artifacts={PREDICTOR_ARTIFACT: str(predictor_dir)},
-            registered_model_name=model_name, pip_requirements=_pip_requirements(),
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        if predictor_dir.name != PREDICTOR_ARTIFACT:  # MLflow keeps the folder's own name
+            shutil.copytree(predictor_dir, Path(tmp) / PREDICTOR_ARTIFACT)
+            predictor_dir = Path(tmp) / PREDICTOR_ARTIFACT
+        with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(
+                run_name=f"register-{model_name}"):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PYFUNC_CODE),
+                artifacts={PREDICTOR_ARTIFACT: str(predictor_dir)},
+                registered_model_name=model_name, pip_requirements=_pip_requirements(),
+            )
     version = str(info.registered_model_version)
     client = MlflowClient()
     for key, value in (tags or {}).items():
