@@ -194,6 +194,166 @@ def features_gc(
     console.print(report)
 
 
+def _csv_list(values: List[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
+    table = Table(title=title)
+    cols = [("rank", "#"), ("backbone", "backbone"), ("head", "head"), ("metric", "metric"),
+            ("ci", "95% CI"), ("accuracy", "acc"), ("macro_f1", "macro-F1"), ("ece", "ECE"),
+            ("latency_ms_b1", "ms/img b1"), ("latency_ms_b32", "ms/img b32"), ("params_m", "params M"),
+            ("status", "status")]
+    for _, label in cols:
+        table.add_column(label)
+
+    def fmt(v, spec=".3f"):
+        return "" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
+
+    for r in rows:
+        ci = f"{r['ci_low']:.3f}–{r['ci_high']:.3f}" if r.get("ci_low") is not None else ""
+        style = "bold green" if r.get("winner") else None
+        table.add_row(fmt(r.get("rank")), str(r.get("backbone")), str(r.get("head")),
+                      fmt(r.get("metric")), ci, fmt(r.get("accuracy")), fmt(r.get("macro_f1")),
+                      fmt(r.get("ece")), fmt(r.get("latency_ms_b1"), ".1f"),
+                      fmt(r.get("latency_ms_b32"), ".1f"), fmt(r.get("params_m"), ".1f"),
+                      str(r.get("status", "")), style=style)
+    return table
+
+
+@app.command()
+def run(
+    data: str = typer.Argument(..., help="Dataset: folder, manifest, HF dataset dir or archive."),
+    backbones: List[str] = typer.Option([], "--backbones", "-b", help="Backbones (comma list or repeat); default: all with weights here."),
+    heads: List[str] = typer.Option(["linear,knn,centroid,mlp"], "--heads", help="Heads: linear, knn, centroid, mlp, tip, zeroshot."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="Latency budget per image (batch 1) on this machine."),
+    max_params: Optional[float] = typer.Option(None, "--max-params", help="Size budget in millions of parameters."),
+    metric: str = typer.Option("balanced_accuracy", help="Selection metric."),
+    target_precision: float = typer.Option(0.9, help="Precision the confidence threshold is calibrated for."),
+    model_name: Optional[str] = typer.Option(None, help="Registered model name (default: the dataset's name)."),
+    promote_after: bool = typer.Option(False, "--promote", help="Promote the challenger if it beats the champion."),
+    seed: int = typer.Option(0),
+    root: Optional[Path] = RootOpt,
+) -> None:
+    """validate → extract → sweep → select → register (alias `challenger`)."""
+    from jobs.run import run as run_job
+
+    ds = _load(data, seed, None)
+    console.print(ds.card.render())
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=console) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(f"extract {name}", total=max(total, 1))
+            progress.update(tasks[name], completed=done if total else 1)
+
+        result = run_job(data, root=state_root(root), backbones=_csv_list(backbones) or None,
+                         heads=_csv_list(heads), max_latency_ms=max_latency_ms, max_params_m=max_params,
+                         selection_metric=metric, target_precision=target_precision,
+                         model_name=model_name, seed=seed, on_progress=on_progress, dataset=ds)
+    console.print(stats_table(result.extract_stats))
+    for s in result.skipped_backbones:
+        console.print(f"[yellow]skipped[/] {s['backbone']}: {s['reason']}")
+    for s in result.sweep.skipped:
+        console.print(f"[yellow]skipped[/] {s.get('backbone')} × {s.get('head')}: {s.get('reason')}")
+    console.print(leaderboard_table(result.sweep.rows, f"sweep {result.sweep.parent_run_id}"))
+    sel = result.sweep.selection
+    console.print(f"[bold]selection:[/] {sel['why'] if sel else result.sweep.selection_error}")
+    console.print(f"report: {result.sweep.report_path}")
+    if result.version:
+        console.print(f"registered [bold]{result.model_name}[/] version {result.version} as @challenger")
+        if promote_after:
+            _print_promotion(result.model_name, None, False, root)
+
+
+@app.command()
+def compare(sweep: Optional[str] = typer.Argument(None, help="Sweep (parent run) id; default the latest."),
+            root: Optional[Path] = RootOpt) -> None:
+    """Print the leaderboard of a past sweep from MLflow."""
+    from jobs.sweep import compare as compare_rows
+
+    try:
+        rows = compare_rows(state_root(root), sweep)
+    except (LookupError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(leaderboard_table(rows, f"sweep {sweep or '(latest)'}"))
+
+
+def _print_promotion(model: str, version: Optional[str], force: bool, root: Optional[Path]) -> None:
+    from jobs.registry import promote as promote_version
+    from jobs.tracking import setup_mlflow
+
+    setup_mlflow(state_root(root), "tlpipe-sweep")
+    try:
+        r = promote_version(model, version=version, force=force)
+    except ValueError as exc:
+        _fail(str(exc))
+    verb = "[green]promoted[/]" if r.promoted else "[yellow]not promoted[/]"
+    console.print(f"{verb} {model} v{r.version} (champion was {r.previous_champion or 'none'}): {r.reason}")
+
+
+@app.command()
+def promote(model: str = typer.Argument(..., help="Registered model name."),
+            version: Optional[str] = typer.Option(None, help="Version to promote (default: @challenger)."),
+            force: bool = typer.Option(False, "--force", help="Promote even if it does not beat the champion."),
+            root: Optional[Path] = RootOpt) -> None:
+    """Move @champion to the challenger if it beats the champion on the same test split."""
+    _print_promotion(model, version, force, root)
+
+
+@app.command()
+def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"), root: Optional[Path] = RootOpt) -> None:
+    """Open the MLflow UI on the project's store."""
+    import subprocess
+    import sys
+
+    from jobs.tracking import artifact_location_for, tracking_uri_for
+
+    uri = tracking_uri_for(state_root(root))
+    console.print(f"MLflow UI on http://{host}:{port} (store {uri})")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def predict(images: List[Path] = typer.Argument(..., help="Image files."),
+            model: str = typer.Option(..., "--model", help="NAME@alias, NAME/version, or a predictor dir."),
+            root: Optional[Path] = RootOpt) -> None:
+    """Classify images with a registered model (in process, no server)."""
+    from jobs.registry import alias_version, predictor_path
+    from jobs.tracking import setup_mlflow
+    from pipeline.predictor import Predictor
+
+    if Path(model).is_dir():
+        pdir = Path(model)
+    else:
+        setup_mlflow(state_root(root), "tlpipe-sweep")
+        name, sep, ref = model.partition("@") if "@" in model else model.partition("/")
+        version = alias_version(name, ref or "champion") if sep != "/" else ref
+        if not version:
+            _fail(f"{model}: no such model version or alias")
+        pdir = predictor_path(name, version)
+    predictor = Predictor.load(pdir)
+    table = Table(title=f"predictions ({model})")
+    for col in ("image", "label", "score", "decision", "top-3"):
+        table.add_column(col)
+    from pipeline.images import ImageValidationError
+
+    for path in images:
+        try:
+            (p,) = predictor.predict_images([path.read_bytes()])
+        except (ImageValidationError, OSError) as exc:
+            table.add_row(str(path), "-", "-", "error", str(exc))
+            continue
+        tops = ", ".join(f"{t['label']} {t['score']:.2f}" for t in p.top_k[:3])
+        table.add_row(str(path), str(p.label), f"{p.score:.3f}", p.decision, tops)
+    console.print(table)
+
+
 @app.command()
 def demo(data: Path = typer.Option(Path("../shared/data/clothing-small.tar.gz"), help="Dataset or archive.")) -> None:
     """The offline end-to-end demo (what `make demo` runs)."""

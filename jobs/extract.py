@@ -225,7 +225,8 @@ def _run_pipeline(spec, engine, device, items, *, layout, micro_batch, chunk_siz
             fn_constructor_kwargs=dict(spec=spec, engine=engine, device=device,
                                        micro_batch=micro_batch, threads=cpus,
                                        max_pixels=max_pixels),
-            batch_size=chunk, concurrency=workers, num_cpus=cpus, batch_format="numpy",
+            batch_size=chunk, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
+            batch_format="numpy",
             zero_copy_batch=True, **gpu,
         )
     else:
@@ -236,7 +237,8 @@ def _run_pipeline(spec, engine, device, items, *, layout, micro_batch, chunk_siz
             _EmbedPixelsActor,
             fn_constructor_kwargs=dict(spec=spec, engine=engine, device=device,
                                        threads=max(1, cpus - 1)),
-            batch_size=micro_batch, concurrency=workers, num_cpus=max(0.5, cpus - 1) if not use_gpu else 1,
+            batch_size=micro_batch, compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=max(0.5, cpus - 1) if not use_gpu else 1,
             batch_format="numpy", **gpu,
         )
     return ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)

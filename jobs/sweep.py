@@ -70,9 +70,10 @@ _ROW_METRICS = ("metric_value", "ci_low", "ci_high", "accuracy", "balanced_accur
 class FeatureSetRef:
     """One backbone's cached embeddings, as the sweep sees them.
 
-    `fingerprint` keys the feature store (it depends on the extraction engine: take it from
-    `ExtractStats.fingerprint` or `spec.fingerprint_for(engine)`). `spec` (a BackboneSpec) is
-    needed only to measure the backbone's latency here and for text-prompt heads.
+    `fingerprint` keys the feature store (it depends on the extraction engine and dtype: take it
+    from `ExtractStats.fingerprint` — see `feature_sets_from_stats` — or
+    `spec.fingerprint_for(engine, dtype)`). `spec` (a BackboneSpec) is needed only to measure the
+    backbone's latency here and for text-prompt heads.
     """
 
     backbone: str
@@ -82,13 +83,15 @@ class FeatureSetRef:
     engine: str = "torch"
     text: bool = False
     spec: Any = None
+    dtype: str = "float32"
 
     @classmethod
-    def from_spec(cls, spec: Any, *, engine: str = "torch",
+    def from_spec(cls, spec: Any, *, engine: str = "torch", dtype: str = "float32",
                   fingerprint: str | None = None) -> "FeatureSetRef":
-        return cls(backbone=spec.name, fingerprint=fingerprint or spec.fingerprint_for(engine),
+        return cls(backbone=spec.name,
+                   fingerprint=fingerprint or spec.fingerprint_for(engine, dtype),
                    family=spec.family, params_m=spec.params_m, engine=engine,
-                   text=bool(getattr(spec, "text", False)), spec=spec)
+                   text=bool(getattr(spec, "text", False)), spec=spec, dtype=dtype)
 
 
 def feature_sets_from_stats(stats: Iterable[Any]) -> list[FeatureSetRef]:
@@ -274,31 +277,41 @@ def _loggable_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- latency
 
-def measure_backbone_latency(ref: FeatureSetRef, *, batch_sizes: Sequence[int] = LATENCY_BATCH_SIZES,
+def measure_backbone_latency(ref: FeatureSetRef, *, device: str = "cpu",
+                             batch_sizes: Sequence[int] = LATENCY_BATCH_SIZES,
                              warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
-    """Median ms per image of `load_backbone(spec, engine).embed` on random uint8 pixels, here."""
+    """Median ms per image of `load_backbone(spec, engine).embed` on random uint8 pixels, on
+    this machine (`device`: "cpu" or "cuda", synchronised around each timed call)."""
     from pipeline.backbones import load_backbone
     from pipeline.latency import measure_latency
 
     if ref.spec is None:
         raise ValueError(f"cannot measure {ref.backbone}'s latency without its spec; pass "
                          "FeatureSetRef.from_spec(spec) or backbone_latency={name: {...}}")
-    backbone = load_backbone(ref.spec, engine=ref.engine)
+    kw = {"dtype": ref.dtype} if ref.engine == "torch" else {}
+    backbone = load_backbone(ref.spec, device=device, engine=ref.engine, **kw)
+    sync = None
+    if str(device).startswith("cuda"):
+        import torch
+
+        sync = torch.cuda.synchronize
     size = int(ref.spec.input_size)
     rng = np.random.default_rng(0)
     result = measure_latency(
         backbone.embed, lambda bs: rng.integers(0, 256, size=(bs, 3, size, size), dtype=np.uint8),
-        batch_sizes=batch_sizes, warmup=warmup, repeats=repeats)
+        batch_sizes=batch_sizes, warmup=warmup, repeats=repeats, sync=sync)
+    result["device"] = str(device)
     if backbone.params_m is not None:
         result["params_m"] = float(backbone.params_m)
     return result
 
 
-def _backbone_latency(ref: FeatureSetRef, source: Any) -> tuple[dict[str, Any], str | None]:
+def _backbone_latency(ref: FeatureSetRef, source: Any, device: str = "cpu",
+                      repeats: int = 5) -> tuple[dict[str, Any], str | None]:
     """({latency_ms_b1, latency_ms_b32, ...} or {}, reason it is missing)."""
     try:
         if source is None:
-            lat = measure_backbone_latency(ref)
+            lat = measure_backbone_latency(ref, device=device, repeats=repeats)
         elif callable(source):
             lat = source(ref)
         else:
@@ -580,6 +593,7 @@ def run_sweep(
     cpus_per_task: float = 1,
     max_backbones_in_flight: int = 3,
     latency_repeats: int = 5,
+    latency_device: str = "cpu",
 ) -> SweepResult:
     """Train and evaluate every (backbone, head) pair; log everything to MLflow; select.
 
@@ -588,8 +602,11 @@ def run_sweep(
     per backbone; their embeddings must already be in `store` (default ``<root>/features``).
     `heads`: names from `pipeline.heads.HEADS`, HeadConfig objects, or {name: params};
     `head_params` adds params per head label. `backbone_latency`: None measures each backbone
-    here (needs its spec and weights); a mapping {backbone: {latency_ms_b1, latency_ms_b32,
-    [params_m]}} or a callable(ref) -> that dict supplies them instead.
+    here on `latency_device` (needs its spec and weights); a mapping {backbone: {latency_ms_b1,
+    latency_ms_b32, [params_m]}} or a callable(ref) -> that dict supplies them instead.
+    `text_embedders` {backbone: picklable list[str] -> (N, D) callable} overrides the text tower
+    used by zero-shot heads. At most `max_backbones_in_flight` backbones' features sit in the
+    Ray object store at once.
     """
     import ray
 
@@ -651,7 +668,8 @@ def run_sweep(
                 plans.append((ref, kept))
         # backbone latency first, one backbone at a time, before any head task competes for CPU
         for ref, _ in plans:
-            lat, lat_reason = _backbone_latency(ref, backbone_latency)
+            lat, lat_reason = _backbone_latency(ref, backbone_latency, latency_device,
+                                                latency_repeats)
             lat_by_backbone[ref.backbone] = {**lat, **({"error": lat_reason} if lat_reason else {})}
         pending: dict[Any, tuple[FeatureSetRef, HeadConfig, dict[str, Any]]] = {}
 
@@ -745,8 +763,9 @@ class CandidateFailed(RuntimeError):
     """A head task failed; carries the remote traceback (recorded as the run's error.txt)."""
 
     def __init__(self, message: str, remote_traceback: str):
-        super().__init__(message)
+        super().__init__(message)  # "ValueError: ..." as the task reported it
         self.remote_traceback = remote_traceback
+        self.error_type = message.split(":", 1)[0] if ":" in message else "Error"
 
 
 def _log_candidate(name: str, ref: FeatureSetRef, hc: HeadConfig, info: Mapping[str, Any],
@@ -766,6 +785,7 @@ def _log_candidate(name: str, ref: FeatureSetRef, hc: HeadConfig, info: Mapping[
             run_id = run.info.run_id
             params = {"backbone": ref.backbone, "head": hc.head, "head_label": hc.label,
                       "family": ref.family, "fingerprint": ref.fingerprint, "engine": ref.engine,
+                      "dtype": ref.dtype,
                       "head_params": _loggable_params(hc.params),
                       "selection_metric": selection_metric,
                       **{f"head.{k}": v for k, v in _loggable_params(hc.params).items()},
@@ -781,8 +801,9 @@ def _log_candidate(name: str, ref: FeatureSetRef, hc: HeadConfig, info: Mapping[
             report = EvalReport.from_dict(result["report"])
             test_records = info["test_records"]
             hardest = result["hardest"]
-            for h in hardest:
-                h["path"] = test_records[h["id"]].path
+            for h in hardest:  # task ids are test-row indices -> image key + path
+                rec = test_records[h["id"]]
+                h["id"], h["path"] = rec.sha256, rec.path
             hardest_png = _hardest_png(hardest)
             result["_driver_figures"] = {"hardest_examples.png": hardest_png}
             log_eval_report(report, run_id=run_id, hardest=hardest,
@@ -812,7 +833,8 @@ def _log_candidate(name: str, ref: FeatureSetRef, hc: HeadConfig, info: Mapping[
                 (head_dir / "head" / rel).parent.mkdir(parents=True, exist_ok=True)
                 (head_dir / "head" / rel).write_bytes(data)
             meta = {"name": name, "backbone": ref.backbone, "fingerprint": ref.fingerprint,
-                    "engine": ref.engine, "family": ref.family, "head": hc.head,
+                    "engine": ref.engine, "dtype": ref.dtype, "family": ref.family,
+                    "head": hc.head,
                     "head_label": hc.label, "classes": list(classes), "run_id": run_id,
                     "sweep_run_id": parent_id,
                     "spec": ref.spec.to_dict() if hasattr(ref.spec, "to_dict") else None}

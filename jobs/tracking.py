@@ -184,11 +184,12 @@ def _end(run_id: str, status: str) -> None:
 
 def record_error(run_id: str, exc: BaseException, tb: str | None = None) -> None:
     """Tags (error type, message) and an ``error.txt`` artifact (traceback) on a run."""
-    message = f"{type(exc).__name__}: {exc}"
+    remote_tb = getattr(exc, "remote_traceback", None)  # an error raised elsewhere (Ray task)
+    message = str(exc) if remote_tb else f"{type(exc).__name__}: {exc}"
     c = client()
-    c.set_tag(run_id, ERROR_TYPE_TAG, type(exc).__name__)
+    c.set_tag(run_id, ERROR_TYPE_TAG, getattr(exc, "error_type", None) or type(exc).__name__)
     c.set_tag(run_id, ERROR_TAG, message[:_MAX_TAG_LEN])
-    text = tb or getattr(exc, "remote_traceback", None) or "".join(
+    text = tb or remote_tb or "".join(
         traceback.format_exception(type(exc), exc, exc.__traceback__))
     c.log_text(run_id, text, "error.txt")
 

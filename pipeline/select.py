@@ -6,8 +6,10 @@ Rule (`select_winner`):
 2. The best eligible candidate has the highest selection metric.
 3. Every eligible candidate whose confidence interval overlaps the best one's is statistically
    tied with it; among the tied, the cheapest wins: lowest latency, then fewest parameters, then
-   the best metric (then name, for determinism). A candidate without a CI is treated as the point
-   interval [metric, metric].
+   the best metric (then name, for determinism). Costs within `cost_tolerance` (10 %) of the
+   cheapest count as equal — a head 0.01 M parameters smaller is not "cheaper" than a better one
+   on the same backbone. A candidate without a CI is treated as the point interval
+   [metric, metric].
 """
 
 from __future__ import annotations
@@ -108,6 +110,17 @@ def _cost_key(c: Candidate, latency_key: str) -> tuple:
             -_num(c.metric), c.name)
 
 
+def _cheapest(tied: list[Candidate], latency_key: str, tol: float) -> Candidate:
+    """Lowest latency, then fewest params — each up to a relative tolerance — then best metric."""
+    pool = tied
+    for cost in (lambda c: _num(getattr(c, latency_key)), lambda c: _num(c.params_m)):
+        known = [cost(c) for c in pool if cost(c) is not None]
+        if known:
+            limit = min(known) * (1 + tol)
+            pool = [c for c in pool if cost(c) is not None and cost(c) <= limit]
+    return min(pool, key=lambda c: (-_num(c.metric),) + _cost_key(c, latency_key))
+
+
 def _describe(c: Candidate, latency_key: str) -> str:
     lo, hi = c.interval()
     ci = "" if _num(c.ci_low) is None or _num(c.ci_high) is None else f" [{lo:.4f}, {hi:.4f}]"
@@ -122,7 +135,7 @@ def _check_latency_key(latency_key: str) -> None:
 
 def select_winner(candidates: Iterable[Candidate], *, max_latency_ms: float | None = None,
                   max_params_m: float | None = None,
-                  latency_key: str = "latency_ms_b1") -> Selection:
+                  latency_key: str = "latency_ms_b1", cost_tolerance: float = 0.1) -> Selection:
     """Pick the cheapest candidate statistically tied with the best one within the budgets."""
     _check_latency_key(latency_key)
     cands = list(candidates)
@@ -168,7 +181,7 @@ def select_winner(candidates: Iterable[Candidate], *, max_latency_ms: float | No
     b_lo, b_hi = best.interval()
     tied = [c for c in ranked if c.interval()[1] >= b_lo and c.interval()[0] <= b_hi]
     tied.sort(key=lambda c: _cost_key(c, latency_key))
-    winner = tied[0]
+    winner = _cheapest(tied, latency_key, cost_tolerance)
 
     why = [f"Winner: {_describe(winner, latency_key)}."]
     if winner is best:

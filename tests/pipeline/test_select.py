@@ -127,3 +127,16 @@ def test_promotion_decision():
     assert not ok and "no metric" in why
     ok, why = promotion_decision(float("nan"), 0.9)
     assert not ok
+
+
+def test_negligible_cost_difference_does_not_beat_a_better_metric():
+    # Same backbone, two heads: 0.01 M fewer parameters is not "cheaper" than a better head.
+    linear = Candidate("b+linear", "b", "linear", "cnn", 0.63, 0.54, 0.72, latency_ms_b1=38.1,
+                       params_m=3.40)
+    centroid = Candidate("b+centroid", "b", "centroid", "cnn", 0.60, 0.51, 0.69,
+                         latency_ms_b1=38.1, params_m=3.39)
+    assert select_winner([centroid, linear]).winner.name == "b+linear"
+    # A backbone twice as fast inside the tie still wins over the best metric.
+    fast = Candidate("f+linear", "f", "linear", "cnn", 0.58, 0.49, 0.67, latency_ms_b1=19.0,
+                     params_m=3.40)
+    assert select_winner([centroid, linear, fast]).winner.name == "f+linear"
