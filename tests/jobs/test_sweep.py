@@ -1,0 +1,279 @@
+"""The sweep end to end on synthetic "backbone" features: real FeatureStore, real local Ray, real
+MLflow (sqlite under tmp_path). Backbones are fake: Gaussian blobs per class stand in for
+embeddings, and their latencies are given, so no model is loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from feature_store import FeatureStore
+from pipeline.data import Dataset, DatasetCard, ImageRecord
+from pipeline.data.card import dataset_hash
+
+CLASSES = ["cat", "dog", "frog"]
+PER_CLASS = {"train": 30, "val": 10, "test": 20}
+DIM = 16
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
+
+
+def _fingerprint(name: str) -> str:
+    return hashlib.sha256(f"fake-backbone:{name}".encode()).hexdigest()
+
+
+def make_dataset(folder) -> Dataset:
+    """Records for 3 classes x (train, val, test); test images are real tiny PNGs (for the
+    hardest-examples grid), the others only need keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = {"cat": (200, 40, 40), "dog": (40, 200, 40), "frog": (40, 40, 200)}
+    records = []
+    for split, n in PER_CLASS.items():
+        for c in CLASSES:
+            for i in range(n):
+                path = folder / f"{split}_{c}_{i}.png"
+                if split == "test":
+                    Image.new("RGB", (12, 12), colours[c]).save(path)
+                records.append(ImageRecord(path=str(path), label=c, split=split,
+                                           sha256=_key(split, c, i), width=12, height=12))
+    counts = {s: {c: n for c in CLASSES} for s, n in PER_CLASS.items()}
+    card = DatasetCard(
+        name="blobs", source=str(folder), source_kind="synthetic", classes=list(CLASSES),
+        counts=counts, imbalance_ratio=1.0, excluded=[], duplicates=[], label_conflicts=[],
+        dataset_hash=dataset_hash((r.sha256, r.label, r.split) for r in records),
+        split_strategy="source", seed=0, fractions={"val": 0.1, "test": 0.1})
+    return Dataset(records=records, card=card)
+
+
+def put_blobs(store: FeatureStore, ds: Dataset, name: str, *, separation: float,
+              noise: float, seed: int) -> str:
+    """Class-centred Gaussian blobs as this fake backbone's embeddings; returns its fingerprint."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(CLASSES), DIM)) * separation
+    idx = {c: i for i, c in enumerate(CLASSES)}
+    emb = np.stack([centres[idx[r.label]] + rng.normal(size=DIM) * noise for r in ds.records])
+    fp = _fingerprint(name)
+    store.put(fp, [r.sha256 for r in ds.records], emb.astype(np.float32),
+              meta={"backbone": name})
+    return fp
+
+
+def ref(name: str, fp: str, family: str, params_m: float):
+    from jobs.sweep import FeatureSetRef
+
+    return FeatureSetRef(backbone=name, fingerprint=fp, family=family, params_m=params_m)
+
+
+SHARP = "fakenet/sharp.v1"   # well separated blobs, slow (5 ms)
+NOISY = "tinynet/noisy.v1"   # overlapping blobs, fast (1 ms)
+LATENCY = {SHARP: {"latency_ms_b1": 5.0, "latency_ms_b32": 2.0, "params_m": 20.0},
+           NOISY: {"latency_ms_b1": 1.0, "latency_ms_b32": 0.5, "params_m": 5.0}}
+BUDGET_MS = 4.0
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("state")
+    ds = make_dataset(tmp_path_factory.mktemp("images"))
+    store = FeatureStore(root / "features")
+    fps = {SHARP: put_blobs(store, ds, SHARP, separation=10.0, noise=1.0, seed=1),
+           NOISY: put_blobs(store, ds, NOISY, separation=0.6, noise=1.0, seed=2)}
+    return {"root": root, "ds": ds, "store": store, "fps": fps}
+
+
+@pytest.fixture(scope="module")
+def main_sweep(world, ray_local):
+    from jobs.sweep import run_sweep
+
+    refs = [ref(SHARP, world["fps"][SHARP], "fakenet", 20.0),
+            ref(NOISY, world["fps"][NOISY], "tinynet", 5.0)]
+    return run_sweep(world["ds"], refs, ["linear", "knn", "centroid"], root=world["root"],
+                     store=world["store"], experiment="main", run_name="main-sweep",
+                     head_params={"linear": {"weight_decays": [1e-4, 1e-2], "max_iter": 100}},
+                     max_latency_ms=BUDGET_MS, backbone_latency=LATENCY, n_bootstrap=200,
+                     hardest_k=6, latency_repeats=3)
+
+
+def _client():
+    from jobs.tracking import client
+
+    return client()
+
+
+def _artifacts(run_id: str, path: str | None = None) -> set[str]:
+    c = _client()
+    out = set()
+    for f in c.list_artifacts(run_id, path):
+        if f.is_dir:
+            out |= _artifacts(run_id, f.path)
+        else:
+            out.add(f.path)
+    return out
+
+
+def test_parent_and_child_runs_with_metrics_and_artifacts(main_sweep, world):
+    c = _client()
+    parent = c.get_run(main_sweep.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["dataset_hash"] == world["ds"].card.dataset_hash
+    assert json.loads(parent.data.params["backbones"]) == [SHARP, NOISY]
+    assert parent.data.params["max_latency_ms"] == str(BUDGET_MS)
+    assert {"leaderboard.json", "leaderboard.csv", "leaderboard.md", "selection.json",
+            "report.html", "pareto.png", "dataset/dataset_card.json",
+            "skipped.json"} <= _artifacts(parent.info.run_id)
+
+    children = c.search_runs([parent.info.experiment_id],
+                             f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 6
+    assert {(r.data.params["backbone"], r.data.params["head_label"]) for r in children} == {
+        (b, h) for b in (SHARP, NOISY) for h in ("linear", "knn", "centroid")}
+    for run in children:
+        assert run.info.status == "FINISHED"
+        m = run.data.metrics
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece", "metric_value", "ci_low",
+                    "ci_high", "latency_ms_b1", "latency_ms_b32", "head_latency_ms_b1",
+                    "params_m", "fit_seconds", "class/cat/f1"):
+            assert key in m, (run.info.run_name, key)
+        b = run.data.params["backbone"]
+        assert m["backbone_latency_ms_b1"] == LATENCY[b]["latency_ms_b1"]
+        assert m["latency_ms_b1"] == pytest.approx(LATENCY[b]["latency_ms_b1"]
+                                                   + m["head_latency_ms_b1"])
+        assert m["params_m"] >= LATENCY[b]["params_m"]
+        assert m["ci_low"] <= m["metric_value"] <= m["ci_high"]
+        assert int(run.data.params["n_test"]) == 60
+        arts = _artifacts(run.info.run_id)
+        assert {"eval/confusion_matrix.png", "eval/per_class.csv", "eval/reliability.png",
+                "eval/hardest_examples.png", "eval/report.json", "dataset/dataset_card.json",
+                "head/config.json", "candidate.json"} <= arts
+    sharp = [r for r in children if r.data.params["backbone"] == SHARP]
+    assert all(r.data.metrics["accuracy"] == 1.0 for r in sharp)
+    noisy = [r for r in children if r.data.params["backbone"] == NOISY]
+    assert all(0.34 < r.data.metrics["accuracy"] < 0.99 for r in noisy)
+
+
+def test_report_html_contains_the_leaderboard(main_sweep):
+    html = open(main_sweep.report_path, encoding="utf-8").read()
+    assert "Leaderboard (6)" in html
+    for row in main_sweep.rows:
+        assert row["name"] in html
+        assert row["run_id"] in html
+    assert html.count("data:image/png;base64,") >= 2      # Pareto plot + winner's figures
+    assert main_sweep.selection["why"].split(".")[0] in html
+
+
+def test_selection_respects_the_latency_budget(main_sweep):
+    from jobs.sweep import _candidates
+    from pipeline.select import select_winner
+
+    sel = main_sweep.selection
+    assert sel is not None and main_sweep.selection_error is None
+    assert sel["winner"]["backbone"] == NOISY
+    assert sel["winner"]["latency_ms_b1"] <= BUDGET_MS
+    excluded = {e["candidate"]["backbone"] for e in sel["excluded"]}
+    assert excluded == {SHARP}
+    assert all("budget" in e["reason"] for e in sel["excluded"])
+    # without the budget the (better, untied) sharp backbone would have won
+    unconstrained = select_winner(_candidates(main_sweep.rows))
+    assert unconstrained.winner.backbone == SHARP
+    # the winner is tagged on the parent and flagged in exactly one row
+    parent = _client().get_run(main_sweep.parent_run_id)
+    assert parent.data.tags["tlpipe.winner_run_id"] == main_sweep.winner_run_id
+    assert parent.data.tags["tlpipe.selection_why"] == sel["why"]
+    assert [r["run_id"] for r in main_sweep.rows if r["winner"]] == [main_sweep.winner_run_id]
+
+
+def test_compare_reads_back_the_same_rows(main_sweep, world):
+    from jobs.sweep import ROW_KEYS, compare
+
+    rows = compare(world["root"], experiment="main")
+    assert rows == main_sweep.rows
+    assert compare(world["root"], main_sweep.parent_run_id) == main_sweep.rows
+    assert all(tuple(r) == ROW_KEYS for r in rows)
+    ranked = [r["metric"] for r in rows]
+    assert ranked == sorted(ranked, reverse=True)
+    assert [r["rank"] for r in rows] == list(range(1, 7))
+
+
+def test_saved_heads_load_and_predict(main_sweep, world):
+    from pipeline.heads import load_head
+
+    assert set(main_sweep.head_dirs) == {r["name"] for r in main_sweep.rows}
+    name = f"{SHARP}+linear"
+    head = load_head(main_sweep.head_dirs[name])
+    test = world["ds"].split("test")
+    X = world["store"].get(world["fps"][SHARP], [r.sha256 for r in test])
+    assert np.mean(head.predict(X) == np.array([r.label for r in test])) == 1.0
+    meta = json.loads((Path(main_sweep.head_dirs[name]).parent / "candidate.json").read_text())
+    assert meta["fingerprint"] == world["fps"][SHARP] and meta["classes"] == CLASSES
+
+
+def test_failed_head_is_a_failed_child_and_ties_go_to_the_cheaper(world, ray_local):
+    from jobs.sweep import HeadConfig, compare, run_sweep
+
+    # two perfectly separable backbones: statistically tied, so the faster one must win
+    slow, fast = "fakenet/sharp.slow", "tinynet/sharp.fast"
+    fps = {slow: put_blobs(world["store"], world["ds"], slow, separation=10.0, noise=1.0, seed=3),
+           fast: put_blobs(world["store"], world["ds"], fast, separation=10.0, noise=1.0, seed=4)}
+    lat = {slow: {"latency_ms_b1": 8.0, "latency_ms_b32": 3.0},
+           fast: {"latency_ms_b1": 2.0, "latency_ms_b32": 1.0}}
+    heads = [HeadConfig("centroid"),
+             HeadConfig("LinearProbe", {"scoring": "no-such-scoring"}, name="linear-bad"),
+             HeadConfig("zeroshot")]
+    result = run_sweep(world["ds"], [ref(slow, fps[slow], "fakenet", 20.0),
+                                     ref(fast, fps[fast], "tinynet", 5.0)],
+                       heads, root=world["root"], store=world["store"], experiment="ties",
+                       backbone_latency=lat, n_bootstrap=100, hardest_k=4, latency_repeats=2)
+    c = _client()
+    assert c.get_run(result.parent_run_id).info.status == "FINISHED"
+    by_status = {}
+    for r in result.rows:
+        by_status.setdefault(r["status"], []).append(r)
+    assert len(by_status["FINISHED"]) == 2 and len(by_status["FAILED"]) == 2
+    for r in by_status["FAILED"]:
+        assert r["head"] == "linear-bad" and r["metric"] is None and r["rank"] is None
+        assert r["error"].startswith("ValueError: ") and "no-such-scoring" in r["error"]
+        run = c.get_run(r["run_id"])
+        assert run.info.status == "FAILED"
+        assert run.data.tags["tlpipe.error_type"] == "ValueError"
+        assert "error.txt" in _artifacts(r["run_id"])
+        tb = Path(c.download_artifacts(r["run_id"], "error.txt")).read_text()
+        assert "ValueError" in tb and "no-such-scoring" in tb and "fit_evaluate" in tb
+    assert result.rows[-2:] == by_status["FAILED"]         # failed rows sort last
+    # zero-shot cannot apply to backbones without a text tower: skipped with the reason
+    assert {(s["backbone"], s["head"]) for s in result.skipped} == {(slow, "zeroshot"),
+                                                                  (fast, "zeroshot")}
+    assert all("text tower" in s["reason"] for s in result.skipped)
+    # the tie goes to the cheaper backbone
+    assert result.selection["winner"]["backbone"] == fast
+    assert len(result.selection["tied"]) == 2
+    assert math.isclose(result.selection["winner"]["metric"], 1.0)
+    assert compare(world["root"], experiment="ties") == result.rows
+
+
+def test_unknown_head_fails_before_anything_runs(world):
+    from jobs.sweep import run_sweep
+
+    with pytest.raises(ValueError, match="unknown head 'nope'"):
+        run_sweep(world["ds"], [ref(SHARP, world["fps"][SHARP], "fakenet", 1.0)], ["nope"],
+                  root=world["root"], store=world["store"], experiment="never")
+
+
+def test_missing_features_skip_the_backbone(world, ray_local):
+    from jobs.sweep import run_sweep
+
+    ghost = ref("ghostnet/none.v1", _fingerprint("never-extracted"), "ghostnet", 1.0)
+    result = run_sweep(world["ds"], [ghost, ref(NOISY, world["fps"][NOISY], "tinynet", 5.0)],
+                       ["centroid"], root=world["root"], store=world["store"],
+                       experiment="ghost", backbone_latency=LATENCY, n_bootstrap=0,
+                       hardest_k=2, latency_repeats=1)
+    assert [r["backbone"] for r in result.rows] == [NOISY]
+    assert result.skipped[0]["backbone"] == "ghostnet/none.v1"
+    assert "tlpipe extract" in result.skipped[0]["reason"]
