@@ -1,5 +1,7 @@
 # tlpipe — the two commands: `make demo` and `make test`. Both bootstrap .venv with uv from uv.lock.
 SHELL := /bin/bash
+# Processes (Ray workers included) must cache bytecode, or each recompiles torch at start-up.
+unexport PYTHONDONTWRITEBYTECODE
 .DEFAULT_GOAL := help
 VENV := .venv
 PY := $(VENV)/bin/python

