@@ -1,0 +1,237 @@
+"""LinearProbe: multinomial logistic regression on cached features, with a batched L2 sweep.
+
+All weight-decay values are fitted together (see ``batched_lbfgs``): one shared matrix product
+per objective evaluation, full-batch L-BFGS per member, on standardised features.
+
+Regularisation convention: ``loss = weighted mean CE + weight_decay / 2 * ||W||^2`` (intercept
+unpenalised), which is scikit-learn's ``LogisticRegression(C=1 / (weight_decay * n_samples))``
+(``n_samples`` = the number of rows the model is fitted on; with sample weights, their sum).
+
+Model selection (kept honest):
+
+* ``fit(X, y, X_val, y_val)``: every member is trained on (X, y) and scored on (X_val, y_val);
+  the best member is kept as is.
+* ``fit(X, y)``: a seeded, stratified ``val_fraction`` of (X, y) is held out, the sweep is
+  trained on the rest and scored on the held-out part; with ``refit=True`` (default) the chosen
+  weight decay is then refitted on all of (X, y), warm-started from the selected member.
+  ``sweep_results_`` always holds the held-out scores, never the refitted model's train scores.
+
+Selection criterion: ``scoring="accuracy"`` (ties broken by lower log-loss) or ``"log_loss"``.
+The feature mean / std and the solver's preconditioner are computed on all rows of X (they use
+no labels), so the hold-out rows are standardised exactly like future inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.heads.base import (
+    Head,
+    HeadInputError,
+    Standardizer,
+    codes_for,
+    log_loss,
+    softmax,
+    stratified_split,
+    torch_threads,
+)
+
+#: 20 log-spaced weight decays, strong to weak enough for ~100 .. ~100k training rows
+DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = tuple(float(v) for v in np.logspace(-6, 1, 20))
+
+
+def per_class_weights(codes: np.ndarray, n_classes: int, class_weight: Any, classes: np.ndarray):
+    """(C,) weight per class, or None. 'balanced' = n / (n_classes * count(class))."""
+    if class_weight is None:
+        return None
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise ValueError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
+        return len(codes) / (n_classes * np.maximum(counts, 1))
+    if isinstance(class_weight, dict):
+        per_class = np.ones(n_classes)
+        for label, wgt in class_weight.items():
+            if classes.dtype.kind in "iu" and isinstance(label, str):
+                label = int(label)  # dict keys come back from config.json as strings
+            idx = codes_for(classes, np.asarray([label]), name="class_weight key")[0]
+            per_class[idx] = float(wgt)
+        return per_class
+    raise ValueError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
+
+
+def class_weights(codes: np.ndarray, n_classes: int, class_weight: Any, classes: np.ndarray):
+    """Per-sample weights (N,) from per_class_weights, or None."""
+    per_class = per_class_weights(codes, n_classes, class_weight, classes)
+    return None if per_class is None else per_class[codes]
+
+
+class LinearProbe(Head):
+    """Multinomial logistic regression with a batched weight-decay sweep.
+
+    Parameters
+    ----------
+    weight_decays: values of lambda to sweep (None = 20 log-spaced values in [1e-6, 10]).
+    class_weight: None, 'balanced' or {label: weight}.
+    label_smoothing: epsilon of label smoothing in the training loss (0 = off).
+    val_fraction: share of training rows held out for selection when no X_val is given.
+    refit: after selecting on an internal hold-out, refit the chosen value on all rows.
+    scoring: "accuracy" (ties -> lower log-loss) or "log_loss".
+    max_iter, tol: L-BFGS iteration cap and max-abs-gradient tolerance per member.
+    standardize: z-score features with the training mean / std (stored with the head).
+    seed: seeds the hold-out split (the solver itself is deterministic).
+    n_threads: torch intra-op threads during fit (None = leave torch's setting).
+    """
+
+    def __init__(
+        self,
+        weight_decays=None,
+        class_weight=None,
+        label_smoothing: float = 0.0,
+        val_fraction: float = 0.15,
+        refit: bool = True,
+        scoring: str = "accuracy",
+        max_iter: int = 500,
+        tol: float = 1e-4,
+        standardize: bool = True,
+        seed: int = 0,
+        n_threads: int | None = None,
+    ):
+        self.weight_decays = weight_decays
+        self.class_weight = class_weight
+        self.label_smoothing = label_smoothing
+        self.val_fraction = val_fraction
+        self.refit = refit
+        self.scoring = scoring
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+        self.seed = seed
+        self.n_threads = n_threads
+
+    # ------------------------------------------------------------------ fitting
+    def _lambdas(self) -> np.ndarray:
+        lams = DEFAULT_WEIGHT_DECAYS if self.weight_decays is None else self.weight_decays
+        lams = np.asarray(lams, dtype=np.float64).ravel()
+        if len(lams) == 0 or not np.all(np.isfinite(lams)) or np.any(lams < 0):
+            raise ValueError(f"weight_decays must be non-empty, finite and >= 0, got {lams}")
+        return lams
+
+    def fit(self, X, y, X_val=None, y_val=None) -> "LinearProbe":
+        from pipeline.heads.batched_lbfgs import fit_sweep, second_moment_basis
+
+        if self.scoring not in ("accuracy", "log_loss"):
+            raise ValueError(f"scoring must be 'accuracy' or 'log_loss', got {self.scoring!r}")
+        if not 0.0 <= float(self.label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        lams = self._lambdas()
+        X, codes = self._validate_fit(X, y)
+        val = self._validate_val(X_val, y_val)
+        C = len(self.classes_)
+
+        scaler = (
+            Standardizer.fit(X)
+            if self.standardize
+            else Standardizer(np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32))
+        )
+        Xs = scaler.transform(X)
+        sw = class_weights(codes, C, self.class_weight, self.classes_)
+        kw = dict(
+            label_smoothing=float(self.label_smoothing),
+            max_iter=int(self.max_iter),
+            tol=float(self.tol),
+        )
+
+        with torch_threads(self.n_threads):
+            basis = second_moment_basis(Xs)
+            if val is not None:
+                fit_idx = np.arange(len(codes))
+                Xv, cv = scaler.transform(val[0]), val[1]
+            elif len(lams) > 1:
+                fit_idx, hold_idx = stratified_split(codes, float(self.val_fraction), int(self.seed))
+                if len(hold_idx) == 0:
+                    raise HeadInputError(
+                        "too few samples per class to hold out a validation split; "
+                        "pass X_val / y_val or a single weight decay"
+                    )
+                Xv, cv = Xs[hold_idx], codes[hold_idx]
+            else:
+                fit_idx, Xv, cv = np.arange(len(codes)), None, None
+
+            sw_fit = None if sw is None else sw[fit_idx]
+            whole = len(fit_idx) == len(codes)  # no copy of X when every row is used
+            sweep = fit_sweep(
+                Xs if whole else Xs[fit_idx], codes if whole else codes[fit_idx], C, lams,
+                sample_weight=sw_fit, basis=basis, **kw,
+            )
+            n_fit = float(len(fit_idx) if sw_fit is None else sw_fit.sum())
+            results = []
+            for s, lam in enumerate(lams):
+                row = {
+                    "weight_decay": float(lam),
+                    "C": float(1.0 / (lam * n_fit)) if lam > 0 else None,
+                    "n_iter": int(sweep.n_iter[s]),
+                    "converged": bool(sweep.converged[s]),
+                    "train_objective": float(sweep.loss[s]),
+                }
+                if Xv is not None:
+                    proba = softmax(Xv @ sweep.coef[s] + sweep.intercept[s])
+                    row["val_accuracy"] = float(np.mean(proba.argmax(1) == cv))
+                    row["val_log_loss"] = log_loss(proba, cv)
+                results.append(row)
+
+            if Xv is None:
+                best = 0
+            elif self.scoring == "accuracy":
+                best = min(
+                    range(len(lams)),
+                    key=lambda s: (-results[s]["val_accuracy"], results[s]["val_log_loss"]),
+                )
+            else:
+                best = min(range(len(lams)), key=lambda s: results[s]["val_log_loss"])
+
+            coef, intercept = sweep.coef[best], sweep.intercept[best]
+            refitted = False
+            if val is None and len(lams) > 1 and self.refit:
+                final = fit_sweep(
+                    Xs, codes, C, lams[best : best + 1], sample_weight=sw, basis=basis,
+                    init=(coef[None], intercept[None]), **kw,
+                )
+                coef, intercept = final.coef[0], final.intercept[0]
+                refitted = True
+
+        self.scaler_ = scaler
+        self.coef_ = np.ascontiguousarray(coef, dtype=np.float32)  # (D, C), standardised space
+        self.intercept_ = np.ascontiguousarray(intercept, dtype=np.float32)
+        self.sweep_results_ = results
+        self.best_params_ = {
+            "weight_decay": float(lams[best]),
+            "C": results[best]["C"],
+            "refitted": refitted,
+            "selected_on": "X_val" if val is not None else ("holdout" if Xv is not None else "none"),
+            **{k: results[best][k] for k in ("val_accuracy", "val_log_loss") if k in results[best]},
+        }
+        return self
+
+    # ------------------------------------------------------------------ prediction
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        return self.scaler_.transform(X) @ self.coef_ + self.intercept_
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self):
+        arrays = {
+            "mean": self.scaler_.mean,
+            "std": self.scaler_.std,
+            "coef": self.coef_,
+            "intercept": self.intercept_,
+        }
+        return arrays, {"sweep_results": self.sweep_results_, "best_params": self.best_params_}
+
+    def _set_state(self, arrays, state, path):
+        self.scaler_ = Standardizer(arrays["mean"], arrays["std"])
+        self.coef_ = arrays["coef"]
+        self.intercept_ = arrays["intercept"]
+        self.sweep_results_ = state.get("sweep_results", [])
+        self.best_params_ = state.get("best_params", {})

@@ -1,0 +1,162 @@
+"""MLP: one hidden layer (ReLU + dropout) trained with AdamW and early stopping.
+
+Features are z-scored with the training mean / std (stored with the head). Training stops when
+the validation loss has not improved for ``patience`` epochs and the best epoch's weights are
+kept. Validation data: ``X_val`` / ``y_val`` if given, else a seeded stratified
+``val_fraction`` of (X, y) held out from training (no refit afterwards: the hold-out decides
+the epoch count and stays unseen). Deterministic given ``seed`` (own RNG for init, shuffling
+and dropout; the global torch RNG is left untouched).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.heads.base import (
+    Head,
+    HeadInputError,
+    Standardizer,
+    stratified_split,
+    torch_threads,
+)
+from pipeline.heads.linear_probe import per_class_weights
+
+
+class MLP(Head):
+    """Parameters
+    ----------
+    hidden: hidden units; dropout: drop probability on the hidden layer (and none on input).
+    lr, weight_decay: AdamW settings; batch_size, max_epochs, patience: training schedule.
+    val_fraction: held-out share of (X, y) for early stopping when no X_val is given.
+    label_smoothing, class_weight (None | 'balanced' | {label: w}): loss options.
+    seed: init / shuffle / dropout seed. n_threads: torch threads during fit (None = leave).
+    """
+
+    def __init__(
+        self,
+        hidden: int = 512,
+        dropout: float = 0.2,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 256,
+        max_epochs: int = 100,
+        patience: int = 8,
+        val_fraction: float = 0.1,
+        label_smoothing: float = 0.0,
+        class_weight=None,
+        seed: int = 0,
+        n_threads: int | None = None,
+    ):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.val_fraction = val_fraction
+        self.label_smoothing = label_smoothing
+        self.class_weight = class_weight
+        self.seed = seed
+        self.n_threads = n_threads
+
+    def fit(self, X, y, X_val=None, y_val=None) -> "MLP":
+        import torch
+        from torch import nn
+
+        X, codes = self._validate_fit(X, y)
+        val = self._validate_val(X_val, y_val)
+        C = len(self.classes_)
+        if val is None:
+            fit_idx, hold_idx = stratified_split(codes, float(self.val_fraction), int(self.seed))
+            if len(hold_idx) == 0:
+                raise HeadInputError(
+                    "too few samples per class to hold out an early-stopping split; "
+                    "pass X_val / y_val"
+                )
+            Xf, cf, Xv, cv = X[fit_idx], codes[fit_idx], X[hold_idx], codes[hold_idx]
+        else:
+            Xf, cf, (Xv, cv) = X, codes, val
+        scaler = Standardizer.fit(Xf)
+        sw = per_class_weights(cf, C, self.class_weight, self.classes_)
+        weight = None if sw is None else torch.as_tensor(sw, dtype=torch.float32)
+
+        with torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.seed))
+            gen = torch.Generator().manual_seed(int(self.seed))
+            model = nn.Sequential(
+                nn.Linear(X.shape[1], int(self.hidden)),
+                nn.ReLU(),
+                nn.Dropout(float(self.dropout)),
+                nn.Linear(int(self.hidden), C),
+            )
+            opt = torch.optim.AdamW(
+                model.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay)
+            )
+            loss_fn = nn.CrossEntropyLoss(
+                weight=weight, label_smoothing=float(self.label_smoothing)
+            )
+            val_loss_fn = nn.CrossEntropyLoss(weight=weight)
+            Xt = torch.from_numpy(scaler.transform(Xf))
+            yt = torch.from_numpy(cf)
+            Xvt = torch.from_numpy(scaler.transform(Xv))
+            yvt = torch.from_numpy(cv)
+            bs = max(1, int(self.batch_size))
+            best_loss, best_state, best_epoch, bad = float("inf"), None, 0, 0
+            history = []
+            for epoch in range(int(self.max_epochs)):
+                model.train()
+                perm = torch.randperm(len(Xt), generator=gen)
+                for i in range(0, len(Xt), bs):
+                    idx = perm[i : i + bs]
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(Xt[idx]), yt[idx])
+                    loss.backward()
+                    opt.step()
+                model.eval()
+                with torch.no_grad():
+                    logits = model(Xvt)
+                    vloss = float(val_loss_fn(logits, yvt))
+                    vacc = float((logits.argmax(1) == yvt).float().mean())
+                history.append({"epoch": epoch + 1, "val_loss": vloss, "val_accuracy": vacc})
+                # keep the best weights seen; only a clear improvement resets the patience
+                significant = vloss < best_loss - max(1e-4 * abs(best_loss), 1e-7)
+                if vloss < best_loss:
+                    best_loss, best_epoch = vloss, epoch + 1
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                bad = 0 if significant else bad + 1
+                if bad >= int(self.patience):
+                    break
+            model.load_state_dict(best_state)
+
+        sd = model.state_dict()
+        self.scaler_ = scaler
+        self.W1_ = sd["0.weight"].T.contiguous().numpy()
+        self.b1_ = sd["0.bias"].numpy().copy()
+        self.W2_ = sd["3.weight"].T.contiguous().numpy()
+        self.b2_ = sd["3.bias"].numpy().copy()
+        self.history_ = history
+        self.best_epoch_ = best_epoch
+        return self
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        h = np.maximum(self.scaler_.transform(X) @ self.W1_ + self.b1_, 0)
+        return h @ self.W2_ + self.b2_
+
+    def _state(self):
+        arrays = {
+            "mean": self.scaler_.mean,
+            "std": self.scaler_.std,
+            "W1": self.W1_,
+            "b1": self.b1_,
+            "W2": self.W2_,
+            "b2": self.b2_,
+        }
+        return arrays, {"best_epoch": self.best_epoch_, "history": self.history_}
+
+    def _set_state(self, arrays, state, path):
+        self.scaler_ = Standardizer(arrays["mean"], arrays["std"])
+        self.W1_, self.b1_ = arrays["W1"], arrays["b1"]
+        self.W2_, self.b2_ = arrays["W2"], arrays["b2"]
+        self.best_epoch_ = int(state.get("best_epoch", 0))
+        self.history_ = state.get("history", [])

@@ -1,0 +1,179 @@
+"""LinearProbe: agreement with scikit-learn, sweep selection, options, batched solver."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from pipeline.heads import LinearProbe, load_head
+from pipeline.heads.base import Standardizer
+from pipeline.heads.batched_lbfgs import fit_sweep
+from pipeline.heads.linear_probe import DEFAULT_WEIGHT_DECAYS
+
+
+def _overlapping(n: int, seed: int, dim: int = 40, n_classes: int = 4, noise_dims: int = 0,
+                 sep: float = 0.35):
+    """Overlapping Gaussian classes (Bayes accuracy well below 100 %) + optional noise dims."""
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(77).normal(size=(n_classes, dim)) * sep
+    k = rng.integers(0, n_classes, size=n)
+    X = means[k] + rng.normal(size=(n, dim))
+    if noise_dims:
+        X = np.hstack([X, rng.normal(size=(n, noise_dims)) * 3.0])
+    scales = np.exp(np.random.default_rng(78).normal(size=X.shape[1]))  # uneven feature scales
+    return (X * scales + 5.0).astype(np.float32), k
+
+
+@pytest.fixture(scope="module")
+def problem():
+    Xtr, ytr = _overlapping(1500, seed=1)
+    Xte, yte = _overlapping(2000, seed=2)
+    return Xtr, ytr, Xte, yte
+
+
+def _objective(W, b, Xs, y, lam):
+    Z = Xs.astype(np.float64) @ W + b
+    Z -= Z.max(axis=1, keepdims=True)
+    logp = Z - np.log(np.exp(Z).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(y)), y].mean() + 0.5 * lam * (W**2).sum()
+
+
+def test_default_sweep_has_20_log_spaced_values():
+    lams = np.asarray(DEFAULT_WEIGHT_DECAYS)
+    assert len(lams) == 20 and lams[0] == pytest.approx(1e-6) and lams[-1] == pytest.approx(10.0)
+    np.testing.assert_allclose(np.diff(np.log(lams)), np.log(lams[1] / lams[0]))
+
+
+def test_matches_sklearn_at_the_same_regularisation(problem):
+    Xtr, ytr, Xte, yte = problem
+    lam = 1e-2
+    probe = LinearProbe(weight_decays=[lam]).fit(Xtr, ytr)
+    Xs_tr = probe.scaler_.transform(Xtr)
+    sk = LogisticRegression(C=1.0 / (lam * len(Xtr)), max_iter=1000, tol=1e-8).fit(Xs_tr, ytr)
+    ours = _objective(probe.coef_, probe.intercept_, Xs_tr, ytr, lam)
+    theirs = _objective(sk.coef_.T, sk.intercept_, Xs_tr, ytr, lam)
+    assert ours <= theirs + 1e-5  # same optimisation problem, same optimum
+    np.testing.assert_allclose(probe.coef_, sk.coef_.T - sk.coef_.T.mean(1, keepdims=True)
+                               + probe.coef_.mean(1, keepdims=True), atol=2e-3)
+    agree = np.mean(probe.predict(Xte) == sk.predict(probe.scaler_.transform(Xte)))
+    assert agree >= 0.99
+
+
+def test_sweep_best_matches_sklearn_best_within_one_point(problem):
+    Xtr, ytr, Xte, yte = problem
+    lams = np.logspace(-5, 1, 20)
+    probe = LinearProbe(weight_decays=lams).fit(Xtr, ytr, X_val=Xte, y_val=yte)
+    ours = max(r["val_accuracy"] for r in probe.sweep_results_)
+    Xs_tr, Xs_te = probe.scaler_.transform(Xtr), probe.scaler_.transform(Xte)
+    theirs = max(
+        LogisticRegression(C=1.0 / (lam * len(Xtr)), max_iter=1000).fit(Xs_tr, ytr).score(Xs_te, yte)
+        for lam in lams[::2]  # every other value keeps the test fast
+    )
+    assert ours >= theirs - 0.01
+    assert probe.best_params_["selected_on"] == "X_val" and not probe.best_params_["refitted"]
+    for r, lam in zip(probe.sweep_results_, lams):
+        assert r["weight_decay"] == pytest.approx(lam)
+        assert r["C"] == pytest.approx(1.0 / (lam * len(Xtr)))
+
+
+def test_sweep_selects_interior_value_and_honest_holdout_is_close_to_oracle():
+    # few samples, many pure-noise dims: both ends of the grid are clearly worse
+    Xtr, ytr = _overlapping(600, seed=3, dim=10, noise_dims=150, sep=0.6)
+    Xte, yte = _overlapping(3000, seed=4, dim=10, noise_dims=150, sep=0.6)
+    oracle = LinearProbe().fit(Xtr, ytr, X_val=Xte, y_val=yte)
+    accs = np.array([r["val_accuracy"] for r in oracle.sweep_results_])
+    best = int(accs.argmax())
+    assert 0 < best < len(accs) - 1
+    assert accs.max() - accs[0] > 0.05 and accs.max() - accs[-1] > 0.05
+
+    honest = LinearProbe(seed=0).fit(Xtr, ytr)
+    assert honest.best_params_["selected_on"] == "holdout" and honest.best_params_["refitted"]
+    assert honest.score(Xte, yte) >= accs.max() - 0.04
+    assert len(honest.sweep_results_) == 20
+    assert all("val_accuracy" in r and "val_log_loss" in r for r in honest.sweep_results_)
+
+
+def test_refit_false_keeps_the_selected_member(problem):
+    Xtr, ytr, _, _ = problem
+    a = LinearProbe(weight_decays=[1e-3, 1e-1], refit=False).fit(Xtr, ytr)
+    b = LinearProbe(weight_decays=[1e-3, 1e-1], refit=True).fit(Xtr, ytr)
+    assert a.best_params_["weight_decay"] == b.best_params_["weight_decay"]
+    assert not a.best_params_["refitted"] and b.best_params_["refitted"]
+    assert not np.array_equal(a.coef_, b.coef_)
+
+
+def test_scoring_log_loss_and_bad_options(problem):
+    Xtr, ytr, _, _ = problem
+    p = LinearProbe(weight_decays=np.logspace(-4, 0, 5), scoring="log_loss").fit(Xtr, ytr)
+    losses = [r["val_log_loss"] for r in p.sweep_results_]
+    assert p.best_params_["weight_decay"] == pytest.approx(np.logspace(-4, 0, 5)[int(np.argmin(losses))])
+    with pytest.raises(ValueError, match="scoring"):
+        LinearProbe(scoring="f1").fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="weight_decays"):
+        LinearProbe(weight_decays=[-1.0]).fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        LinearProbe(label_smoothing=1.5).fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="class_weight"):
+        LinearProbe(class_weight="sometimes").fit(Xtr, ytr)
+
+
+def test_class_weight_balanced_lifts_minority_recall():
+    X, y = _overlapping(4000, seed=5)
+    keep = (y != 0) | (np.arange(len(y)) % 10 == 0)  # class 0 is 10x rarer
+    X, y = X[keep], y[keep]
+    Xte, yte = _overlapping(3000, seed=6)
+    plain = LinearProbe(weight_decays=[1e-3]).fit(X, y)
+    bal = LinearProbe(weight_decays=[1e-3], class_weight="balanced").fit(X, y)
+    recall = lambda m: np.mean(m.predict(Xte[yte == 0]) == 0)  # noqa: E731
+    assert recall(bal) > recall(plain) + 0.1
+    dict_w = LinearProbe(weight_decays=[1e-3], class_weight={0: 10.0}).fit(X, y)
+    assert recall(dict_w) > recall(plain) + 0.1
+
+
+def test_label_smoothing_softens_probabilities(problem):
+    Xtr, ytr, Xte, _ = problem
+    hard = LinearProbe(weight_decays=[1e-4]).fit(Xtr, ytr)
+    soft = LinearProbe(weight_decays=[1e-4], label_smoothing=0.3).fit(Xtr, ytr)
+    assert soft.predict_proba(Xte).max(1).mean() < hard.predict_proba(Xte).max(1).mean() - 0.02
+
+
+def test_standardisation_is_stored_and_used(problem, tmp_path):
+    Xtr, ytr, Xte, _ = problem
+    p = LinearProbe(weight_decays=[1e-2]).fit(Xtr, ytr)
+    np.testing.assert_allclose(p.scaler_.mean, Xtr.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(p.scaler_.std, Xtr.std(0), rtol=1e-3)
+    loaded = load_head(p.save(tmp_path / "lp"))
+    np.testing.assert_array_equal(loaded.scaler_.mean, p.scaler_.mean)
+    assert loaded.sweep_results_ == p.sweep_results_ and loaded.best_params_ == p.best_params_
+    np.testing.assert_array_equal(loaded.decision_function(Xte), p.decision_function(Xte))
+    raw = LinearProbe(weight_decays=[1e-2], standardize=False).fit(Xtr, ytr)
+    assert np.all(raw.scaler_.mean == 0) and np.all(raw.scaler_.std == 1)
+
+
+def test_threads_restored_and_deterministic(problem):
+    Xtr, ytr, Xte, _ = problem
+    before = torch.get_num_threads()
+    a = LinearProbe(weight_decays=np.logspace(-4, 0, 6), n_threads=1, seed=3).fit(Xtr, ytr)
+    assert torch.get_num_threads() == before
+    b = LinearProbe(weight_decays=np.logspace(-4, 0, 6), n_threads=1, seed=3).fit(Xtr, ytr)
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    np.testing.assert_array_equal(a.predict_proba(Xte), b.predict_proba(Xte))
+
+
+def test_batched_members_equal_separate_fits(problem):
+    """Fitting values together gives the same solutions as fitting each alone."""
+    Xtr, ytr, _, _ = problem
+    Xs = Standardizer.fit(Xtr).transform(Xtr)
+    lams = [1e-4, 1e-2, 1.0]
+    together = fit_sweep(Xs, ytr, 4, lams, tol=1e-6)
+    assert together.converged.all()
+    for s, lam in enumerate(lams):
+        alone = fit_sweep(Xs, ytr, 4, [lam], tol=1e-6)
+        f_t = _objective(together.coef[s], together.intercept[s], Xs, ytr, lam)
+        f_a = _objective(alone.coef[0], alone.intercept[0], Xs, ytr, lam)
+        assert f_t == pytest.approx(f_a, rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(
+            together.coef[s] - together.coef[s].mean(1, keepdims=True),
+            alone.coef[0] - alone.coef[0].mean(1, keepdims=True), atol=5e-3)
