@@ -36,6 +36,7 @@ test-fast: venv
 bench: venv
 	$(PY) -m bench.extract --write
 	$(PY) -m bench.probe --write
+	$(PY) -m bench.serve --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache

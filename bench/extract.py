@@ -83,6 +83,7 @@ def tlpipe_run(paths: list[Path], store_root: Path, layout: str) -> "ExtractStat
     return extract_features(files, [SPEC], store=FeatureStore(store_root), layout=layout)[0]
 
 
+
 def textbook_ray_data(paths: list[Path]) -> float:
     """(d) The Ray Data template: read_images → map_batches with an ORT actor, batch 32."""
     import ray.data
@@ -149,7 +150,7 @@ def main() -> None:
         best_layout = max(runs, key=lambda k: runs[k][0].images_per_s)
         s1, store = runs[best_layout]
         s2 = tlpipe_run(first + extra, store, best_layout)
-        rows.append({"row": f"(e) second run, +{len(extra)} new images (layout={best_layout})",
+        rows.append({"row": f"(e) second run, +{len(extra)} new images ({s2.executor})",
                      "images": f"{s2.extracted} extracted / {s2.cached} cached",
                      "seconds": f"{s2.seconds:.1f}", "img/s": f"{s2.images_per_s:.1f}",
                      "vs (a)": f"stage time {100 * s2.seconds / s1.seconds:.0f} % of first run"})

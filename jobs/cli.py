@@ -361,6 +361,26 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files."),
 
 
 @app.command()
+def serve(
+    model: str = typer.Option(..., "--model", help="NAME@alias (follows the alias), NAME/version, or a predictor dir."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    engine: Optional[str] = typer.Option(None, help="auto | torch | onnx (default auto)."),
+    max_batch_size: Optional[int] = typer.Option(None),
+    batch_wait_timeout_s: Optional[float] = typer.Option(None),
+    root: Optional[Path] = RootOpt,
+) -> None:
+    """Serve a model on Ray Serve (local Ray unless RAY_ADDRESS names a cluster)."""
+    from deploy.app import run as serve_run
+    from jobs.tracking import tracking_uri_for
+
+    console.print(f"serving {model} on http://{host}:{port} (docs at /docs)")
+    serve_run(model, host=host, port=port, tracking_uri=tracking_uri_for(state_root(root)),
+              state_root=str(state_root(root)), engine=engine, max_batch_size=max_batch_size,
+              batch_wait_timeout_s=batch_wait_timeout_s, blocking=True)
+
+
+@app.command()
 def demo(data: Path = typer.Option(Path("../shared/data/clothing-small.tar.gz"), help="Dataset or archive.")) -> None:
     """The offline end-to-end demo (what `make demo` runs)."""
     from jobs.demo import main as demo_main

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from feature_store import FeatureStore
-from pipeline.backbones import BackboneSpec, get_spec
+from pipeline.backbones import BackboneSpec, get_spec, load_backbone
 from pipeline.devices import default_dtype
 from pipeline.images import DEFAULT_MAX_PIXELS
 
@@ -40,6 +40,7 @@ class ExtractStats:
     extracted: int
     failed: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    executor: str = "ray"  # "ray" (Ray Data actor pool) or "inline" (small delta, in process)
 
     @property
     def images_per_s(self) -> float:
@@ -106,30 +107,48 @@ class _EmbedPixelsActor:
         return {"key": batch["key"], "embedding": emb, "ok": ok, "error": batch["error"]}
 
 
-def resolve_engine(spec: BackboneSpec, *, device: str, engine: str = "auto") -> str:
+def resolve_engine(spec: BackboneSpec, *, device: str, engine: str = "auto"):
     """The engine workers will run, decided before the fingerprint is computed.
 
-    `auto` is ONNX Runtime on CPU when the backbone exports (the export is cached on disk by
-    fingerprint, so workers find it ready), eager torch otherwise and on GPUs. Workers get the
-    resolved engine explicitly, so a worker can never silently compute different numbers.
+    Returns (engine, backbone loaded here or None). `auto` is ONNX Runtime on CPU when the
+    backbone exports (the export is cached on disk by fingerprint, so workers find it ready),
+    eager torch otherwise and on GPUs. Workers get the resolved engine explicitly, so a worker can
+    never silently compute different numbers.
     """
     if engine != "auto":
-        return engine
+        return engine, None
     if device != "cpu":
-        return "torch"
+        return "torch", None
     import logging
 
     from pipeline.backbones import WeightsUnavailableError, load_backbone
 
     try:
-        load_backbone(spec, engine="onnx")
-        return "onnx"
+        return "onnx", load_backbone(spec, engine="onnx")
     except WeightsUnavailableError:
         raise
     except Exception as exc:  # noqa: BLE001 - any export failure means eager torch
         logging.getLogger(__name__).warning("%s: no ONNX export (%s); extracting with eager torch",
                                             spec.name, exc)
-        return "torch"
+        return "torch", None
+
+
+def _inline_batches(backbone, items, *, micro_batch: int, chunk_size: int, max_pixels: int):
+    """The same stream `_run_pipeline` yields, computed in this process (small deltas)."""
+    from pipeline.extraction import ChunkEmbedder
+
+    embedder = ChunkEmbedder(backbone, micro_batch=micro_batch, max_pixels=max_pixels)
+    try:
+        for i in range(0, len(items), chunk_size):
+            chunk = items[i:i + chunk_size]
+            res = embedder([p for _, p in chunk])
+            errors = np.array([""] * len(chunk), dtype=object)
+            for j, code, msg in res.failed:
+                errors[j] = f"{code}: {msg}"
+            yield {"key": np.array([k for k, _ in chunk], dtype=object), "embedding": res.embeddings,
+                   "ok": res.ok, "error": errors}
+    finally:
+        embedder.close()
 
 
 def extract_features(
@@ -145,27 +164,35 @@ def extract_features(
     cpus_per_worker: int | None = None,
     shard_rows: int = 2048,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    inline_max: int = 256,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> list[ExtractStats]:
     """Embed `files` — (sha256 key, path) pairs — with each backbone; returns one stats row each.
 
     Only keys missing from `store` for the backbone's fingerprint are computed. Results are written
     in shards of about `shard_rows` as they stream back, so a killed job keeps what it finished.
+    On a single CPU node, a delta of at most `inline_max` images (a new dataset version) is
+    embedded in this process with the model already loaded to resolve the engine: starting an
+    actor would cost more than the work. Everything else goes through Ray Data.
     """
     from jobs.ray_runtime import cluster_has_gpu, ensure_ray
 
     if layout not in ("fused", "tasks"):
         raise ValueError(f"layout must be 'fused' or 'tasks', got {layout!r}")
+    import ray
+
     resources = ensure_ray()
     use_gpu = cluster_has_gpu()
     device = "cuda" if use_gpu else "cpu"
+    single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
     by_key: dict[str, str] = {}
     for key, path in files:
         by_key.setdefault(key, str(path))
     stats: list[ExtractStats] = []
     for item in backbones:
         spec = get_spec(item) if isinstance(item, str) else item
-        eng = resolve_engine(spec, device=device, engine=engine)
+        t0 = time.perf_counter()
+        eng, local_backbone = resolve_engine(spec, device=device, engine=engine)
         fp = spec.fingerprint_for(eng, default_dtype(device) if eng == "torch" else "float32")
         missing = store.missing(fp, list(by_key))
         row = ExtractStats(backbone=spec.name, fingerprint=fp, engine=eng, requested=len(by_key),
@@ -174,17 +201,24 @@ def extract_features(
         if on_progress:
             on_progress(spec.name, 0, len(missing))
         if not missing:
+            row.seconds = time.perf_counter() - t0
             continue
-        t0 = time.perf_counter()
-        total_cpus = int(resources.get("CPU", 1))
-        cpw = cpus_per_worker or max(1, min(total_cpus, 8))
-        workers = num_workers or (int(resources.get("GPU", 1)) if use_gpu
-                                  else max(1, total_cpus // cpw))
-        results = _run_pipeline(
-            spec, eng, device, [(k, by_key[k]) for k in missing], layout=layout,
-            micro_batch=micro_batch, chunk_size=chunk_size, workers=workers, cpus=cpw,
-            use_gpu=use_gpu, max_pixels=max_pixels,
-        )
+        items = [(k, by_key[k]) for k in missing]
+        if single_node and not use_gpu and len(missing) <= inline_max:
+            row.executor = "inline"
+            backbone = local_backbone or load_backbone(spec, device=device, engine=eng)
+            results = _inline_batches(backbone, items, micro_batch=micro_batch,
+                                      chunk_size=chunk_size, max_pixels=max_pixels)
+        else:
+            total_cpus = int(resources.get("CPU", 1))
+            cpw = cpus_per_worker or max(1, min(total_cpus, 8))
+            workers = num_workers or (int(resources.get("GPU", 1)) if use_gpu
+                                      else max(1, total_cpus // cpw))
+            results = _run_pipeline(
+                spec, eng, device, items, layout=layout, micro_batch=micro_batch,
+                chunk_size=chunk_size, workers=workers, cpus=cpw, use_gpu=use_gpu,
+                max_pixels=max_pixels,
+            )
         meta = {"backbone": spec.name, "engine": eng, "dim": int(spec.embed_dim),
                 "dtype": "float32", "device": device}
         keys_buf: list[str] = []

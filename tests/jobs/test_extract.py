@@ -71,21 +71,25 @@ def test_extract_knn_cache_and_new_images(ray_local, cifar10_dir, cifar_subset, 
     (s3,) = extract_features(_files(ds2), [small_spec], store=store)
     assert len(new_keys) >= 35
     assert (s3.extracted, s3.cached) == (len(new_keys), len({r.sha256 for r in ds.records}))
+    assert (s1.executor, s3.executor) == ("ray", "inline")  # a small delta skips actor start-up
     np.testing.assert_array_equal(store.get(s1.fingerprint, [r.sha256 for r in train]), x_tr)
 
 
-def test_fused_and_tasks_layouts_agree(ray_local, cifar_subset, small_spec, tmp_path):
+def test_fused_tasks_and_inline_agree(ray_local, cifar_subset, small_spec, tmp_path):
     from jobs.extract import extract_features
     from pipeline.data import load_dataset
 
     ds = load_dataset(cifar_subset)
     files = _files(ds)[:64]
-    (a,) = extract_features(files, [small_spec], store=FeatureStore(tmp_path / "a"), layout="fused")
-    (b,) = extract_features(files, [small_spec], store=FeatureStore(tmp_path / "b"), layout="tasks")
     keys = [k for k, _ in files]
-    ea = FeatureStore(tmp_path / "a").get(a.fingerprint, keys)
-    eb = FeatureStore(tmp_path / "b").get(b.fingerprint, keys)
-    np.testing.assert_allclose(ea, eb, rtol=1e-5, atol=1e-5)
+    out = {}
+    for name, kw in {"fused": dict(layout="fused", inline_max=0),
+                     "tasks": dict(layout="tasks", inline_max=0), "inline": {}}.items():
+        (s,) = extract_features(files, [small_spec], store=FeatureStore(tmp_path / name), **kw)
+        assert s.executor == ("inline" if name == "inline" else "ray")
+        out[name] = FeatureStore(tmp_path / name).get(s.fingerprint, keys)
+    np.testing.assert_allclose(out["fused"], out["tasks"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["fused"], out["inline"], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_file_is_reported_not_fatal(ray_local, cifar_subset, small_spec, tmp_path):
@@ -97,6 +101,8 @@ def test_bad_file_is_reported_not_fatal(ray_local, cifar_subset, small_spec, tmp
     from pipeline.images import sha256_bytes
 
     files = [(sha256_bytes(p.read_bytes()), str(p)) for p in good + [bad]]
-    (s,) = extract_features(files, [small_spec], store=FeatureStore(tmp_path / "s"))
-    assert s.extracted == 5 and [f["key"] for f in s.failed] == [files[-1][0]]
-    assert "not_image" in s.failed[0]["reason"] or "corrupt" in s.failed[0]["reason"]
+    for inline_max in (0, 256):  # through Ray workers, and in process
+        (s,) = extract_features(files, [small_spec], store=FeatureStore(tmp_path / f"s{inline_max}"),
+                                inline_max=inline_max)
+        assert s.extracted == 5 and [f["key"] for f in s.failed] == [files[-1][0]]
+        assert "not_image" in s.failed[0]["reason"] or "corrupt" in s.failed[0]["reason"]

@@ -1,0 +1,312 @@
+"""The Ray Serve application: a FastAPI ingress and a batched backbone deployment.
+
+::
+
+    HTTP ──► Ingress (FastAPI, N replicas)                    ──► Backbone (@serve.batch, M replicas)
+             decode + prepare in a thread pool (uint8 pixels)      concatenate requests → one embed
+             head + k-NN fallback (Predictor), support store        forward → split per request
+             registry alias poll → hot swap
+
+Start it with ``tlpipe serve --model NAME@champion`` (`run`), from Python with `build_app`, or with
+``serve run deploy/serve.yaml`` (`app_builder`, arguments under ``args:``). ``deploy.app:app`` is the
+same graph with every setting read from ``TLPIPE_SERVE_*`` environment variables when the replicas
+start (``TLPIPE_SERVE_MODEL`` names the model).
+
+Live-tunable ``user_config`` (YAML ``deployments[].user_config``, applied by ``reconfigure``):
+``Backbone``: ``max_batch_size``, ``batch_wait_timeout_s``; ``Ingress``: ``poll_interval_s`` (and the
+two batch keys when the backbone is colocated in the ingress, ``colocate_backbone=True``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from deploy.backbone import BackbonePool, EmbedResult
+
+BACKBONE_DEPLOYMENT = "Backbone"
+INGRESS_DEPLOYMENT = "Ingress"
+DEFAULT_APP_NAME = "tlpipe"
+# Ray system config (environment of every Ray process, set before Ray starts): call arguments up to
+# 2 MiB travel inline with the call rather than through the object store. Set by `run` for a local
+# Ray; set it in the pod environment on a cluster (deploy/kuberay/rayservice.yaml).
+INLINE_ARGS_ENV = {"RAY_max_direct_call_object_size": str(2 * 1024 * 1024)}
+
+
+class BackboneConfig(BaseModel):
+    """``user_config`` of the Backbone deployment (live-tunable)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: int = Field(16, ge=1, le=256, description="requests merged into one forward pass")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0,
+                                        description="longest wait for more requests, only while a pass runs")
+
+
+class IngressConfig(BaseModel):
+    """``user_config`` of the Ingress deployment (live-tunable). The batch keys apply when the
+    backbone is colocated in the ingress (`build_app(..., colocate_backbone=True)`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    poll_interval_s: float | None = Field(None, ge=0.0, description="registry alias poll period (0: off)")
+    max_batch_size: int | None = Field(None, ge=1, le=256, description="colocated backbone only")
+    batch_wait_timeout_s: float | None = Field(None, ge=0.0, le=1.0, description="colocated backbone only")
+
+
+class BatchedEmbedder:
+    """`@serve.batch` over a `BackbonePool`: concurrent calls -> one forward pass per batch.
+
+    The body of the Backbone deployment, and of an ingress that hosts its backbone itself. One
+    instance per process (Serve keeps one batch queue per decorated method and process).
+
+    Busy-aware batch window: Serve forms the next batch while the current one is still running
+    (it collects for ``batch_wait_timeout_s`` after the first request, then waits its turn), so a
+    fixed 5 ms window gives batches of one under a steady load. Here the window is 0 while the
+    backbone is idle — a lone request starts at once — and, while a forward pass is running,
+    min(``batch_wait_timeout_s``, the running average forward time): requests that would wait
+    anyway ride together in the next pass. ``batch_wait_timeout_s`` is thus the longest a
+    request ever waits for company, and only when it could not have started sooner.
+    """
+
+    def __init__(self, pool: BackbonePool):
+        self.pool = pool
+        self.max_wait_s = 0.01
+        self.forward_s = 0.0  # running average of one forward pass
+        self.busy = 0
+
+    def configure(self, max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None) -> None:
+        if max_batch_size is not None:
+            self._batch.set_max_batch_size(int(max_batch_size))
+        if batch_wait_timeout_s is not None:
+            self.max_wait_s = float(batch_wait_timeout_s)
+        self._batch.set_batch_wait_timeout_s(self._window())
+
+    def _window(self) -> float:
+        return min(self.max_wait_s, self.forward_s) if self.busy else 0.0
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _batch(self, keys: list[str], pixels: list[np.ndarray]) -> list[EmbedResult]:
+        self.busy += 1
+        self._batch.set_batch_wait_timeout_s(self._window())
+        t0 = time.perf_counter()
+        try:
+            # the forward pass runs in a worker thread, so requests keep queueing meanwhile
+            return await asyncio.to_thread(self.pool.embed_many, keys, pixels)
+        finally:
+            took = time.perf_counter() - t0
+            self.forward_s = took if self.forward_s == 0 else 0.8 * self.forward_s + 0.2 * took
+            self.busy -= 1
+            self._batch.set_batch_wait_timeout_s(self._window())
+
+    async def __call__(self, key: str, pixels: np.ndarray) -> EmbedResult:
+        return await self._batch(key, pixels)
+
+    def batching(self) -> dict:
+        return {"max_batch_size": self._batch._get_max_batch_size(), "batch_wait_timeout_s": self.max_wait_s,
+                "forward_ms": round(self.forward_s * 1000, 3), "loaded": self.pool.loaded()}
+
+
+@serve.deployment(name=BACKBONE_DEPLOYMENT, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
+                  user_config=BackboneConfig().model_dump())
+class Backbone:
+    """Frozen backbone(s) behind `@serve.batch`: uint8 pixels in, embeddings out."""
+
+    def __init__(self, engine: str | None = None, intra_op_num_threads: int | None = None, capacity: int = 3):
+        if engine is None:
+            from deploy.settings import load_settings
+
+            engine = load_settings().engine  # environment, read at replica start
+        self.embedder = BatchedEmbedder(BackbonePool(engine, capacity=capacity,
+                                                     intra_op_num_threads=intra_op_num_threads))
+
+    async def reconfigure(self, config: dict | None) -> None:
+        cfg = BackboneConfig.model_validate(config or {})
+        self.embedder.configure(cfg.max_batch_size, cfg.batch_wait_timeout_s)
+
+    async def embed(self, key: str, pixels: np.ndarray) -> EmbedResult:
+        """One request's pixels (n, 3, S, S) for the spec whose JSON is `key`."""
+        return await self.embedder(key, pixels)
+
+    def batching(self) -> dict:
+        return self.embedder.batching()
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=128, ray_actor_options={"num_cpus": 1},
+                  health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress()
+class Ingress:
+    """HTTP front: parsing, decoding, the head and fallback, support examples, hot reload.
+
+    `backbone` is the Backbone deployment's handle, or None to host the backbone in this replica
+    (`colocated`: BackbonePool arguments) — one process hop less per request, for small machines.
+    """
+
+    async def __init__(self, backbone: DeploymentHandle | None = None, model: str | None = None,
+                       settings: dict[str, Any] | None = None, colocated: dict[str, Any] | None = None):
+        from deploy.service import ServingService
+        from deploy.settings import load_settings
+
+        overrides = dict(settings or {})
+        if model:
+            overrides["model"] = model
+        self.settings = load_settings(overrides)  # defaults < TLPIPE_SERVE_* env < arguments
+        self._backbone = backbone
+        self.local = None
+        if backbone is None:
+            opts = dict(colocated or {})
+            batch = BackboneConfig.model_validate(opts.pop("batching", {}))
+            self.local = BatchedEmbedder(BackbonePool(opts.pop("engine", None) or self.settings.engine, **opts))
+            self.local.configure(batch.max_batch_size, batch.batch_wait_timeout_s)
+        self.service = ServingService(self.settings, self.local if self.local is not None else self._embed)
+        await self.service.start()
+
+    async def _embed(self, key: str, pixels: np.ndarray) -> EmbedResult:
+        return await self._backbone.embed.remote(key, pixels)
+
+    def __serve_build_asgi_app__(self):
+        from deploy.api import create_api
+
+        return create_api(self.service)
+
+    async def reconfigure(self, config: dict | None) -> None:
+        cfg = IngressConfig.model_validate(config or {})
+        if cfg.poll_interval_s is not None:
+            self.service.set_poll_interval(cfg.poll_interval_s)
+        if self.local is not None:
+            self.local.configure(cfg.max_batch_size, cfg.batch_wait_timeout_s)
+
+    def batching(self) -> dict | None:
+        return self.local.batching() if self.local is not None else None
+
+    async def check_health(self) -> None:
+        if not self.service.ready:
+            raise RuntimeError("no model loaded")
+
+
+# ---------------------------------------------------------------------------- builders
+class AppArgs(BaseModel):
+    """Arguments of `app_builder` (the ``args:`` of an application in a Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="NAME@alias, NAME/version or a predictor dir")
+    tracking_uri: str | None = None
+    state_root: str | None = Field(None, description="default: $TLPIPE_HOME, else ./.tlpipe")
+    engine: str | None = None
+    intra_op_num_threads: int | None = None
+    colocate_backbone: bool = Field(False, description="run the backbone inside the ingress replicas")
+    settings: dict[str, Any] = Field(default_factory=dict, description="more ServeSettings fields")
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def build_app(model: str | None, *, tracking_uri: str | None = None, state_root: str | None = None,
+              engine: str | None = None, max_batch_size: int | None = None,
+              batch_wait_timeout_s: float | None = None, poll_interval_s: float | None = None,
+              ingress_replicas: int | None = None, backbone_replicas: int | None = None,
+              ingress_options: dict | None = None, backbone_options: dict | None = None,
+              intra_op_num_threads: int | None = None, colocate_backbone: bool = False,
+              **settings: Any) -> Application:
+    """The Serve application for `model` (see module docstring).
+
+    ``colocate_backbone=True`` drops the Backbone deployment and runs the backbone (same
+    `@serve.batch` batching) inside each ingress replica: one Ray call and one copy of the pixels
+    less per request, which pays off on a small CPU-only machine; the batch settings then live in
+    the Ingress ``user_config``.
+
+    `settings` are more `deploy.settings.ServeSettings` fields (admin_token, max_request_bytes,
+    max_images_per_request, max_pixels, decode_threads, top_k, ...). Unset ones come from the
+    ``TLPIPE_SERVE_*`` environment of the replicas. `*_options` go to `Deployment.options`
+    (e.g. ``{"ray_actor_options": {"num_cpus": 0.5}}``).
+    """
+    from deploy.model_source import parse_model_ref
+    from deploy.settings import ServeSettings
+
+    overrides: dict[str, Any] = {k: v for k, v in settings.items() if v is not None}
+    if state_root is not None:
+        overrides["state_root"] = _absolute(state_root)
+    if tracking_uri is not None:
+        overrides["tracking_uri"] = tracking_uri
+    if engine is not None:
+        overrides["engine"] = engine
+    if poll_interval_s is not None:
+        overrides["poll_interval_s"] = poll_interval_s
+    if model is not None:
+        ref = parse_model_ref(model)  # fail early, in the caller, on a malformed reference
+        model = ref.path if ref.kind == "path" else model
+    ServeSettings(model=model, **overrides)  # validate here too: errors before any replica starts
+    b_opts = dict(backbone_options or {})
+    i_opts = dict(ingress_options or {})
+    if backbone_replicas is not None:
+        b_opts["num_replicas"] = backbone_replicas
+    if ingress_replicas is not None:
+        i_opts["num_replicas"] = ingress_replicas
+    batching = BackboneConfig(**{k: v for k, v in {"max_batch_size": max_batch_size,
+                                                   "batch_wait_timeout_s": batch_wait_timeout_s}.items()
+                                 if v is not None})
+    ingress_config = IngressConfig(poll_interval_s=poll_interval_s)
+    if colocate_backbone:
+        ingress_config = ingress_config.model_copy(update=batching.model_dump())
+        colocated = {"engine": engine, "intra_op_num_threads": intra_op_num_threads,
+                     "batching": batching.model_dump()}
+        i_opts.setdefault("user_config", ingress_config.model_dump(exclude_none=True))
+        return Ingress.options(**i_opts).bind(None, model=model, settings=overrides, colocated=colocated)
+    b_opts.setdefault("user_config", batching.model_dump())
+    if poll_interval_s is not None:
+        i_opts.setdefault("user_config", ingress_config.model_dump(exclude_none=True))
+    backbone = Backbone.options(**b_opts).bind(engine=engine, intra_op_num_threads=intra_op_num_threads)
+    return Ingress.options(**i_opts).bind(backbone, model=model, settings=overrides)
+
+
+def app_builder(args: AppArgs) -> Application:
+    """``serve run deploy.app:app_builder model=NAME@champion`` / ``import_path`` in serve.yaml."""
+    if isinstance(args, dict):
+        args = AppArgs.model_validate(args)
+    # resolved here (the driver / Serve controller), so relative paths never depend on a replica's cwd
+    state_root = args.state_root or os.environ.get("TLPIPE_HOME") or ".tlpipe"
+    return build_app(args.model, tracking_uri=args.tracking_uri, state_root=state_root,
+                     engine=args.engine, intra_op_num_threads=args.intra_op_num_threads,
+                     colocate_backbone=args.colocate_backbone, **args.settings)
+
+
+def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DEFAULT_APP_NAME,
+        route_prefix: str = "/", blocking: bool = True, ray_address: str | None = None,
+        **kwargs: Any):
+    """Start (or join) Ray and Serve on host:port and deploy the app; `tlpipe serve` calls this.
+
+    Returns the ingress `DeploymentHandle` when `blocking` is False; otherwise serves until
+    interrupted (Ctrl-C shuts the application down).
+    """
+    import ray
+
+    from jobs.ray_runtime import ensure_ray
+
+    application = build_app(model, **kwargs)  # argument errors before anything starts
+    if not ray.is_initialized() and not (ray_address or os.environ.get("RAY_ADDRESS")):
+        # a local Ray started here: pass one request's pixels (a 224 px image is 150 KB) inline
+        # in the actor call instead of through the object store (3x cheaper per request)
+        for key, value in INLINE_ARGS_ENV.items():
+            os.environ.setdefault(key, value)
+    ensure_ray(ray_address)
+    serve.start(http_options={"host": host, "port": int(port)})
+    handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
+    if not blocking:
+        return handle
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(name)
+    return None
+
+
+app = Ingress.bind(Backbone.bind())

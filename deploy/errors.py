@@ -1,0 +1,40 @@
+"""`ApiError`: a client-facing failure with an HTTP status, a short code and a message."""
+
+from __future__ import annotations
+
+from pipeline.images import ImageValidationError
+
+# ImageValidationError.code -> (HTTP status, API error code)
+_IMAGE_ERRORS = {
+    "empty": (400, "empty_image"),
+    "not_image": (415, "not_an_image"),
+    "truncated": (400, "truncated_image"),
+    "corrupt": (400, "corrupt_image"),
+    "too_many_pixels": (413, "too_many_pixels"),
+    "unsupported_mode": (415, "unsupported_image_mode"),
+    "unreadable": (400, "unreadable_image"),
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: list[dict] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = int(status)
+        self.code = code
+        self.message = message
+        self.details = list(details or [])
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": self.code, "message": self.message, "details": self.details}
+
+
+def image_error(exc: ImageValidationError, index: int, name: str | None = None) -> ApiError:
+    """An undecodable image at position `index` of the request."""
+    status, code = _IMAGE_ERRORS.get(exc.code, (400, "bad_image"))
+    what = f"image {index}" + (f" ({name!r})" if name else "")
+    detail = {"index": index, "reason": exc.code}
+    if name:
+        detail["filename"] = name
+    return ApiError(status, code, f"{what}: {exc}", [detail])

@@ -1,0 +1,122 @@
+"""Pydantic request/response models of the HTTP API (v1). They are the OpenAPI schema at /docs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Decision = Literal["classifier", "fallback", "abstain"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------- requests
+class ImagesJSON(_Model):
+    """Images as base64 strings (standard alphabet; a ``data:image/...;base64,`` prefix is allowed)."""
+
+    images: list[str] = Field(..., min_length=1, description="base64-encoded image files")
+    top_k: int | None = Field(None, ge=1, le=1000, description="classifier scores to list per image")
+
+
+class AddExamplesJSON(_Model):
+    images: list[str] = Field(..., min_length=1, description="base64-encoded image files")
+
+
+# ---------------------------------------------------------------------------- responses
+class ScoredLabel(_Model):
+    label: str
+    score: float
+
+
+class ImagePrediction(_Model):
+    index: int = Field(..., description="position of the image in the request")
+    filename: str | None = Field(None, description="multipart file name, when given")
+    label: str | None = Field(..., description="None when the decision is abstain")
+    score: float = Field(..., description="classifier probability, or k-NN vote agreement for fallback")
+    decision: Decision
+    top_k: list[ScoredLabel] = Field(..., description="the classifier's top scores (its view)")
+    model: str = Field(..., description="name@version that answered")
+    latency_ms: float = Field(..., description="time from request arrival to this answer")
+
+
+class PredictResponse(_Model):
+    model: str
+    predictions: list[ImagePrediction]
+    latency_ms: float
+
+
+class ModelInfo(_Model):
+    model: str = Field(..., description="name@version being served")
+    name: str
+    version: str
+    reference: str = Field(..., description="what the server follows (e.g. NAME@champion)")
+    source: str = Field(..., description="where the version was loaded from")
+    loaded_at: str
+    backbone: str
+    engine: str
+    input_size: int
+    embed_dim: int
+    head: str
+    classes: list[str]
+    threshold: float
+    knn_threshold: float
+    knn_k: int
+    top_k: int
+    support_size: int = Field(..., description="vectors in the artifact's support index")
+    added_examples: int = Field(..., description="support examples added through the API")
+    poll_interval_s: float
+    info: dict
+
+
+class ClassInfo(_Model):
+    name: str
+    in_head: bool = Field(..., description="the classifier head was trained on it")
+    support_examples: int = Field(..., description="vectors in the support index (artifact + added)")
+    added_examples: int = Field(..., description="examples added through the API")
+    needs_retraining: bool = Field(..., description="answerable only by the fallback until retrained")
+
+
+class ClassesResponse(_Model):
+    model: str
+    classes: list[ClassInfo]
+
+
+class AddedExample(_Model):
+    id: int
+    sha256: str
+    path: str = Field(..., description="where the image is kept, relative to the support store")
+    duplicate: bool = Field(False, description="this class already had this exact image")
+
+
+class AddExamplesResponse(_Model):
+    model: str
+    class_name: str = Field(..., serialization_alias="class")
+    added: list[AddedExample]
+    needs_retraining: bool
+
+
+class DeleteResponse(_Model):
+    model: str
+    class_name: str = Field(..., serialization_alias="class")
+    removed: list[int]
+
+
+class ReloadResponse(_Model):
+    changed: bool
+    model: str
+    previous: str | None
+
+
+class Health(_Model):
+    status: str
+    model: str | None = None
+    detail: str | None = None
+
+
+class ErrorResponse(_Model):
+    error: str = Field(..., description="short machine-readable code, e.g. not_an_image")
+    message: str = Field(..., description="what went wrong and how to fix it")
+    details: list[dict] = Field(default_factory=list)

@@ -1,0 +1,109 @@
+"""Serving settings: one Pydantic model, read when a replica starts (never at import).
+
+Precedence, lowest first: field defaults < environment variables < explicit overrides (the
+arguments of `deploy.app.build_app` / the `args` of `deploy/serve.yaml`).
+
+Environment variables (read by `load_settings`, at call time):
+
+| variable                              | field                    |
+|---------------------------------------|--------------------------|
+| ``TLPIPE_SERVE_<FIELD>`` (upper case) | any field below          |
+| ``TLPIPE_HOME``                       | ``state_root`` fallback  |
+| ``MLFLOW_TRACKING_URI``               | ``tracking_uri`` fallback|
+
+The admin token should come from the environment (a Kubernetes secret), not from a config file:
+Serve configs and bind arguments are visible to anyone who can read the cluster's config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "TLPIPE_SERVE_"
+
+
+class SettingsError(ValueError):
+    """Serving settings that do not validate; the message names the field and the fix."""
+
+
+class ServeSettings(BaseModel):
+    """Limits and wiring of one serving replica."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description="NAME@alias, NAME/version, models:/..., or a saved predictor dir")
+    tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI (default: the state root's)")
+    state_root: str = Field(".tlpipe", description="tlpipe state root; serving state lives in <root>/serve/")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for the admin routes (None: disabled)")
+    max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    max_images_per_request: int = Field(32, ge=1, le=1024)
+    max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width x height)")
+    max_examples_per_request: int = Field(64, ge=1, le=4096, description="admin: images per add call")
+    poll_interval_s: float = Field(10.0, ge=0.0, description="registry alias poll period (0: never poll)")
+    engine: Literal["auto", "torch", "onnx"] = "auto"
+    decode_threads: int = Field(2, ge=1, le=64, description="threads decoding + preparing images")
+    top_k: int | None = Field(None, ge=1, le=1000, description="default top_k (None: the predictor's)")
+
+    @field_validator("model", "tracking_uri", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _blank_token_is_none(cls, v: Any) -> Any:
+        if isinstance(v, SecretStr):
+            v = v.get_secret_value()
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def resolved_tracking_uri(self) -> str:
+        """`tracking_uri`, else ``sqlite:///<state_root>/mlflow.db`` (as `tlpipe run` writes)."""
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{Path(self.state_root).expanduser().resolve() / 'mlflow.db'}"
+
+    def serve_dir(self, model_key: str) -> Path:
+        """``<state_root>/serve/<model key>``: downloads, support examples and their index."""
+        return Path(self.state_root).expanduser().resolve() / "serve" / model_key
+
+    def public(self) -> dict:
+        """The settings without the secret (for /v1/model and logs)."""
+        d = self.model_dump(exclude={"admin_token"})
+        d["admin_enabled"] = self.admin_token is not None
+        return d
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ServeSettings.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            out[name] = environ[key]
+    if "state_root" not in out and environ.get("TLPIPE_HOME"):
+        out["state_root"] = environ["TLPIPE_HOME"]
+    if "tracking_uri" not in out and environ.get("MLFLOW_TRACKING_URI"):
+        out["tracking_uri"] = environ["MLFLOW_TRACKING_URI"]
+    return out
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, *,
+                  environ: Mapping[str, str] | None = None) -> ServeSettings:
+    """Defaults < ``TLPIPE_SERVE_*`` environment < `overrides` (None values are ignored)."""
+    values = _from_env(os.environ if environ is None else environ)
+    values.update({k: v for k, v in dict(overrides or {}).items() if v is not None})
+    try:
+        return ServeSettings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']} (got {e.get('input')!r})"
+            if "admin_token" not in e["loc"] else f"admin_token: {e['msg']}"
+            for e in exc.errors())
+        raise SettingsError(
+            f"invalid serving settings: {problems}. Fix the argument or the {ENV_PREFIX}<FIELD> "
+            "environment variable") from None

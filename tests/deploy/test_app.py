@@ -1,0 +1,596 @@
+"""The serving plane end to end: Ray Serve on a local Ray, a real model from an MLflow registry,
+real HTTP (httpx). One application is shared by the tests of this module, in file order:
+predict -> errors -> admin -> hot reload -> restart.
+
+Plus fast unit tests of the pieces that need no Ray (multipart parser, references, settings,
+the combined support search, the user_config schemas).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import struct
+import sys
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving_helpers import HEAD_CLASSES, LITE0, NEW_CLASS, copy_predictor, free_port  # noqa: E402
+
+NAME = "cifar3"
+TOKEN = "s3cret-token"
+APP = "tlpipe-test"
+LIMITS = dict(max_images_per_request=4, max_request_bytes=300_000, max_pixels=1_000_000)
+
+
+# ---------------------------------------------------------------------------- helpers
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def files(*photos, field="file"):
+    return [(field, (p.path.name, p.data, "image/jpeg")) for p in photos]
+
+
+def forged_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+            + chunk(b"IEND", b""))
+
+
+def admin(token: str = TOKEN) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass
+class Registry:
+    root: Path
+    tracking_uri: str
+    versions: list
+
+
+@dataclass
+class Served:
+    url: str
+    client: object
+    registry: Registry
+
+    def get(self, path, **kw):
+        return self.client.get(self.url + path, **kw)
+
+    def post(self, path, **kw):
+        return self.client.post(self.url + path, **kw)
+
+    def delete(self, path, **kw):
+        return self.client.delete(self.url + path, **kw)
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def registry(serving_model, tmp_path_factory):
+    """An MLflow registry (sqlite, in tmp) with version 1 of NAME under alias champion."""
+    import mlflow
+
+    from jobs.registry import register_predictor
+    from jobs.tracking import setup_mlflow
+
+    root = tmp_path_factory.mktemp("state")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        previous = mlflow.get_tracking_uri()
+        exp = setup_mlflow(root, "serve-test")
+        mlflow.set_experiment(experiment_id=exp)
+        v1 = register_predictor(serving_model.predictor_dir, NAME, alias="champion")
+        yield Registry(root, mlflow.get_tracking_uri(), [v1])
+        mlflow.set_tracking_uri(previous)
+
+
+def make_app(reg: Registry, *, colocate: bool = False):
+    from deploy.app import build_app
+
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    return build_app(f"{NAME}@champion", tracking_uri=reg.tracking_uri, state_root=str(reg.root),
+                     engine="torch", poll_interval_s=0.5, admin_token=TOKEN, decode_threads=2,
+                     max_batch_size=8, batch_wait_timeout_s=0.005, ingress_options=small,
+                     backbone_options=small, colocate_backbone=colocate, **LIMITS)
+
+
+@pytest.fixture(scope="module")
+def served(ray_serve, registry):
+    import httpx
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(make_app(registry), name=APP, route_prefix="/", blocking=False)
+    with httpx.Client(timeout=60.0) as client:
+        s = Served(f"http://127.0.0.1:{port}", client, registry)
+        assert s.get("/readyz").json()["status"] == "ready"
+        yield s
+    serve.shutdown()
+
+
+# ---------------------------------------------------------------------------- predict
+def test_predict_multipart_and_base64(served, serving_model):
+    photo = serving_model.classifier[0]
+    r = served.post("/v1/predict", files=files(photo))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    v1 = served.registry.versions[0]
+    assert body["model"] == f"{NAME}@{v1}"
+    (pred,) = body["predictions"]
+    assert (pred["decision"], pred["label"], pred["filename"]) == ("classifier", photo.label, photo.path.name)
+    assert pred["score"] >= serving_model.threshold
+    assert len(pred["top_k"]) == 3 and pred["top_k"][0]["label"] == photo.label
+    assert pred["model"] == body["model"] and pred["latency_ms"] > 0
+
+    r = served.post("/v1/predict", json={"images": [b64(photo.data)], "top_k": 2})
+    assert r.status_code == 200, r.text
+    (same,) = r.json()["predictions"]
+    assert (same["decision"], same["label"]) == ("classifier", photo.label)
+    assert same["score"] == pytest.approx(pred["score"], abs=1e-4)
+    assert len(same["top_k"]) == 2
+
+    # a raw image body and a data: URL work too
+    r = served.post("/v1/predict", content=photo.data, headers={"Content-Type": "image/jpeg"})
+    assert r.json()["predictions"][0]["label"] == photo.label
+    r = served.post("/v1/predict", json={"images": ["data:image/jpeg;base64," + b64(photo.data)]})
+    assert r.json()["predictions"][0]["label"] == photo.label
+
+
+def test_several_images_get_their_own_decisions(served, serving_model):
+    m = serving_model
+    photos = [m.classifier[1], m.fallback[0], m.abstain[0], m.fallback[1]]
+    r = served.post("/v1/predict", files=files(*photos, field="files"))
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["index"] for p in preds] == [0, 1, 2, 3]
+    assert [p["decision"] for p in preds] == ["classifier", "fallback", "abstain", "fallback"]
+    assert [p["label"] for p in preds] == [photos[0].label, photos[1].label, None, photos[3].label]
+    # fallback answers are the k-NN vote: score = agreement, at least the calibrated threshold
+    assert preds[1]["score"] >= m.knn_threshold and preds[3]["score"] >= m.knn_threshold
+    # abstentions still show the classifier's (unconvincing) view
+    assert preds[2]["top_k"][0]["score"] < m.threshold
+
+
+def test_fallback_and_abstain_one_by_one(served, serving_model):
+    for photo in serving_model.fallback[:4]:
+        (p,) = served.post("/v1/predict", json={"images": [b64(photo.data)]}).json()["predictions"]
+        assert (p["decision"], p["label"]) == ("fallback", photo.label), photo.path
+    for photo in serving_model.abstain:
+        (p,) = served.post("/v1/predict", files=files(photo)).json()["predictions"]
+        assert (p["decision"], p["label"]) == ("abstain", None), photo.path
+
+
+def test_model_classes_health_and_docs(served, serving_model):
+    assert served.get("/healthz").json() == {"status": "ok", "model": None, "detail": None}
+    assert served.get("/readyz").status_code == 200
+    info = served.get("/v1/model").json()
+    assert info["backbone"] == LITE0 and info["input_size"] == 64 and info["embed_dim"] == 1280
+    assert info["classes"] == list(HEAD_CLASSES) and info["head"] == "LinearProbe"
+    assert info["threshold"] == pytest.approx(serving_model.threshold)
+    assert info["knn_threshold"] == pytest.approx(serving_model.knn_threshold)
+    assert info["reference"] == f"{NAME}@champion" and info["engine"] == "torch"
+    classes = served.get("/v1/classes").json()["classes"]
+    assert [(c["name"], c["in_head"], c["needs_retraining"]) for c in classes] == \
+        [(c, True, False) for c in HEAD_CLASSES]
+    assert all(c["support_examples"] == 50 for c in classes)  # 30 train + 20 validation each
+    assert "swagger" in served.get("/docs").text.lower()
+    spec = served.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/model", "/v1/classes", "/v1/classes/{name}/examples",
+            "/v1/classes/{name}/examples/{example_id}", "/v1/reload"} <= set(spec["paths"])
+    content = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(content)
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+
+
+# ---------------------------------------------------------------------------- errors
+def _multipart(data: bytes, name="x.jpg", ctype="image/jpeg"):
+    return [("file", (name, data, ctype))]
+
+
+def _cases(photo_bytes: bytes):
+    half = photo_bytes[: len(photo_bytes) // 2]
+    return [
+        # (id, request kwargs, status, error codes accepted)
+        ("plain-text", dict(content=b"hello", headers={"Content-Type": "text/plain"}), 415,
+         {"unsupported_media_type"}),
+        ("no-content-type", dict(content=b"hello"), 415, {"unsupported_media_type"}),
+        ("not-an-image", dict(files=_multipart(b"just some text, no pixels", "notes.txt", "text/plain")),
+         415, {"not_an_image"}),
+        ("truncated-jpeg", dict(files=_multipart(half)), 400, {"truncated_image", "corrupt_image"}),
+        ("corrupt-jpeg", dict(files=_multipart(b"\xff\xd8\xff" + b"\x00" * 64)), 400, {"corrupt_image"}),
+        ("empty-file", dict(files=_multipart(b"")), 400, {"empty_image"}),
+        ("bad-base64", dict(json={"images": ["this is not base64!"]}), 400, {"bad_base64"}),
+        ("bad-json", dict(content=b'{"images": [', headers={"Content-Type": "application/json"}), 400,
+         {"bad_json"}),
+        ("json-wrong-field", dict(json={"pictures": [b64(photo_bytes)]}), 422, {"invalid_request"}),
+        ("json-no-images", dict(json={"images": []}), 422, {"invalid_request"}),
+        ("json-bad-top-k", dict(json={"images": [b64(photo_bytes)], "top_k": 0}), 422, {"invalid_request"}),
+        ("query-bad-top-k", dict(files=_multipart(photo_bytes), params={"top_k": "many"}), 422,
+         {"invalid_request"}),
+        ("too-many-images", dict(files=_multipart(photo_bytes) * 5), 413, {"too_many_images"}),
+        ("too-many-base64", dict(json={"images": [b64(photo_bytes)] * 5}), 413, {"too_many_images"}),
+        ("too-large", dict(files=_multipart(photo_bytes + b"\x00" * 400_000)), 413, {"request_too_large"}),
+        ("too-many-pixels", dict(files=_multipart(forged_png(2000, 2000), "big.png", "image/png")), 413,
+         {"too_many_pixels"}),
+        ("no-boundary", dict(content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}), 400,
+         {"bad_multipart"}),
+        ("cut-multipart", dict(content=b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nxx',
+                               headers={"Content-Type": "multipart/form-data; boundary=b"}), 400,
+         {"bad_multipart"}),
+        ("no-file-parts", dict(data={"note": "hi"}, files=[("top_k", (None, "2"))]), 422, {"no_images"}),
+    ]
+
+
+def test_malformed_requests_get_json_errors_never_500(served, serving_model):
+    photo = serving_model.classifier[0].data
+    failures = []
+    for case, kwargs, status, codes in _cases(photo):
+        r = served.post("/v1/predict", **kwargs)
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != status or body.get("error") not in codes or not body.get("message"):
+            failures.append((case, r.status_code, r.text[:300]))
+    assert not failures, failures
+    # wrong method / unknown route are JSON errors too
+    r = served.get("/v1/predict")
+    assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed")
+    r = served.get("/v2/nothing")
+    assert (r.status_code, r.json()["error"]) == (404, "not_found")
+    # and the server is fine afterwards
+    assert served.post("/v1/predict", files=files(serving_model.classifier[0])).status_code == 200
+
+
+# ---------------------------------------------------------------------------- admin
+ADMIN_ROUTES = [("post", "/v1/classes/frog/examples"), ("delete", "/v1/classes/frog/examples/1"),
+                ("delete", "/v1/classes/frog"), ("post", "/v1/reload")]
+
+
+@pytest.mark.parametrize("method,path", ADMIN_ROUTES)
+def test_admin_routes_need_the_token(served, method, path):
+    call = getattr(served, method)
+    r = call(path)
+    assert (r.status_code, r.json()["error"]) == (401, "unauthorized")
+    assert r.headers["www-authenticate"].lower().startswith("bearer")
+    r = call(path, headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert r.status_code == 401
+    r = call(path, headers=admin("wrong-token"))
+    assert (r.status_code, r.json()["error"]) == (403, "forbidden")
+
+
+def test_add_a_class_then_predict_it(served, serving_model):
+    m, reg = serving_model, served.registry
+    query = m.new_class_query
+    (before,) = served.post("/v1/predict", files=files(query)).json()["predictions"]
+    assert before["label"] != NEW_CLASS
+
+    photos = [type(query)(p, NEW_CLASS, "", None) for p in m.new_class_examples]
+    r = served.post(f"/v1/classes/{NEW_CLASS}/examples", files=files(*photos[:4]), headers=admin())
+    assert r.status_code == 200, r.text
+    r = served.post(f"/v1/classes/{NEW_CLASS}/examples", headers=admin(),
+                    json={"images": [b64(p.data) for p in photos[4:]] + [b64(photos[0].data)]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["class"] == NEW_CLASS and body["needs_retraining"] is True
+    assert [a["duplicate"] for a in body["added"]] == [False] * 6 + [True]
+
+    # answerable at once, through the fallback
+    (after,) = served.post("/v1/predict", files=files(query)).json()["predictions"]
+    assert (after["decision"], after["label"]) == ("fallback", NEW_CLASS)
+    classes = {c["name"]: c for c in served.get("/v1/classes").json()["classes"]}
+    assert classes[NEW_CLASS] == {"name": NEW_CLASS, "in_head": False, "support_examples": 10,
+                                  "added_examples": 10, "needs_retraining": True}
+
+    # every example's image is on disk, logged with its sha256
+    store = reg.root / "serve" / NAME / "support"
+    log = [json.loads(line) for line in (store / "examples.jsonl").read_text().splitlines()]
+    assert len(log) == 10 and {e["op"] for e in log} == {"add"} and {e["class"] for e in log} == {NEW_CLASS}
+    by_sha = {hashlib.sha256(p.data).hexdigest(): p for p in photos}
+    for e in log:
+        assert (store / e["path"]).read_bytes() == by_sha[e["sha256"]].data
+        assert e["id"] >= 1 and e["time"] and e["model"] == f"{NAME}@{reg.versions[0]}"
+
+    # a bad upload adds nothing
+    r = served.post(f"/v1/classes/{NEW_CLASS}/examples", headers=admin(), json={"images": [b64(b"not an image")]})
+    assert (r.status_code, r.json()["error"]) == (415, "not_an_image")
+    r = served.post("/v1/classes/-bad/examples", headers=admin(), files=files(photos[0]))
+    assert (r.status_code, r.json()["error"]) == (422, "bad_class_name")
+
+    # remove: one example, then a whole (added) class; trained classes cannot be removed
+    extra = m.extra["rest_frogs"]
+    r = served.post("/v1/classes/toad/examples", headers=admin(),
+                    files=[("file", (p.name, p.read_bytes(), "image/jpeg")) for p in extra[:2]])
+    ids = [a["id"] for a in r.json()["added"]]
+    r = served.delete(f"/v1/classes/toad/examples/{ids[0]}", headers=admin())
+    assert (r.status_code, r.json()["removed"]) == (200, [ids[0]])
+    assert served.delete(f"/v1/classes/toad/examples/{ids[0]}", headers=admin()).status_code == 404
+    assert served.delete("/v1/classes/toad/examples/abc", headers=admin()).status_code == 422
+    r = served.delete("/v1/classes/toad", headers=admin())
+    assert (r.status_code, r.json()["removed"]) == (200, [ids[1]])
+    assert not list((store / "images" / "toad").iterdir())
+    r = served.delete("/v1/classes/airplane", headers=admin())
+    assert (r.status_code, r.json()["error"]) == (404, "not_found") and "retrain" in r.json()["message"]
+    assert "toad" not in {c["name"] for c in served.get("/v1/classes").json()["classes"]}
+
+
+# ---------------------------------------------------------------------------- hot reload
+def test_hot_reload_when_the_alias_moves_under_load(served, serving_model, tmp_path):
+    from jobs.registry import register_predictor
+
+    reg = served.registry
+    v1 = reg.versions[0]
+    photo = serving_model.classifier[2]
+    results, stop = [], threading.Event()
+
+    def client():
+        import httpx
+
+        with httpx.Client(timeout=60.0) as c:
+            while not stop.is_set():
+                r = c.post(served.url + "/v1/predict", files=files(photo))
+                body = r.json() if r.status_code == 200 else {}
+                results.append((r.status_code, body.get("model"), r.text[:200]))
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        v2_dir = copy_predictor(serving_model.predictor_dir, tmp_path / "v2", variant="v2")
+        v2 = register_predictor(v2_dir, NAME, alias="champion")  # moves the alias
+        reg.versions.append(v2)
+        deadline = time.time() + 90
+        while time.time() < deadline and not any(m == f"{NAME}@{v2}" for _, m, _ in results[-3:]):
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert results and all(s == 200 for s, _, _ in results), [r for r in results if r[0] != 200][:3]
+    seen = [m for _, m, _ in results]
+    assert set(seen) == {f"{NAME}@{v1}", f"{NAME}@{v2}"}
+    first_new = seen.index(f"{NAME}@{v2}")
+    assert seen[-1] == f"{NAME}@{v2}" and seen[first_new:].count(f"{NAME}@{v1}") <= 2  # 2 in flight at most
+    info = served.get("/v1/model").json()
+    assert (info["version"], info["info"]["variant"]) == (v2, "v2")
+    # the added class survives the swap
+    (p,) = served.post("/v1/predict", files=files(serving_model.new_class_query)).json()["predictions"]
+    assert (p["decision"], p["label"], p["model"]) == ("fallback", NEW_CLASS, f"{NAME}@{v2}")
+    r = served.post("/v1/reload", headers=admin())
+    assert r.json() == {"changed": False, "model": f"{NAME}@{v2}", "previous": f"{NAME}@{v2}"}
+
+
+def test_metrics_and_batching(served):
+    from prometheus_client.parser import text_string_to_metric_families
+    from ray import serve
+
+    r = served.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    ok = samples[("tlpipe_http_requests_total",
+                  (("method", "POST"), ("route", "/v1/predict"), ("status", "200")))]
+    assert ok >= 10
+    assert samples[("tlpipe_http_requests_total",
+                    (("method", "POST"), ("route", "/v1/predict"), ("status", "415")))] >= 2
+    for decision in ("classifier", "fallback", "abstain"):
+        assert samples[("tlpipe_predictions_total", (("decision", decision),))] >= 1
+    assert samples[("tlpipe_backbone_batch_images_count", ())] >= 1
+    assert samples[("tlpipe_http_request_duration_seconds_count", (("route", "/v1/predict"),))] >= ok
+    assert samples[("tlpipe_model_reloads_total", (("result", "ok"),))] >= 1
+    assert samples[("tlpipe_model_info", (("name", NAME), ("version", served.registry.versions[-1])))] == 1
+    # the Backbone deployment got its user_config through reconfigure
+    backbone = serve.get_deployment_handle("Backbone", app_name=APP)
+    batching = backbone.batching.remote().result()
+    assert (batching["max_batch_size"], batching["batch_wait_timeout_s"]) == (8, 0.005)
+    assert batching["loaded"] == [{"backbone": LITE0, "engine": "torch"}] and batching["forward_ms"] > 0
+
+
+# ---------------------------------------------------------------------------- restart
+def test_restart_keeps_added_classes(served, serving_model):
+    """A new application on the same state root — here with the backbone colocated in the
+    ingress (the other topology) — serves the classes added before, from disk."""
+    from ray import serve
+
+    serve.delete(APP)
+    serve.run(make_app(served.registry, colocate=True), name=APP, route_prefix="/", blocking=False)
+    classes = {c["name"]: c for c in served.get("/v1/classes").json()["classes"]}
+    assert classes[NEW_CLASS]["needs_retraining"] and classes[NEW_CLASS]["added_examples"] == 10
+    (p,) = served.post("/v1/predict", files=files(serving_model.new_class_query)).json()["predictions"]
+    assert (p["decision"], p["label"]) == ("fallback", NEW_CLASS)
+    assert p["model"] == f"{NAME}@{served.registry.versions[-1]}"
+    ingress = serve.get_deployment_handle("Ingress", app_name=APP)
+    batching = ingress.batching.remote().result()
+    assert (batching["max_batch_size"], batching["batch_wait_timeout_s"]) == (8, 0.005)
+    assert batching["loaded"] == [{"backbone": LITE0, "engine": "torch"}]
+    assert set(serve.status().applications[APP].deployments) == {"Ingress"}
+
+
+# ---------------------------------------------------------------------------- units (no Ray)
+def test_multipart_parser_roundtrip():
+    from deploy.multipart import MultipartError, encode_multipart, parse_multipart
+
+    payload = bytes(range(256)) * 3 + b"\r\n--not-the-boundary\r\n"
+    body, ctype = encode_multipart([("file", "a.bin", payload, "application/octet-stream"),
+                                    ("file", 'we"ird.jpg', b"", "image/jpeg")])
+    parts = parse_multipart(body, ctype)
+    assert [(p.name, p.filename, p.data) for p in parts] == [("file", "a.bin", payload), ("file", 'we"ird.jpg', b"")]
+    for bad_body, bad_type in ((body[:-30], ctype), (body, "multipart/form-data"), (b"junk", ctype),
+                               (body, "text/plain; boundary=x")):
+        with pytest.raises(MultipartError):
+            parse_multipart(bad_body, bad_type)
+
+
+def test_model_references(tmp_path):
+    from deploy.model_source import parse_model_ref
+
+    assert str(parse_model_ref("clothing-small@champion")) == "clothing-small@champion"
+    assert parse_model_ref("models:/m/7").version == "7"
+    assert parse_model_ref("m/0012").kind == "version"
+    with pytest.raises(ValueError, match="NAME@alias"):
+        parse_model_ref("no spaces allowed@x y")
+    with pytest.raises(ValueError, match="predictor.json"):
+        parse_model_ref(str(tmp_path))  # a directory without a predictor
+    (tmp_path / "artifacts" / "predictor").mkdir(parents=True)
+    (tmp_path / "artifacts" / "predictor" / "predictor.json").write_text("{}")
+    ref = parse_model_ref(str(tmp_path))
+    assert (ref.kind, ref.path) == ("path", str(tmp_path.resolve()))
+
+
+def test_settings_precedence_and_errors():
+    from deploy.settings import SettingsError, load_settings
+
+    env = {"TLPIPE_SERVE_MAX_IMAGES_PER_REQUEST": "7", "TLPIPE_SERVE_ADMIN_TOKEN": "t0k",
+           "TLPIPE_HOME": "/srv/tl", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    s = load_settings({"max_pixels": 123}, environ=env)
+    assert (s.max_images_per_request, s.max_pixels, s.state_root) == (7, 123, "/srv/tl")
+    assert s.admin_token.get_secret_value() == "t0k" and "t0k" not in repr(s) and "t0k" not in str(s.public())
+    assert s.resolved_tracking_uri == "http://mlflow:5000"
+    assert load_settings({"max_images_per_request": 9}, environ=env).max_images_per_request == 9
+    assert load_settings(environ={"TLPIPE_SERVE_ADMIN_TOKEN": " "}).admin_token is None
+    with pytest.raises(SettingsError, match="max_request_bytes"):
+        load_settings(environ={"TLPIPE_SERVE_MAX_REQUEST_BYTES": "lots"})
+    with pytest.raises(SettingsError, match="unknown_knob"):
+        load_settings({"unknown_knob": 1}, environ={})
+
+
+def test_combined_support_equals_one_index():
+    from deploy.support_store import CombinedSupport
+    from feature_store.index import SupportIndex
+
+    rng = np.random.default_rng(0)
+    a, b, q = rng.normal(size=(50, 8)), rng.normal(size=(7, 8)), rng.normal(size=(5, 8))
+    la, lb = [f"a{i % 3}" for i in range(50)], ["new"] * 7
+    base, added = SupportIndex(8), SupportIndex(8)
+    base.add(a, la)
+    added.add(b, lb, ids=range(1000, 1007))
+    whole = base.with_added(b, lb, ids=range(1000, 1007))
+    combined = CombinedSupport(base, added)
+    assert len(combined) == 57 and sorted(combined.labels) == sorted(la + lb)
+    for got, want in zip(combined.search(q, 6), whole.search(q, 6)):
+        np.testing.assert_array_equal(got, want) if got.dtype.kind != "f" else np.testing.assert_allclose(got, want)
+    assert CombinedSupport(None, added).search(q, 3)[1].shape == (5, 3)
+
+
+def test_support_store_log_and_index(tmp_path):
+    from deploy.support_store import SupportStore
+    from feature_store.index import SupportIndex
+
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "red").save(buf, "PNG")
+    png = buf.getvalue()
+    store = SupportStore(tmp_path / "s")
+    t0 = store.token()
+    (ex, dup), (ex2, dup2) = store.add("red", [png, png])
+    assert (dup, dup2, ex2.id) == (False, True, ex.id) and ex.path.endswith(".png")
+    assert store.token() != t0 and [e.id for e in store.examples()] == [ex.id]
+    index = SupportIndex(3).with_added(np.ones((1, 3)), ["red"], [ex.id])
+    store.save_index("fp", index)
+    store.save_index("fp", index.with_added(np.eye(3)[:1], ["red"], [99]))
+    assert len(store.load_index("fp")) == 2 and len(list((tmp_path / "s/index/fp").iterdir())) == 3
+    with open(store.log_path, "ab") as f:
+        f.write(b'{"op": "add", "id": 5')  # a torn line from a crash is ignored
+    assert [e.id for e in SupportStore(tmp_path / "s").examples()] == [ex.id]
+    assert store.remove([ex.id])[0].id == ex.id and not store.examples()
+    assert not (tmp_path / "s" / ex.path).exists()
+    with pytest.raises(ValueError, match="invalid class name"):
+        store.add("../etc", [png])
+
+
+def test_user_config_schemas_reject_unknown_keys():
+    from pydantic import ValidationError
+
+    from deploy.app import BackboneConfig, IngressConfig
+
+    assert BackboneConfig.model_validate({"max_batch_size": 4}).batch_wait_timeout_s == 0.01
+    assert IngressConfig.model_validate({"poll_interval_s": 2}).poll_interval_s == 2
+    with pytest.raises(ValidationError):
+        BackboneConfig.model_validate({"max_batch": 4})
+    with pytest.raises(ValidationError):
+        BackboneConfig.model_validate({"max_batch_size": 0})
+
+
+def test_build_app_fails_early_on_bad_arguments(tmp_path):
+    from pydantic import ValidationError
+
+    from deploy.app import build_app
+
+    with pytest.raises(ValueError, match="NAME@alias"):
+        build_app("not a model ref!")
+    with pytest.raises(ValidationError, match="max_images_per_request"):
+        build_app("m@champion", max_images_per_request=0)
+
+
+def test_busy_aware_batching_merges_requests_only_while_busy(monkeypatch):
+    """Idle: a lone request starts at once (no batch wait). Busy: requests that arrive during a
+    forward pass ride together in the next one."""
+    import asyncio
+
+    from ray.serve import batching
+
+    from deploy.app import BatchedEmbedder
+
+    # outside a replica: skip Serve's max_ongoing_requests warning, which reads the replica context
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+    from deploy.backbone import BackbonePool
+
+    class SlowPool(BackbonePool):
+        def __init__(self):
+            super().__init__("torch")
+            self.calls = []
+
+        def embed_many(self, keys, pixels):
+            self.calls.append(sum(len(p) for p in pixels))
+            time.sleep(0.15)
+            from deploy.backbone import EmbedResult
+
+            return [EmbedResult(np.zeros((len(p), 2), np.float32), sum(len(q) for q in pixels), len(pixels), i == 0)
+                    for i, p in enumerate(pixels)]
+
+    # a private copy of the batched method: Serve keeps one batch queue per decorated function
+    # and process, bound to the event loop it was first used in
+    from ray import serve
+
+    Isolated = type("Isolated", (BatchedEmbedder,), {
+        "_batch": serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)(BatchedEmbedder._batch.__wrapped__)})
+
+    async def scenario():
+        pool = SlowPool()
+        embedder = Isolated(pool)
+        embedder.configure(max_batch_size=16, batch_wait_timeout_s=0.5)
+        px = np.zeros((1, 3, 4, 4), np.uint8)
+        t0 = time.perf_counter()
+        await embedder("k", px)  # idle: starts at once
+        alone = time.perf_counter() - t0
+        first = asyncio.create_task(embedder("k", px))
+        await asyncio.sleep(0.02)  # the first pass is running now
+        rest = []
+        for _ in range(6):  # arrivals spread over 75 ms of the 150 ms pass
+            rest.append(asyncio.create_task(embedder("k", px)))
+            await asyncio.sleep(0.015)
+        results = await asyncio.gather(first, *rest)
+        return alone, pool.calls, results
+
+    alone, calls, results = asyncio.run(scenario())
+    assert alone < 0.4  # 0.15 s forward pass, no 0.5 s batch wait
+    assert calls == [1, 1, 6], calls  # the six that came during the second pass share the third
+    assert [r.batch_images for r in results] == [1] + [6] * 6
