@@ -405,8 +405,15 @@ class Head:
         arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
         save_file(arrays, str(path / ARRAYS_FILE), metadata={"format": FORMAT})
         self._save_extra(path)
+        try:
+            text = json.dumps(config, indent=2, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"cannot save {type(self).__name__}: a param or fitted value is not plain JSON "
+                f"({exc}); use numbers, strings, lists and dicts for params"
+            ) from exc
         tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=True))
+        tmp.write_text(text)
         os.replace(tmp, path / CONFIG_FILE)  # config last: its presence marks a complete save
         return path
 

@@ -22,6 +22,7 @@ hundreds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ class SweepFit:
     n_iter: np.ndarray  # (S,) iterations used
     converged: np.ndarray  # (S,) bool
     n_evals: int  # objective evaluations (each one shared (N, D) x (D, k*C) product)
+    stopped: np.ndarray  # (S,) bool: stopped early by the monitor (not converged)
 
 
 class _Objective:
@@ -106,6 +108,8 @@ def fit_sweep(
     history: int = 10,
     init: tuple[np.ndarray, np.ndarray] | None = None,
     basis: tuple[np.ndarray, np.ndarray] | None = None,
+    monitor: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
+    check_every: int = 5,
 ) -> SweepFit:
     """Fit one multinomial logistic regression per weight decay in ``lambdas``.
 
@@ -114,6 +118,9 @@ def fit_sweep(
     its objective changes by less than ``ftol`` relative over an iteration, or at max_iter.
     init: optional (coef (S,D,C), intercept (S,C)) warm start. basis: optional precomputed
     (eigenvalues (D,), eigenvectors (D, D)) of X^T X / N (see ``second_moment_basis``).
+    monitor: optional ``monitor(iteration, coef (S,D,C), intercept (S,C), active (S,) bool) ->
+    (S,) bool`` called every ``check_every`` iterations with every member's current weights;
+    members it flags (among the active ones) stop where they are (``SweepFit.stopped``).
     """
     Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     N, D = Xt.shape
@@ -165,7 +172,15 @@ def fit_sweep(
     def rowdot(a, b):
         return np.einsum("ij,ij->i", a, b)
 
-    for _ in range(max_iter):
+    stopped = np.zeros(S, dtype=bool)
+    for it in range(max_iter):
+        if monitor is not None and it > 0 and it % max(1, int(check_every)) == 0:
+            W_all, b_all = obj.unpack(torch.from_numpy(theta), torch.from_numpy(all_idx))
+            stop = np.asarray(
+                monitor(it, W_all.permute(1, 0, 2).numpy(), b_all.numpy(), ~done), dtype=bool
+            ) & ~done
+            stopped |= stop
+            done |= stop
         act = np.flatnonzero(~done)
         if len(act) == 0:
             break
@@ -255,6 +270,7 @@ def fit_sweep(
         n_iter=n_iter,
         converged=converged,
         n_evals=obj.n_evals,
+        stopped=stopped,
     )
 
 

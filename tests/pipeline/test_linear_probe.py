@@ -177,3 +177,21 @@ def test_batched_members_equal_separate_fits(problem):
         np.testing.assert_allclose(
             together.coef[s] - together.coef[s].mean(1, keepdims=True),
             alone.coef[0] - alone.coef[0].mean(1, keepdims=True), atol=5e-3)
+
+
+def test_pruning_stops_only_hopeless_members():
+    Xtr, ytr = _overlapping(600, seed=3, dim=10, noise_dims=150, sep=0.6)
+    Xv, yv = _overlapping(1000, seed=8, dim=10, noise_dims=150, sep=0.6)
+    full = LinearProbe(prune=False).fit(Xtr, ytr, X_val=Xv, y_val=yv)
+    pruned = LinearProbe().fit(Xtr, ytr, X_val=Xv, y_val=yv)
+    assert not any(r["stopped_early"] for r in full.sweep_results_)
+    stopped = [r for r in pruned.sweep_results_ if r["stopped_early"]]
+    assert stopped and all(not r["converged"] for r in stopped)
+    assert pruned.best_params_["weight_decay"] == full.best_params_["weight_decay"]
+    best = next(r for r in pruned.sweep_results_ if r["weight_decay"] == pruned.best_params_["weight_decay"])
+    assert best["converged"] and not best["stopped_early"]
+    np.testing.assert_allclose(pruned.coef_, full.coef_, atol=1e-5)
+    assert sum(r["n_iter"] for r in pruned.sweep_results_) < sum(r["n_iter"] for r in full.sweep_results_)
+    # too few validation rows to trust: nothing is stopped
+    small = LinearProbe().fit(Xtr, ytr, X_val=Xv[:150], y_val=yv[:150])
+    assert not any(r["stopped_early"] for r in small.sweep_results_)
