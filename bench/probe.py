@@ -189,11 +189,51 @@ def bench_rows(r: dict, label: str = "") -> tuple[str, str]:
     return table, verdict
 
 
+def cifar_features(per_class: int, size: int = 128) -> dict[str, np.ndarray]:
+    """Real EfficientNet-Lite0 features of CIFAR-10 (first `per_class` train and `per_class // 5`
+    test photos a class), embedded once through tlpipe's extraction path and cached in a feature
+    store under the tlpipe cache dir."""
+    import os
+
+    from feature_store import FeatureStore
+    from pipeline.archives import default_cache_dir, unpack
+    from pipeline.backbones import get_spec, load_backbone
+    from pipeline.extraction import ChunkEmbedder
+    from pipeline.images import sha256_bytes
+
+    shared = Path(os.environ.get("TLPIPE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    root = unpack(shared / "cifar10.tar.gz")
+    spec = get_spec("efficientnet/tf_efficientnet_lite0.in1k").replace(input_size=size, crop_pct=1.0)
+    store = FeatureStore(default_cache_dir() / "bench-features")
+    out = {}
+    for split, n in (("train", per_class), ("test", max(1, per_class // 5))):
+        paths, labels = [], []
+        for cls_dir in sorted((root / split).iterdir()):
+            files = sorted(cls_dir.glob("*.jpg"))[:n]
+            paths += files
+            labels += [cls_dir.name] * len(files)
+        keys = [sha256_bytes(p.read_bytes()) for p in paths]
+        backbone = None
+        fp = spec.fingerprint_for("onnx")
+        missing = set(store.missing(fp, keys))
+        if missing:
+            backbone = load_backbone(spec, engine="onnx")
+            todo = [(k, str(p)) for k, p in zip(keys, paths) if k in missing]
+            res = ChunkEmbedder(backbone)([p for _, p in todo])
+            store.put(fp, [k for k, _ in todo], res.embeddings, meta={"backbone": spec.name})
+        out[f"X_{split}"] = store.get(fp, keys)
+        out[f"y_{split}"] = np.array(labels)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--features", help=".npz with X_train, y_train, X_test, y_test")
     src.add_argument("--synthetic", metavar="NxD", help="generate a CNN-feature-like matrix, e.g. 10000x1280")
+    src.add_argument("--cifar", type=int, metavar="PER_CLASS",
+                     help="real EfficientNet-Lite0 CIFAR-10 features: PER_CLASS train (and PER_CLASS/5 test) a class")
+    parser.add_argument("--size", type=int, default=128, help="input size for --cifar")
     parser.add_argument("--label", default="", help="data label for the table (default: file name)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-sklearn-all", action="store_true",
@@ -206,6 +246,10 @@ def main() -> None:
         data = load_features(args.features)
         label = args.label or Path(args.features).name
         cmd = f"python -m bench.probe --features {args.features}"
+    elif args.cifar:
+        data = cifar_features(args.cifar, args.size)
+        label = args.label or f"CIFAR-10 EfficientNet-Lite0 @{args.size}px, {10 * args.cifar} train / {10 * max(1, args.cifar // 5)} test"
+        cmd = f"python -m bench.probe --cifar {args.cifar} --size {args.size}"
     else:
         n, d = (int(v) for v in args.synthetic.lower().split("x"))
         data = make_synthetic(n_train=n, n_test=max(1000, n // 5), dim=d)
