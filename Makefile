@@ -35,7 +35,7 @@ test-fast: venv
 
 bench: venv
 	$(PY) -m bench.extract --write
-	$(PY) -m bench.probe --cifar 1000 --write
+	$(PY) -m bench.probe --cifar 500 --write
 	$(PY) -m bench.serve --write
 
 clean:

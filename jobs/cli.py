@@ -231,7 +231,7 @@ def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
 def run(
     data: str = typer.Argument(..., help="Dataset: folder, manifest, HF dataset dir or archive."),
     backbones: List[str] = typer.Option([], "--backbones", "-b", help="Backbones (comma list or repeat); default: all with weights here."),
-    heads: List[str] = typer.Option(["linear,knn,centroid,mlp"], "--heads", help="Heads: linear, knn, centroid, mlp, tip, zeroshot."),
+    heads: List[str] = typer.Option(["linear,knn,centroid,mlp"], "--heads", help="Heads: linear, knn, centroid, mlp, tip, zeroshot; lora / full fine-tune the backbone (Ray Train)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Latency budget per image (batch 1) on this machine."),
     max_params: Optional[float] = typer.Option(None, "--max-params", help="Size budget in millions of parameters."),
     metric: str = typer.Option("balanced_accuracy", help="Selection metric."),

@@ -20,6 +20,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DEFAULT_HEADS = ("linear", "knn", "centroid", "mlp")
+#: heads that fine-tune the backbone instead (jobs.finetune): `heads=(..., "lora")` or "full"
+FINETUNE_HEADS = ("lora", "full")
 
 
 @dataclass

@@ -361,10 +361,7 @@ def fit_evaluate(data: Mapping[str, Any], head_name: str, params: Mapping[str, A
     """Fit one head on data["X_train"], evaluate on data["X_test"]; plain-data result. Never
     raises: a failure comes back as ``{"status": "failed", "error", "traceback"}``."""
     try:
-        from pipeline import plots
-        from pipeline.evaluate import evaluate, hardest_examples
         from pipeline.heads import HEADS
-        from pipeline.latency import measure_latency
 
         cls = HEADS[head_name]
         head = cls(**dict(params))
@@ -374,39 +371,55 @@ def fit_evaluate(data: Mapping[str, Any], head_name: str, params: Mapping[str, A
         t0 = time.perf_counter()
         head.fit(data["X_train"], data["y_train"], **fit_kw)
         fit_s = time.perf_counter() - t0
-        X_test = data["X_test"]
-        t0 = time.perf_counter()
-        proba = _align_proba(np.asarray(head.predict_proba(X_test)), head.classes_, classes)
-        predict_s = time.perf_counter() - t0
-        report = evaluate(data["y_test"], proba, classes, selection_metric=selection_metric,
-                          n_bootstrap=n_bootstrap, seed=seed)
-        hardest = hardest_examples(data["y_test"], proba, classes, ids=list(range(len(X_test))),
-                                   k=hardest_k)
-
-        def make_batch(bs: int) -> np.ndarray:
-            reps = math.ceil(bs / len(X_test))
-            return np.ascontiguousarray(np.tile(X_test, (reps, 1))[:bs])
-
-        lat = measure_latency(head.predict_proba, make_batch, batch_sizes=latency_batch_sizes,
-                              warmup=1, repeats=latency_repeats)
-        with tempfile.TemporaryDirectory(prefix="tlpipe-head-") as tmp:
-            head.save(tmp)
-            numbers = _stored_numbers(Path(tmp))
-            files = {str(p.relative_to(tmp)): p.read_bytes()
-                     for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
-        figures = {"confusion_matrix.png": plots.png_bytes(plots.confusion_matrix_figure(report)),
-                   "reliability.png": plots.png_bytes(plots.reliability_figure(report))}
-        return {
-            "status": "ok", "report": report.to_dict(), "hardest": hardest,
-            "head_files": files, "head_numbers": int(numbers),
-            "head_size_mb": sum(len(b) for b in files.values()) / 1e6,
-            "fit_seconds": fit_s, "predict_seconds": predict_s,
-            "head_latency": {k: v for k, v in lat.items() if k.startswith("latency_ms_b")},
-            "fitted": _fitted_scalars(head), "figures": figures,
-        }
+        return evaluate_head(head, data, classes, fit_seconds=fit_s,
+                             selection_metric=selection_metric, n_bootstrap=n_bootstrap, seed=seed,
+                             hardest_k=hardest_k, latency_batch_sizes=latency_batch_sizes,
+                             latency_repeats=latency_repeats)
     except Exception as exc:
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc()}
+
+
+def evaluate_head(head: Any, data: Mapping[str, Any], classes: Sequence[str], *,
+                  fit_seconds: float, selection_metric: str, n_bootstrap: int, seed: int,
+                  hardest_k: int, latency_batch_sizes: Sequence[int] = LATENCY_BATCH_SIZES,
+                  latency_repeats: int = 5) -> dict[str, Any]:
+    """A fitted head on data["X_test"] / data["y_test"]: the evaluation, hardest examples, head
+    latency, saved files and figures of a candidate (shared by probes and fine-tunes)."""
+    from pipeline import plots
+    from pipeline.evaluate import evaluate, hardest_examples
+    from pipeline.latency import measure_latency
+
+    X_test = data["X_test"]
+    t0 = time.perf_counter()
+    proba = _align_proba(np.asarray(head.predict_proba(X_test)), head.classes_, classes)
+    predict_s = time.perf_counter() - t0
+    report = evaluate(data["y_test"], proba, classes, selection_metric=selection_metric,
+                      n_bootstrap=n_bootstrap, seed=seed)
+    hardest = hardest_examples(data["y_test"], proba, classes, ids=list(range(len(X_test))),
+                               k=hardest_k)
+
+    def make_batch(bs: int) -> np.ndarray:
+        reps = math.ceil(bs / len(X_test))
+        return np.ascontiguousarray(np.tile(X_test, (reps, 1))[:bs])
+
+    lat = measure_latency(head.predict_proba, make_batch, batch_sizes=latency_batch_sizes,
+                          warmup=1, repeats=latency_repeats)
+    with tempfile.TemporaryDirectory(prefix="tlpipe-head-") as tmp:
+        head.save(tmp)
+        numbers = _stored_numbers(Path(tmp))
+        files = {str(p.relative_to(tmp)): p.read_bytes()
+                 for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
+    figures = {"confusion_matrix.png": plots.png_bytes(plots.confusion_matrix_figure(report)),
+               "reliability.png": plots.png_bytes(plots.reliability_figure(report))}
+    return {
+        "status": "ok", "report": report.to_dict(), "hardest": hardest,
+        "head_files": files, "head_numbers": int(numbers),
+        "head_size_mb": sum(len(b) for b in files.values()) / 1e6,
+        "fit_seconds": fit_seconds, "predict_seconds": predict_s,
+        "head_latency": {k: v for k, v in lat.items() if k.startswith("latency_ms_b")},
+        "fitted": _fitted_scalars(head), "figures": figures,
+    }
 
 
 # ----------------------------------------------------------------------------- feature loading
@@ -620,7 +633,11 @@ def run_sweep(
     if selection_metric not in SELECTION_METRICS:
         raise ValueError(f"unknown selection metric {selection_metric!r}; choose one of "
                          f"{SELECTION_METRICS}")
-    head_cfgs = _head_configs(heads, head_params)
+    # fine-tune heads ("lora", "full") run on Ray Train after the probes: see jobs.finetune
+    from jobs.finetune import split_finetune_heads
+
+    heads, ft_cfgs = split_finetune_heads(heads, head_params)
+    head_cfgs = _head_configs(heads, head_params) if heads or not ft_cfgs else []
     refs = [f if isinstance(f, FeatureSetRef) else FeatureSetRef.from_spec(f) for f in feature_sets]
     if not refs:
         raise ValueError("no feature sets to sweep: extract at least one backbone first")
@@ -643,8 +660,9 @@ def run_sweep(
         parent_id = parent.info.run_id
         sweep_dir = root / "sweeps" / parent_id
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log_params({"backbones": names, "heads": [h.label for h in head_cfgs],
-                    "head_params": {h.label: _loggable_params(h.params) for h in head_cfgs},
+        log_params({"backbones": names, "heads": [h.label for h in head_cfgs + ft_cfgs],
+                    "head_params": {h.label: _loggable_params(h.params)
+                                    for h in head_cfgs + ft_cfgs},
                     "selection_metric": selection_metric, "max_latency_ms": max_latency_ms,
                     "max_params_m": max_params_m, "latency_key": latency_key,
                     "n_bootstrap": n_bootstrap, "seed": seed}, run_id=parent_id)
@@ -672,6 +690,7 @@ def run_sweep(
                                                 latency_repeats)
             lat_by_backbone[ref.backbone] = {**lat, **({"error": lat_reason} if lat_reason else {})}
         pending: dict[Any, tuple[FeatureSetRef, HeadConfig, dict[str, Any]]] = {}
+        ft_plans = list(plans)  # submit_next consumes `plans`
 
         def submit_next() -> None:
             ref, kept = plans.pop(0)
@@ -718,6 +737,28 @@ def run_sweep(
             for fut in pending:
                 ray.cancel(fut)
             raise
+
+        # ---- fine-tunes (jobs.finetune), one at a time after the probes: same test split,
+        # same evaluation, the fine-tuned backbone's own latency
+        if ft_cfgs:
+            from jobs.finetune import sweep_finetunes
+
+            probe_dirs = {ref.backbone: head_dirs.get(candidate_name(ref.backbone, h.label))
+                          for ref, _ in ft_plans for h in head_cfgs if h.head == "LinearProbe"}
+            for name, ft_ref, hc, info, lat, result in sweep_finetunes(
+                    dataset, [ref for ref, _ in ft_plans], ft_cfgs, probe_dirs, root=root,
+                    store=store, sweep_dir=sweep_dir, classes=classes, skipped=skipped,
+                    selection_metric=selection_metric, n_bootstrap=n_bootstrap, seed=seed,
+                    hardest_k=hardest_k, latency_repeats=latency_repeats,
+                    latency_device=latency_device):
+                head_dir = _log_candidate(
+                    name, ft_ref, hc, info, lat, result, parent_id=parent_id,
+                    experiment_id=experiment_id, sweep_dir=sweep_dir, classes=classes, card=card,
+                    selection_metric=selection_metric)
+                if head_dir:
+                    head_dirs[name] = head_dir
+                    figures_by_name[name] = {**result.get("figures", {}),
+                                             **result.get("_driver_figures", {})}
 
         # ---- leaderboard, selection, report on the parent
         rows = leaderboard(parent_id)
@@ -826,6 +867,10 @@ def _log_candidate(name: str, ref: FeatureSetRef, hc: HeadConfig, info: Mapping[
             if lat.get("error"):
                 log_tags({"tlpipe.latency_note": lat["error"]}, run_id=run_id)
             log_metrics(metrics, run_id=run_id)
+            if result.get("finetune") is not None:  # curves, params, adapter / merged model
+                from jobs.finetune import log_finetune
+
+                log_finetune(result["finetune"], run_id=run_id)
 
             head_dir = sweep_dir / "candidates" / _slug(name)
             (head_dir / "head").mkdir(parents=True, exist_ok=True)
@@ -837,6 +882,7 @@ def _log_candidate(name: str, ref: FeatureSetRef, hc: HeadConfig, info: Mapping[
                     "head": hc.head,
                     "head_label": hc.label, "classes": list(classes), "run_id": run_id,
                     "sweep_run_id": parent_id,
+                    "finetune_dir": getattr(result.get("finetune"), "artifacts_dir", None),
                     "spec": ref.spec.to_dict() if hasattr(ref.spec, "to_dict") else None}
             (head_dir / "candidate.json").write_text(json.dumps(meta, indent=2, default=str))
             log_dir(head_dir / "head", "head", run_id=run_id)
