@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,8 +173,20 @@ class Predictor:
         self.head.save(d / "head")
         if self.support is not None:
             self.support.save(d / "support")
+        spec = self.spec.to_dict()
+        local = Path(str(self.spec.weights))
+        if not str(self.spec.weights).startswith(("pypi:", "hf-hub:")) and local.exists():
+            # local weights (a fine-tuned backbone) travel inside the artifact, path kept relative
+            dest = d / "backbone" / local.name
+            if local.resolve() != dest.resolve():
+                if local.is_dir():
+                    shutil.copytree(local, dest, dirs_exist_ok=True)
+                else:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(local, dest)
+            spec["weights"] = str(dest.relative_to(d))
         config = {
-            "format": FORMAT, "version": FORMAT_VERSION, "spec": self.spec.to_dict(),
+            "format": FORMAT, "version": FORMAT_VERSION, "spec": spec,
             "classes": self.classes, "threshold": self.threshold, "knn_k": self.knn_k,
             "knn_threshold": self.knn_threshold, "top_k": self.top_k,
             "has_support": self.support is not None, "info": self.info,
@@ -200,7 +213,10 @@ class Predictor:
                              f"{FORMAT} v{FORMAT_VERSION}")
         head = load_head(d / "head")
         support = SupportIndex.load(d / "support") if cfg.get("has_support") else None
-        pred = cls(BackboneSpec.from_dict(cfg["spec"]), head, threshold=cfg["threshold"],
+        spec = dict(cfg["spec"])
+        if str(spec["weights"]).startswith("backbone/"):  # bundled local weights, relative to d
+            spec["weights"] = str(d / spec["weights"])
+        pred = cls(BackboneSpec.from_dict(spec), head, threshold=cfg["threshold"],
                    support=support, knn_k=cfg["knn_k"], knn_threshold=cfg["knn_threshold"],
                    top_k=cfg["top_k"], info=cfg.get("info"))
         if pred.classes != cfg["classes"]:

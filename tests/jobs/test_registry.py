@@ -118,3 +118,35 @@ def test_promotion_gate(mlflow_store, predictor_dir):
     r = promote(name)
     assert r.promoted and alias_version(name, "champion") == v4 and r.previous_champion == v2
     assert v3 != v4
+
+
+def test_local_backbone_weights_travel_inside_the_artifact(predictor_dir, tmp_path):
+    """A predictor on a local (e.g. fine-tuned) backbone bundles the weights: it still loads,
+    with the same predictions, after the original weights are gone and the folder moved."""
+    import shutil
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.backbones import get_spec
+    from pipeline.heads import LinearProbe
+    from pipeline.predictor import Predictor
+
+    _, images = predictor_dir
+    torch.manual_seed(5)
+    weights = tmp_path / "weights" / "r.safetensors"
+    weights.parent.mkdir()
+    save_file(timm.create_model("resnet10t", pretrained=False, num_classes=0).state_dict(), weights)
+    spec = get_spec("timm/resnet10t.c3_in1k").replace(weights=str(weights), input_size=32)
+    pred = Predictor(spec, LinearProbe().fit(np.random.default_rng(0).normal(size=(40, 512)),
+                                             np.repeat(["a", "b"], 20)))
+    pred.save(tmp_path / "p")
+    expected = [p.to_dict() for p in Predictor.load(tmp_path / "p", engine="torch").predict_images(images)]
+    fingerprint = spec.fingerprint
+    shutil.rmtree(weights.parent)
+    shutil.move(tmp_path / "p", tmp_path / "moved")
+    moved = Predictor.load(tmp_path / "moved", engine="torch")
+    assert Path(moved.spec.weights).is_relative_to(tmp_path / "moved")
+    assert [p.to_dict() for p in moved.predict_images(images)] == expected
+    assert moved.spec.fingerprint == fingerprint  # weights are keyed by content, not path
