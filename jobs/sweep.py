@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from jobs.tracking import finite_float
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "tlpipe-sweep"
@@ -474,14 +476,7 @@ def _read_features(store: Any, ref: FeatureSetRef, kept: Mapping[str, list[Any]]
 
 # ----------------------------------------------------------------------------- leaderboard
 
-def _float(v: Any) -> float | None:
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+_float = finite_float
 
 
 def _int(v: Any) -> int | None:

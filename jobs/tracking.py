@@ -261,7 +261,8 @@ def metric_key(name: str) -> str:
     return key[:_MAX_KEY_LEN] or "_"
 
 
-def _finite(v: Any) -> float | None:
+def finite_float(v: Any) -> float | None:
+    """float(v) when it is a finite number, else None (MLflow rejects NaN/inf and junk)."""
     if v is None:
         return None
     try:
@@ -282,7 +283,7 @@ def log_metrics(metrics: Mapping[str, Any], *, run_id: str | None = None,
     run_id = _resolve_run_id(run_id)
     clean = {}
     for k, v in metrics.items():
-        f = _finite(v)
+        f = finite_float(v)
         if f is not None:
             clean[metric_key(k)] = f
     ts = int(time.time() * 1000)
