@@ -37,7 +37,11 @@ def _photos(n_total: int) -> list[Path]:
 
 
 def naive_loop(paths: list[Path]) -> float:
-    """(a) What a user writes first: one image at a time through timm's own eval transform."""
+    """(a) What a user writes first: one image at a time through timm's own eval transform, the
+    model in PyTorch's default memory format under `no_grad` (tlpipe's channels_last and
+    inference_mode are its own optimisations, so the baseline does not get them)."""
+    import copy
+
     import torch
     from PIL import Image
     from timm.data import create_transform
@@ -45,10 +49,11 @@ def naive_loop(paths: list[Path]) -> float:
     from pipeline.backbones import get_spec, load_backbone
 
     spec = get_spec(SPEC)
-    module = load_backbone(spec, engine="torch").torch_module().eval()
+    module = copy.deepcopy(load_backbone(spec, engine="torch").torch_module()).eval()
+    module = module.to(memory_format=torch.contiguous_format)
     tf = create_transform(input_size=(3, spec.input_size, spec.input_size), interpolation=spec.interpolation,
                           mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct)
-    with torch.inference_mode():
+    with torch.no_grad():
         module(tf(Image.open(paths[0]).convert("RGB")).unsqueeze(0))  # warm-up
         t0 = time.perf_counter()
         for p in paths:
