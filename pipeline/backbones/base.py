@@ -145,3 +145,19 @@ class Backbone(abc.ABC):
             f"{type(self).__name__}(name={self.spec.name!r}, engine={self.engine!r}, device={self.device!r}, "
             f"dtype={self.dtype!r}, embed_dim={self.embed_dim}, input_size={self.input_size})"
         )
+
+
+def find_checkpoint(folder, names: Sequence[str], suffixes: Sequence[str]):
+    """The weights file in a local model folder: the first of `names` present, else the first
+    file (sorted) with one of `suffixes`, else None."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    for suffix in suffixes:
+        hits = sorted(folder.glob(f"*{suffix}"))
+        if hits:
+            return hits[0]
+    return None

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import WeightsUnavailableError
+from .base import WeightsUnavailableError, find_checkpoint
 from .spec import BackboneSpec, is_local_path, local_path
 from .torch_base import TorchBackbone, count_params_m
 
@@ -46,19 +46,14 @@ class OpenClipImageFeatures(nn.Module):
         return out
 
 
+_CKPT_NAMES = (
+    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin",
+)
+
+
 def _find_ckpt(folder: Path) -> Path | None:
-    preferred = (
-        "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-        "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin",
-    )
-    for name in preferred:
-        if (folder / name).is_file():
-            return folder / name
-    for suffix in _CKPT_SUFFIXES:
-        hits = sorted(folder.glob(f"*{suffix}"))
-        if hits:
-            return hits[0]
-    return None
+    return find_checkpoint(folder, _CKPT_NAMES, _CKPT_SUFFIXES)
 
 
 def _resolve(spec: BackboneSpec, allow_download: bool) -> tuple[str, str | None, dict[str, Any]]:

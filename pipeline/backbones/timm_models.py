@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import WeightsUnavailableError
+from .base import WeightsUnavailableError, find_checkpoint as _find_checkpoint
 from .spec import BackboneSpec, is_local_path, local_path
 from .torch_base import TorchBackbone, count_params_m
 
@@ -53,14 +53,7 @@ def is_cnn(module: nn.Module) -> bool:
 
 
 def find_checkpoint(folder: Path) -> Path | None:
-    for name in _CHECKPOINT_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    for suffix in _CHECKPOINT_SUFFIXES:
-        hits = sorted(folder.glob(f"*{suffix}"))
-        if hits:
-            return hits[0]
-    return None
+    return _find_checkpoint(folder, _CHECKPOINT_NAMES, _CHECKPOINT_SUFFIXES)
 
 
 def _head_classes(path: Path, classifier: str | None) -> int | None:
