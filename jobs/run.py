@@ -76,7 +76,9 @@ def build_predictor(dataset, store, winner: dict, head_dir: str, *, target_preci
                                   store.contains(fp, [r.sha256 for r in dataset.records])) if ok}
     train = [r for r in dataset.split("train") if r.sha256 in present]
     val = [r for r in dataset.split("val") if r.sha256 in present]
-    support = SupportIndex(int(spec.embed_dim) or store.get(fp, [train[0].sha256]).shape[1])
+    # exact search below 20k support vectors, HNSW above (≈0.7 ms vs ≈100 ms a query at 100k)
+    support = SupportIndex(int(spec.embed_dim) or store.get(fp, [train[0].sha256]).shape[1],
+                           hnsw_threshold=20_000)
     support.add(store.get(fp, [r.sha256 for r in train]), [r.label for r in train])
     predictor = Predictor(spec, head, support=support, info={
         "backbone": spec.name, "head": winner.get("head"), "candidate": winner.get("name"),
