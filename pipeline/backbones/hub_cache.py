@@ -143,3 +143,14 @@ def download_hint(spec: "BackboneSpec") -> str:
         f"copy DIR here and pass `--weights DIR` / set the spec's weights to DIR "
         f"(`get_spec('{spec.name}').replace(weights=DIR)`), or copy the hub cache into HF_HUB_CACHE"
     )
+
+
+def not_cached_error(spec: "BackboneSpec", files: HubFiles, missing: list[str]):
+    """The WeightsUnavailableError for hub files absent from the local cache (cause + fix)."""
+    from .base import WeightsUnavailableError
+
+    return WeightsUnavailableError(
+        spec.name,
+        f"weights for {spec.name} are not on this machine (offline hub; {files.repo_id} lacks "
+        f"{', '.join(missing)} in the local HF cache): {download_hint(spec)}",
+    )

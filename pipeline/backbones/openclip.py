@@ -79,7 +79,7 @@ def _resolve(spec: BackboneSpec, allow_download: bool) -> tuple[str, str | None,
                        f"checkpoint file or folder"
         )
 
-    from .hub_cache import download_hint, hub_files_for, resolve_cached, snapshot_dir
+    from .hub_cache import hub_files_for, not_cached_error, resolve_cached, snapshot_dir
 
     files = hub_files_for(spec)
     found, missing = resolve_cached(files)
@@ -92,11 +92,7 @@ def _resolve(spec: BackboneSpec, allow_download: bool) -> tuple[str, str | None,
     extra = {"force_quick_gelu": True} if tag_cfg.get("quick_gelu") else {}
     if missing:
         if not allow_download:
-            raise WeightsUnavailableError(
-                spec.name,
-                f"weights for {spec.name} are not on this machine (offline hub; {files.repo_id} lacks "
-                f"{', '.join(missing)} in the local HF cache): {download_hint(spec)}",
-            )
+            raise not_cached_error(spec, files, missing)
         if is_tag:
             return spec.arch, w, extra  # open_clip downloads the tag itself
         return f"hf-hub:{files.repo_id}", None, {}

@@ -167,17 +167,13 @@ def load(spec: BackboneSpec, *, device: str = "cpu", dtype: str | None = None, a
                            f"checkpoint file or a folder saved with `timm.models.save_for_hf`"
             )
     else:
-        from .hub_cache import download_hint, hub_files_for, resolve_cached, snapshot_dir
+        from .hub_cache import hub_files_for, not_cached_error, resolve_cached, snapshot_dir
 
         files = hub_files_for(spec)
         found, missing = resolve_cached(files)
         if missing:
             if not allow_download:
-                raise WeightsUnavailableError(
-                    spec.name,
-                    f"weights for {spec.name} are not on this machine (offline hub; {files.repo_id} lacks "
-                    f"{', '.join(missing)} in the local HF cache): {download_hint(spec)}",
-                )
+                raise not_cached_error(spec, files, missing)
             model = timm.create_model(f"hf-hub:{files.repo_id}", pretrained=True, **spec.kwargs)
         else:
             folder = snapshot_dir(found)
