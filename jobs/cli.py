@@ -204,6 +204,49 @@ def _csv_list(values: List[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+def parse_head_params(items: List[str]) -> dict[str, dict]:
+    """``["lora.epochs=3", "lora.lr=5e-4", "linear.class_weight=\"balanced\""]`` →
+    ``{"lora": {"epochs": 3, "lr": 0.0005}, ...}``. Values are JSON (numbers, true/false, null,
+    lists, quoted strings); anything that is not valid JSON is taken as a plain string."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        head, dot, name = key.strip().partition(".")
+        if not sep or not dot or not head or not name:
+            raise typer.BadParameter(f"{item!r}: expected HEAD.PARAM=VALUE, e.g. lora.epochs=3 or lora.lr=5e-4",
+                                     param_hint="--set")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(head, {})[name] = value
+    return out
+
+
+def check_head_params(heads: list[str], head_params: dict[str, dict]) -> None:
+    """Fail before any work when a --set names a head not in --heads or a parameter that head
+    does not take (fine-tunes: `pipeline.finetune.FinetuneConfig` fields + the Ray Train job keys)."""
+    import dataclasses
+    import inspect
+
+    from jobs.finetune import FINETUNE_HEADS, JOB_PARAMS
+    from jobs.sweep import resolve_head
+    from pipeline.finetune import FinetuneConfig
+    from pipeline.heads import HEADS
+
+    for label, params in head_params.items():
+        if label not in heads:
+            raise typer.BadParameter(f"--set {label}.…: {label!r} is not among --heads {heads}", param_hint="--set")
+        if label.lower() in FINETUNE_HEADS:
+            known = {f.name for f in dataclasses.fields(FinetuneConfig)} | set(JOB_PARAMS)
+        else:
+            known = set(inspect.signature(HEADS[resolve_head(label)].__init__).parameters) - {"self"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise typer.BadParameter(f"{label} takes no parameter {unknown}; it takes {sorted(known)}",
+                                     param_hint="--set")
+
+
 def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
     table = Table(title=title)
     cols = [("rank", "#"), ("backbone", "backbone"), ("head", "head"), ("metric", "metric"),
@@ -234,6 +277,7 @@ def run(
     heads: List[str] = typer.Option(["linear,knn,centroid,mlp"], "--heads", help="Heads: linear, knn, centroid, mlp, tip, zeroshot; lora / full fine-tune the backbone (Ray Train)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Latency budget per image (batch 1) on this machine."),
     max_params: Optional[float] = typer.Option(None, "--max-params", help="Size budget in millions of parameters."),
+    set_params: List[str] = typer.Option([], "--set", help="Head / fine-tune parameter HEAD.PARAM=VALUE (repeat), e.g. --set lora.epochs=3 --set lora.lr=5e-4 --set lora.num_workers=2 --set linear.class_weight=balanced."),
     metric: str = typer.Option("balanced_accuracy", help="Selection metric."),
     target_precision: float = typer.Option(0.9, help="Precision the confidence threshold is calibrated for."),
     model_name: Optional[str] = typer.Option(None, help="Registered model name (default: the dataset's name)."),
@@ -244,6 +288,8 @@ def run(
     """validate → extract → sweep → select → register (alias `challenger`)."""
     from jobs.run import run as run_job
 
+    head_params = parse_head_params(set_params)
+    check_head_params(_csv_list(heads), head_params)
     ds = _load(data, seed, None)
     console.print(ds.card.render())
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -258,7 +304,8 @@ def run(
             progress.update(tasks[name], completed=done if total else 1)
 
         result = run_job(data, root=state_root(root), backbones=_csv_list(backbones) or None,
-                         heads=_csv_list(heads), max_latency_ms=max_latency_ms, max_params_m=max_params,
+                         heads=_csv_list(heads), head_params=head_params or None,
+                         max_latency_ms=max_latency_ms, max_params_m=max_params,
                          selection_metric=metric, target_precision=target_precision,
                          model_name=model_name, seed=seed, on_progress=on_progress, dataset=ds)
     console.print(stats_table(result.extract_stats))

@@ -184,7 +184,7 @@ def extract_features(
     resources = ensure_ray()
     use_gpu = cluster_has_gpu()
     device = "cuda" if use_gpu else "cpu"
-    single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    single_node = len(_alive_nodes()) == 1
     by_key: dict[str, str] = {}
     for key, path in files:
         by_key.setdefault(key, str(path))
@@ -211,7 +211,8 @@ def extract_features(
                                       chunk_size=chunk_size, max_pixels=max_pixels)
         else:
             total_cpus = int(resources.get("CPU", 1))
-            cpw = cpus_per_worker or max(1, min(total_cpus, 8))
+            # an actor must fit on ONE node: size workers by the biggest node, not the cluster
+            cpw = cpus_per_worker or max(1, min(_largest_node_cpus(), 8))
             workers = num_workers or (int(resources.get("GPU", 1)) if use_gpu
                                       else max(1, total_cpus // cpw))
             results = _run_pipeline(
@@ -243,6 +244,17 @@ def extract_features(
             row.extracted += n_buf
         row.seconds = time.perf_counter() - t0
     return stats
+
+
+def _alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _largest_node_cpus() -> int:
+    """CPUs of the biggest alive node (an actor's CPUs must all come from one node)."""
+    return max((int(n.get("Resources", {}).get("CPU", 0)) for n in _alive_nodes()), default=1) or 1
 
 
 def _run_pipeline(spec, engine, device, items, *, layout, micro_batch, chunk_size, workers,

@@ -13,7 +13,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -98,6 +98,7 @@ def run(
     root: str | Path = ".tlpipe",
     backbones: Sequence[str] | None = None,
     heads: Sequence[str] = DEFAULT_HEADS,
+    head_params: Mapping[str, Mapping[str, Any]] | None = None,
     max_latency_ms: float | None = None,
     max_params_m: float | None = None,
     selection_metric: str = "balanced_accuracy",
@@ -134,7 +135,7 @@ def run(
         if s.failed:
             logger.warning("%s: %d images failed to decode and are left out", s.backbone, len(s.failed))
     sweep = run_sweep(dataset, feature_sets_from_stats(stats), heads, root=root, store=store,
-                      selection_metric=selection_metric, max_latency_ms=max_latency_ms,
+                      head_params=head_params, selection_metric=selection_metric, max_latency_ms=max_latency_ms,
                       max_params_m=max_params_m, seed=seed)
     result = RunResult(dataset, stats, sweep, skipped)
     setup_mlflow(root, DEFAULT_EXPERIMENT)

@@ -152,3 +152,96 @@ def make_malformed_corpus(root: Path) -> dict[str, str]:
     except (OSError, UnicodeError):
         pass
     return expected
+
+
+# ----------------------------------------------------------------------------- whole-job corpora
+
+RUN_CLASSES = ("cat", "dog", "frog")
+_TILE_COLOURS = {"cat": (200, 60, 50), "dog": (50, 170, 70), "frog": (60, 70, 210)}
+
+
+def colour_tile(cls: str, seed: int, size: int = 40, fmt: str = "PNG") -> bytes:
+    """A small noisy tile in the class's colour: classes a real backbone tells apart."""
+    rng = np.random.default_rng(seed)
+    base = np.array(_TILE_COLOURS[cls], dtype=np.float64)
+    arr = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+    kwargs = {"quality": 92} if fmt == "JPEG" else {}
+    return _encode(Image.fromarray(arr), fmt, **kwargs)
+
+
+def make_run_corpus(root: Path, *, tiles_per_class: int = 8) -> dict[str, str]:
+    """The malformed corpus plus `tiles_per_class` separable good images in each of three classes
+    (`cat`, `dog` and a third, `frog`, that holds only good images): a dataset `tlpipe run` must
+    complete on, excluding every bad file with its reason. Same outcome map as
+    `make_malformed_corpus`."""
+    root = Path(root)
+    expected = make_malformed_corpus(root)
+    for ci, cls in enumerate(RUN_CLASSES):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(tiles_per_class):
+            fmt = "JPEG" if i % 2 else "PNG"
+            rel = f"{cls}/tile_{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
+            (root / rel).write_bytes(colour_tile(cls, 50_000 + 100 * ci + i, fmt=fmt))
+            expected[rel] = "ok"
+    return expected
+
+
+def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
+    """A `path,label` CSV manifest (paths written as given, relative to the manifest's folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["path,label"] + [f"{p},{label}" for p, label in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def make_unworkable_datasets(root: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """Datasets no classifier can be trained on: {case: (path to pass, words the one-line error
+    must contain)}. Each must make `tlpipe run` / `tlpipe validate` fail early and cleanly."""
+    root = Path(root)
+    cases: dict[str, tuple[Path, tuple[str, ...]]] = {}
+
+    single = root / "single_class"
+    (single / "only").mkdir(parents=True)
+    for i in range(4):
+        (single / "only" / f"{i}.png").write_bytes(colour_tile("cat", i))
+    cases["single_class"] = (single, ("only one class", "at least two"))
+
+    all_bad = root / "all_bad"
+    for cls in ("a", "b"):
+        (all_bad / cls).mkdir(parents=True)
+        (all_bad / cls / "zero.jpg").write_bytes(b"")
+        (all_bad / cls / "text.jpg").write_bytes(b"not an image at all\n")
+        (all_bad / cls / "bomb.png").write_bytes(forged_bomb_png())
+    cases["all_bad"] = (all_bad, ("no usable images", "empty", "not_image", "too_many_pixels"))
+
+    empty = root / "empty_folder"
+    empty.mkdir()
+    cases["empty_folder"] = (empty, ("no image files",))
+
+    # every manifest row points outside the manifest's folder
+    outside = root / "outside"
+    outside.mkdir()
+    for cls in ("a", "b"):
+        (outside / f"{cls}.png").write_bytes(colour_tile("dog", ord(cls)))
+    escaping = root / "escaping" / "sub"
+    escaping.mkdir(parents=True)
+    os.symlink(outside / "a.png", escaping / "link_out.png")
+    manifest = write_manifest(escaping / "manifest.csv", [
+        ("../../outside/a.png", "a"), ("../../outside/b.png", "b"),
+        (str(outside / "a.png"), "a"), ("link_out.png", "b"),
+    ])
+    cases["manifest_escapes_root"] = (manifest, ("no usable images", "outside_root"))
+
+    # a dataset folder whose class folders are all links back into the tree
+    loops = root / "symlink_loops"
+    loops.mkdir()
+    os.symlink(".", loops / "a")
+    os.symlink("..", loops / "b")
+    cases["symlink_loop_dir"] = (loops, ("symlink_loop",))
+
+    # the dataset path itself is a link to itself (ELOOP)
+    self_link = root / "self_link"
+    os.symlink(self_link.name, self_link)
+    cases["self_link"] = (self_link, ("symbolic link",))
+    return cases
