@@ -39,8 +39,38 @@ def state_root(root: Optional[Path]) -> Path:
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    """One line on stderr (never wrapped, never read as rich markup: it quotes file names) and
+    exit `code`."""
+    from rich.text import Text
+
+    line = " ".join(str(msg).split())  # exception texts may carry newlines
+    Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble(("error: ", "bold red"), line))
     raise typer.Exit(code)
+
+
+def _clean_errors(command):
+    """Turn tlpipe's own "cannot do this, here is why" errors into one `error:` line and exit 2
+    instead of a traceback (TLPIPE_DEBUG=1 keeps the traceback). Bugs still raise."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except Exception as exc:
+            from pipeline.archives import ArchiveError
+            from pipeline.backbones import UnknownBackboneError, WeightsUnavailableError
+            from pipeline.data import DatasetError
+            from pipeline.select import NoEligibleCandidateError
+
+            known = (DatasetError, ArchiveError, UnknownBackboneError, WeightsUnavailableError,
+                     NoEligibleCandidateError, FileNotFoundError, PermissionError)
+            if not isinstance(exc, known) or os.environ.get("TLPIPE_DEBUG"):
+                raise
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            _fail(str(text) or type(exc).__name__)
+
+    return wrapper
 
 
 def _load(data: str, seed: int, max_pixels: Optional[int]):
@@ -49,15 +79,18 @@ def _load(data: str, seed: int, max_pixels: Optional[int]):
 
     from pipeline.archives import is_archive, unpack
 
+    from pipeline.archives import ArchiveError
+
     try:
         if is_archive(data):
             data = str(unpack(data))
         return load_dataset(data, seed=seed, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    except (DatasetError, FileNotFoundError) as exc:
+    except (DatasetError, ArchiveError, FileNotFoundError) as exc:
         _fail(str(exc))
 
 
 @app.command()
+@_clean_errors
 def validate(
     data: str = typer.Argument(..., help="ImageFolder dir, CSV/JSONL manifest, HF dataset dir, or archive."),
     seed: int = typer.Option(0, help="Seed of the stratified split when the data has no split folders."),
@@ -73,6 +106,7 @@ def validate(
 
 
 @app.command()
+@_clean_errors
 def extract(
     data: str = typer.Argument(..., help="Dataset (as for `tlpipe validate`)."),
     backbones: List[str] = typer.Option(
@@ -271,6 +305,7 @@ def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
 
 
 @app.command()
+@_clean_errors
 def run(
     data: str = typer.Argument(..., help="Dataset: folder, manifest, HF dataset dir or archive."),
     backbones: List[str] = typer.Option([], "--backbones", "-b", help="Backbones (comma list or repeat); default: all with weights here."),
@@ -289,7 +324,8 @@ def run(
     from jobs.run import run as run_job
 
     head_params = parse_head_params(set_params)
-    check_head_params(_csv_list(heads), head_params)
+    if head_params:
+        check_head_params(_csv_list(heads), head_params)
     ds = _load(data, seed, None)
     console.print(ds.card.render())
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -321,6 +357,8 @@ def run(
         console.print(f"registered [bold]{result.model_name}[/] version {result.version} as @challenger")
         if promote_after:
             _print_promotion(result.model_name, None, False, root)
+    else:  # nothing to serve: say why and exit non-zero, so scripts and CI notice
+        _fail(f"no model registered: {result.sweep.selection_error or 'no candidate finished'}", code=1)
 
 
 @app.command()
@@ -350,6 +388,7 @@ def _print_promotion(model: str, version: Optional[str], force: bool, root: Opti
 
 
 @app.command()
+@_clean_errors
 def promote(model: str = typer.Argument(..., help="Registered model name."),
             version: Optional[str] = typer.Option(None, help="Version to promote (default: @challenger)."),
             force: bool = typer.Option(False, "--force", help="Promote even if it does not beat the champion."),
@@ -373,6 +412,7 @@ def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"), ro
 
 
 @app.command()
+@_clean_errors
 def predict(images: List[Path] = typer.Argument(..., help="Image files."),
             model: str = typer.Option(..., "--model", help="NAME@alias, NAME/version, or a predictor dir."),
             root: Optional[Path] = RootOpt) -> None:
@@ -415,6 +455,13 @@ def serve(
     engine: Optional[str] = typer.Option(None, help="auto | torch | onnx (default auto)."),
     max_batch_size: Optional[int] = typer.Option(None),
     batch_wait_timeout_s: Optional[float] = typer.Option(None),
+    intra_op_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's)."),
+    direct_ingress: Optional[bool] = typer.Option(
+        None, "--direct-ingress/--via-proxy",
+        help="The ingress replica answers HTTP itself (default on a local Ray) or through Serve's proxy."),
+    colocate: Optional[bool] = typer.Option(
+        None, "--colocate/--separate-backbone",
+        help="Backbone inside the ingress replica (default on a local CPU-only Ray) or its own deployment."),
     root: Optional[Path] = RootOpt,
 ) -> None:
     """Serve a model on Ray Serve (local Ray unless RAY_ADDRESS names a cluster)."""
@@ -424,7 +471,8 @@ def serve(
     console.print(f"serving {model} on http://{host}:{port} (docs at /docs)")
     serve_run(model, host=host, port=port, tracking_uri=tracking_uri_for(state_root(root)),
               state_root=str(state_root(root)), engine=engine, max_batch_size=max_batch_size,
-              batch_wait_timeout_s=batch_wait_timeout_s, blocking=True)
+              batch_wait_timeout_s=batch_wait_timeout_s, intra_op_num_threads=intra_op_threads,
+              direct_ingress=direct_ingress, colocate_backbone=colocate, blocking=True)
 
 
 @app.command()

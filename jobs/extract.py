@@ -166,6 +166,7 @@ def extract_features(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     inline_max: int = 256,
     on_progress: Callable[[str, int, int], None] | None = None,
+    max_attempts: int = 3,
 ) -> list[ExtractStats]:
     """Embed `files` — (sha256 key, path) pairs — with each backbone; returns one stats row each.
 
@@ -173,18 +174,15 @@ def extract_features(
     in shards of about `shard_rows` as they stream back, so a killed job keeps what it finished.
     On a single CPU node, a delta of at most `inline_max` images (a new dataset version) is
     embedded in this process with the model already loaded to resolve the engine: starting an
-    actor would cost more than the work. Everything else goes through Ray Data.
+    actor would cost more than the work. Everything else goes through Ray Data (Ray starts only
+    then). A Ray system failure that Ray's own retries did not absorb (a node lost mid-job) reruns
+    the images not stored yet, up to `max_attempts` times in all.
     """
-    from jobs.ray_runtime import cluster_has_gpu, ensure_ray
-
     if layout not in ("fused", "tasks"):
         raise ValueError(f"layout must be 'fused' or 'tasks', got {layout!r}")
-    import ray
-
-    resources = ensure_ray()
-    use_gpu = cluster_has_gpu()
-    device = "cuda" if use_gpu else "cpu"
-    single_node = len(_alive_nodes()) == 1
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    cluster = _Cluster()
     by_key: dict[str, str] = {}
     for key, path in files:
         by_key.setdefault(key, str(path))
@@ -192,6 +190,7 @@ def extract_features(
     for item in backbones:
         spec = get_spec(item) if isinstance(item, str) else item
         t0 = time.perf_counter()
+        device = cluster.device
         eng, local_backbone = resolve_engine(spec, device=device, engine=engine)
         fp = spec.fingerprint_for(eng, default_dtype(device) if eng == "torch" else "float32")
         missing = store.missing(fp, list(by_key))
@@ -203,47 +202,173 @@ def extract_features(
         if not missing:
             row.seconds = time.perf_counter() - t0
             continue
-        items = [(k, by_key[k]) for k in missing]
-        if single_node and not use_gpu and len(missing) <= inline_max:
+        sink = _ShardSink(store, fp, row, by_key, shard_rows=shard_rows, total=len(missing),
+                          on_progress=on_progress,
+                          meta={"backbone": spec.name, "engine": eng, "dim": int(spec.embed_dim),
+                                "dtype": "float32", "device": device})
+        if cluster.single_cpu_node and len(missing) <= inline_max:
             row.executor = "inline"
             backbone = local_backbone or load_backbone(spec, device=device, engine=eng)
-            results = _inline_batches(backbone, items, micro_batch=micro_batch,
-                                      chunk_size=chunk_size, max_pixels=max_pixels)
+            sink.consume(_inline_batches(backbone, [(k, by_key[k]) for k in missing],
+                                         micro_batch=micro_batch, chunk_size=chunk_size,
+                                         max_pixels=max_pixels))
         else:
-            total_cpus = int(resources.get("CPU", 1))
-            # an actor must fit on ONE node: size workers by the biggest node, not the cluster
-            cpw = cpus_per_worker or max(1, min(_largest_node_cpus(), 8))
-            workers = num_workers or (int(resources.get("GPU", 1)) if use_gpu
-                                      else max(1, total_cpus // cpw))
-            results = _run_pipeline(
-                spec, eng, device, items, layout=layout, micro_batch=micro_batch,
-                chunk_size=chunk_size, workers=workers, cpus=cpw, use_gpu=use_gpu,
-                max_pixels=max_pixels,
-            )
-        meta = {"backbone": spec.name, "engine": eng, "dim": int(spec.embed_dim),
-                "dtype": "float32", "device": device}
-        keys_buf: list[str] = []
-        emb_buf: list[np.ndarray] = []
-        n_buf = 0
+            del local_backbone  # workers load their own copy
+            _extract_on_ray(spec, eng, missing, sink, cluster, layout=layout,
+                            micro_batch=micro_batch, chunk_size=chunk_size,
+                            num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+                            max_pixels=max_pixels, max_attempts=max_attempts)
+        row.seconds = time.perf_counter() - t0
+    return stats
+
+
+class _Cluster:
+    """Where extraction runs, asked lazily: Ray starts only when a job needs it.
+
+    Without RAY_ADDRESS (or with "local") and with no Ray running in this process, the machine is the
+    cluster (a local Ray would see the same CPUs and GPUs), so a small delta embeds in process
+    without paying Ray's start-up.
+    """
+
+    def __init__(self) -> None:
+        import os
+
+        import ray
+
+        address = os.environ.get("RAY_ADDRESS") or ""
+        self.joined = ray.is_initialized() or address not in ("", "local")
+        self._gpu: bool | None = None
+
+    def start(self) -> dict:
+        from jobs.ray_runtime import ensure_ray
+
+        resources = ensure_ray()
+        self.joined = True
+        return resources
+
+    @property
+    def use_gpu(self) -> bool:
+        if self._gpu is None:
+            if self.joined:
+                from jobs.ray_runtime import cluster_has_gpu
+
+                self.start()
+                self._gpu = cluster_has_gpu()
+            else:
+                from pipeline.devices import resolve_device
+
+                self._gpu = resolve_device("auto") != "cpu"
+        return self._gpu
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
+
+    @property
+    def single_cpu_node(self) -> bool:
+        if self.use_gpu:
+            return False
+        return not self.joined or len(_alive_nodes()) == 1
+
+
+class _ShardSink:
+    """Streams result batches into the store, one atomic shard every `shard_rows` good rows."""
+
+    def __init__(self, store, fp, row, by_key, *, shard_rows, total, on_progress, meta):
+        self.store, self.fp, self.row, self.by_key = store, fp, row, by_key
+        self.shard_rows, self.total, self.on_progress, self.meta = shard_rows, total, on_progress, meta
+        self.failed_keys: set[str] = set()
+        self.keys: list[str] = []
+        self.emb: list[np.ndarray] = []
+        self.n = 0
+
+    def consume(self, results) -> None:
+        """Store every good row of `results`; rows computed before the stream broke are kept."""
+        try:
+            self._consume(results)
+        except BaseException:
+            try:
+                self.flush()
+            except Exception as exc:  # never mask why the stream broke
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "%s: could not store %d computed rows after a failure: %s",
+                    self.row.backbone, self.n, exc)
+            raise
+        self.flush()
+
+    def _consume(self, results) -> None:
         for batch in results:
             ok = np.asarray(batch["ok"], dtype=bool)
             for key, err in zip(batch["key"][~ok], batch["error"][~ok]):
-                row.failed.append({"key": str(key), "path": by_key[str(key)], "reason": str(err)})
+                if str(key) not in self.failed_keys:
+                    self.failed_keys.add(str(key))
+                    self.row.failed.append({"key": str(key), "path": self.by_key[str(key)],
+                                            "reason": str(err)})
             if ok.any():
-                keys_buf.extend(str(k) for k in batch["key"][ok])
-                emb_buf.append(np.asarray(batch["embedding"], dtype=np.float32)[ok])
-                n_buf += int(ok.sum())
-            if n_buf >= shard_rows:
-                store.put(fp, keys_buf, np.concatenate(emb_buf), meta=meta)
-                row.extracted += n_buf
-                keys_buf, emb_buf, n_buf = [], [], 0
-            if on_progress:
-                on_progress(spec.name, row.extracted + n_buf + len(row.failed), len(missing))
-        if n_buf:
-            store.put(fp, keys_buf, np.concatenate(emb_buf), meta=meta)
-            row.extracted += n_buf
-        row.seconds = time.perf_counter() - t0
-    return stats
+                self.keys.extend(str(k) for k in batch["key"][ok])
+                self.emb.append(np.asarray(batch["embedding"], dtype=np.float32)[ok])
+                self.n += int(ok.sum())
+            if self.n >= self.shard_rows:
+                self.flush()
+            if self.on_progress:
+                self.on_progress(self.row.backbone,
+                                 self.row.extracted + self.n + len(self.row.failed), self.total)
+
+    def flush(self) -> None:
+        if self.n:
+            keys, emb = self.keys, np.concatenate(self.emb)
+            self.keys, self.emb, self.n = [], [], 0
+            new = self.store.missing(self.fp, keys)  # a retried chunk may repeat stored rows
+            self.store.put(self.fp, keys, emb, meta=self.meta)
+            self.row.extracted += len(set(new))
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Ray system failures (a node or worker lost, an object lost) — not errors in our code."""
+    import ray.exceptions as rex
+
+    return isinstance(exc, rex.RayError) and not isinstance(exc, rex.RayTaskError)
+
+
+def _extract_on_ray(spec, eng, missing, sink, cluster, *, layout, micro_batch, chunk_size,
+                    num_workers, cpus_per_worker, max_pixels, max_attempts):
+    """Ray Data over the missing images; after a Ray system failure that Ray's own retries did
+    not absorb (e.g. a node lost mid-job), rerun on what is still missing, `max_attempts` in all."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    todo = list(missing)
+    for attempt in range(1, max_attempts + 1):
+        resources = cluster.start()
+        use_gpu = cluster.use_gpu
+        total_cpus = int(resources.get("CPU", 1))
+        # an actor must fit on ONE node: size workers by the biggest node, not the cluster
+        cpw = cpus_per_worker or max(1, min(_largest_node_cpus(), 8))
+        workers = num_workers or (int(resources.get("GPU", 1)) if use_gpu
+                                  else max(1, total_cpus // cpw))
+        try:
+            sink.consume(_run_pipeline(
+                spec, eng, "cuda" if use_gpu else "cpu", [(k, sink.by_key[k]) for k in todo],
+                layout=layout, micro_batch=micro_batch, chunk_size=chunk_size, workers=workers,
+                cpus=cpw, use_gpu=use_gpu, max_pixels=max_pixels))
+            return
+        except Exception as exc:
+            if not _retryable(exc):
+                raise
+            todo = [k for k in sink.store.missing(sink.fp, todo) if k not in sink.failed_keys]
+            if attempt == max_attempts:
+                raise RuntimeError(
+                    f"{spec.name}: extraction failed {max_attempts} times on Ray "
+                    f"({type(exc).__name__}: {exc}); {len(todo)} image(s) are still missing. "
+                    "What finished is stored: rerun the same command to compute only the rest, "
+                    "and check the cluster's nodes (`ray status`)") from exc
+            log.warning("%s: Ray lost work (%s: %s); attempt %d/%d: re-running the %d image(s) "
+                        "not stored yet", spec.name, type(exc).__name__, exc, attempt + 1,
+                        max_attempts, len(todo))
+            if not todo:
+                return
 
 
 def _alive_nodes() -> list[dict]:
@@ -288,3 +413,61 @@ def _run_pipeline(spec, engine, device, items, *, layout, micro_batch, chunk_siz
             batch_format="numpy", **gpu,
         )
     return ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+
+
+# ----------------------------------------------------------------------------- `python -m jobs.extract`
+
+def _spec_arg(value: str) -> BackboneSpec:
+    """A registry name, or a JSON file holding a BackboneSpec (`BackboneSpec.to_dict()`)."""
+    import json
+    import os
+
+    if value.endswith(".json") and os.path.isfile(value):
+        with open(value) as f:
+            return BackboneSpec.from_dict(json.load(f))
+    return get_spec(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Extract a dataset's features into a feature store (what `ray job submit -- python -m
+    jobs.extract DATA ...` runs on a cluster). Prints one JSON line of stats per backbone."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from pipeline.archives import is_archive, unpack
+    from pipeline.data import load_dataset
+
+    ap = argparse.ArgumentParser(prog="python -m jobs.extract", description=main.__doc__)
+    ap.add_argument("data", help="dataset folder, manifest or archive (as for `tlpipe validate`)")
+    ap.add_argument("--backbone", "-b", action="append", required=True,
+                    help="registry name, or a .json file with a BackboneSpec (repeat)")
+    ap.add_argument("--root", default=".tlpipe",
+                    help="state root; features go to ROOT/features (default .tlpipe)")
+    ap.add_argument("--store", default=None, help="feature store path or fsspec URL "
+                    "(default ROOT/features)")
+    ap.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"))
+    ap.add_argument("--layout", default="fused", choices=("fused", "tasks"))
+    ap.add_argument("--micro-batch", type=int, default=32)
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--shard-rows", type=int, default=2048,
+                    help="rows per shard: a killed job loses at most this many finished rows")
+    ap.add_argument("--inline-max", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    data = str(unpack(args.data)) if is_archive(args.data) else args.data
+    ds = load_dataset(data, seed=args.seed)
+    store = FeatureStore(args.store or Path(args.root) / "features")
+    stats = extract_features([(r.sha256, r.path) for r in ds.records],
+                             [_spec_arg(b) for b in args.backbone], store=store,
+                             engine=args.engine, layout=args.layout, micro_batch=args.micro_batch,
+                             chunk_size=args.chunk_size, shard_rows=args.shard_rows,
+                             inline_max=args.inline_max)
+    for s in stats:
+        print(json.dumps(s.to_dict()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -37,8 +37,12 @@ class RunResult:
 
 
 def model_name_for(dataset) -> str:
-    """Registered-model name from the dataset's name (letters, digits, '-', '_', '.')."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(dataset.card.name or "dataset")).strip("-")
+    """Registered-model name from the dataset's name (letters, digits, '-', '_', '.').
+
+    The name also becomes a folder name (serving state, downloads), so it is one safe path
+    component: no separators, never '.' or '..', no leading dot, at most 100 characters."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(dataset.card.name or "dataset"))
+    name = re.sub(r"\.{2,}", ".", name).strip("-.")[:100].strip("-.")
     return name or "dataset"
 
 
@@ -126,8 +130,10 @@ def run(
     if not backbones:
         backbones, skipped = default_backbones()
         if not backbones:
-            raise RuntimeError("no backbone has weights on this machine: " +
-                               "; ".join(f"{s['backbone']}: {s['reason']}" for s in skipped))
+            from pipeline.backbones import WeightsUnavailableError
+
+            raise WeightsUnavailableError("*", "no backbone has weights on this machine: " +
+                                          "; ".join(f"{s['backbone']}: {s['reason']}" for s in skipped))
     store = FeatureStore(root / "features")
     stats = extract_features([(r.sha256, r.path) for r in dataset.records], backbones, store=store,
                              on_progress=on_progress)

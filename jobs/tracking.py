@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 KIND_TAG = "tlpipe.kind"                 # "sweep" | "candidate" | ...
 ERROR_TYPE_TAG = "tlpipe.error_type"
 ERROR_TAG = "tlpipe.error"
+#: who drives a run: set by `tracked_run`, read by `reap_stale_runs` after a driver was killed
+DRIVER_HOST_TAG = "tlpipe.driver.host"
+DRIVER_PID_TAG = "tlpipe.driver.pid"
+DRIVER_START_TAG = "tlpipe.driver.start"   # the process's start token (boot id + start tick)
+DRIVER_PIDNS_TAG = "tlpipe.driver.pidns"   # pid namespace: containers may share a hostname
+REAPED_TAG = "tlpipe.reaped"
 
 _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 8000
@@ -125,7 +131,124 @@ def setup_mlflow(root: str | os.PathLike, experiment: str) -> str:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    try:
+        reap_stale_runs(client)
+    except Exception as exc:  # housekeeping must never stop a job from starting
+        logger.warning("could not check %s for runs left RUNNING by killed drivers: %s", uri, exc)
     return exp.experiment_id
+
+
+# ----------------------------------------------------------------------------- killed drivers
+
+def _process_start_token(pid: int) -> str | None:
+    """An id of the process `pid` that a later process reusing the pid will not share: the boot
+    id + the process's start time in clock ticks (Linux /proc). None where /proc is missing."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: fields restart after the last ')'
+    fields = stat[stat.rfind(")") + 2:].split()
+    return f"{boot}:{fields[19]}" if len(fields) > 19 else None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[:1] == ["Z"]
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def driver_tags() -> dict[str, str]:
+    """Tags naming this process as the driver of a run (host, pid, start token)."""
+    pid = os.getpid()
+    return {DRIVER_HOST_TAG: _hostname(), DRIVER_PID_TAG: str(pid),
+            DRIVER_START_TAG: _process_start_token(pid) or "", DRIVER_PIDNS_TAG: _pid_namespace()}
+
+
+def _driver_gone(tags: Mapping[str, str], host: str) -> str | None:
+    """Why the run's driver is known to be dead, or None (alive, another host, or unknown)."""
+    if tags.get(DRIVER_HOST_TAG) != host:
+        return None  # another machine's process table is not ours to read
+    if (tags.get(DRIVER_PIDNS_TAG) or "") != _pid_namespace():
+        return None  # another container on this host: its pids are not ours either
+    try:
+        pid = int(tags.get(DRIVER_PID_TAG, ""))
+    except ValueError:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"its driver (pid {pid} on {host}) is gone"
+    except PermissionError:
+        pass  # alive, owned by another user
+    if _is_zombie(pid):
+        return f"its driver (pid {pid} on {host}) has exited (a zombie awaiting its parent)"
+    token = tags.get(DRIVER_START_TAG) or ""
+    current = _process_start_token(pid)
+    if token and current and token != current:
+        return f"its driver (pid {pid} on {host}) is gone; the pid now belongs to another process"
+    return None
+
+
+def reap_stale_runs(mlflow_client=None, experiment_ids: Sequence[str] | None = None) -> list[str]:
+    """Mark KILLED every RUNNING run whose driver process on this host is dead.
+
+    A driver killed with SIGKILL (or by the OOM killer, or a power cut) cannot end its runs; they
+    would stay RUNNING forever. `tracked_run` tags each run with its driver's host, pid and
+    process start token; this finds RUNNING runs whose driver was on this host and no longer
+    exists (or whose pid was reused), records why (``tlpipe.error``, ``tlpipe.reaped``) and ends
+    them KILLED. Runs of other hosts and runs without driver tags are left alone. Returns the ids
+    of the runs it ended. `setup_mlflow` calls it, so the next `tlpipe run` cleans up.
+    """
+    import time
+
+    from mlflow.entities import ViewType
+
+    c = mlflow_client or client()
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
+    host = _hostname()
+    flt = f"attributes.status = 'RUNNING' and tags.`{DRIVER_HOST_TAG}` = '{host}'"
+    reaped: list[str] = []
+    for i in range(0, len(experiment_ids), 100):  # MLflow caps experiment ids per search
+        token = None
+        while True:
+            page = c.search_runs(list(experiment_ids[i:i + 100]), filter_string=flt,
+                                 run_view_type=ViewType.ALL, max_results=1000, page_token=token)
+            for run in page:
+                why = _driver_gone(run.data.tags, host)
+                if why is None:
+                    continue
+                message = (f"run left RUNNING: {why} (killed, e.g. SIGKILL / OOM, before it could "
+                           f"end the run); marked KILLED by pid {os.getpid()} at "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+                logger.warning("MLflow run %s (%s): %s", run.info.run_id, run.info.run_name,
+                               message)
+                c.set_tag(run.info.run_id, ERROR_TYPE_TAG, "DriverKilled")
+                c.set_tag(run.info.run_id, ERROR_TAG, message)
+                c.set_tag(run.info.run_id, REAPED_TAG, "true")
+                c.set_terminated(run.info.run_id, "KILLED")
+                reaped.append(run.info.run_id)
+            token = page.token
+            if not token:
+                break
+    return reaped
 
 
 def client():
@@ -223,13 +346,17 @@ def tracked_run(experiment_id: str, *, run_name: str | None = None,
     it ends: FINISHED on success, KILLED on KeyboardInterrupt / SIGTERM, FAILED on any other
     exception (with the error recorded as tags and an ``error.txt`` traceback). The exception
     propagates. Yields the `mlflow.ActiveRun`.
+
+    A SIGKILLed driver runs no handler: the run is tagged with this process's host, pid and start
+    token (`driver_tags`) so that the next `setup_mlflow` (`reap_stale_runs`) ends it KILLED.
     """
     import mlflow
 
     active = mlflow.active_run()
     run = mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, nested=active is not None,
-        parent_run_id=parent_run_id, tags={k: str(v) for k, v in (tags or {}).items()},
+        parent_run_id=parent_run_id,
+        tags={**driver_tags(), **{k: str(v) for k, v in (tags or {}).items()}},
         description=description)
     run_id = run.info.run_id
     guard = _sigterm_raises() if handle_sigterm else contextlib.nullcontext()

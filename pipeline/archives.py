@@ -18,6 +18,10 @@ from pathlib import Path
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
+class ArchiveError(ValueError):
+    """An archive that cannot be unpacked safely: corrupt, or a member escaping the target."""
+
+
 def default_cache_dir() -> Path:
     """The cache root, read from the environment at call time (never at import)."""
     return Path(os.environ.get("TLPIPE_CACHE_DIR") or Path.home() / ".cache" / "tlpipe")
@@ -33,11 +37,14 @@ def unpack(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
 
     The root is the single top-level folder when the archive has exactly one, else the
     unpack folder itself. Members that would land outside the target (absolute paths, `..`,
-    links) are refused by tarfile's `data` filter.
+    links out of it) are refused (tarfile's `data` filter; a check of every zip member name):
+    `ArchiveError`, as for a corrupt archive. Zip members are always written as plain files.
     """
     archive = Path(archive)
     if not archive.is_file():
         raise FileNotFoundError(f"dataset archive not found: {archive}")
+    if archive.stat().st_size == 0:
+        raise ArchiveError(f"dataset archive {archive} is empty (0 bytes); copy it again")
     stem = archive.name
     for suffix in ARCHIVE_SUFFIXES:
         if stem.lower().endswith(suffix):
@@ -62,15 +69,24 @@ def unpack(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
 def _unpack_into(archive: Path, target: Path, base: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=base))
     try:
-        if archive.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                for member in zf.namelist():
-                    if not (tmp / member).resolve().is_relative_to(tmp.resolve()):
-                        raise ValueError(f"{archive}: member {member!r} escapes the archive")
-                zf.extractall(tmp)
-        else:
-            with tarfile.open(archive) as tf:
-                tf.extractall(tmp, filter="data")
+        try:
+            if archive.name.lower().endswith(".zip"):
+                with zipfile.ZipFile(archive) as zf:
+                    for info in zf.infolist():
+                        member = info.filename
+                        if os.path.isabs(member) or not (tmp / member).resolve().is_relative_to(tmp.resolve()):
+                            raise ArchiveError(f"{archive}: member {member!r} escapes the archive; "
+                                               "refusing to unpack it (re-create the archive with relative paths)")
+                    zf.extractall(tmp)
+            else:
+                with tarfile.open(archive) as tf:
+                    tf.extractall(tmp, filter="data")
+        except tarfile.FilterError as exc:
+            raise ArchiveError(f"{archive}: {exc}; refusing to unpack it (re-create the archive "
+                               "with relative paths and no links out of it)") from exc
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+            raise ArchiveError(f"{archive} is not a readable archive ({exc}); copy it again or "
+                               "pass the unpacked folder") from exc
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -98,6 +98,8 @@ def make_malformed_corpus(root: Path) -> dict[str, str]:
     write("cat/zero_bytes.jpg", b"", "empty")
     write("cat/text_named.jpg", b"this is a text file, not a JPEG\n" * 4, "not_image")
     write("cat/bomb.png", forged_bomb_png(), "too_many_pixels")
+    # rich markup in a file name: the card must list it under its own name, not style it away
+    write("dog/[bold]markup[.jpg", good_jpeg[: len(good_jpeg) // 3], "truncated")
     write("dog/huge_dimensions.png", huge_one_bit_png(), "too_many_pixels")
 
     # --- odd but valid files: must come back as RGB

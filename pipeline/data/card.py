@@ -132,6 +132,8 @@ class DatasetCard:
         parts: list[Any] = []
         ratio = "n/a" if self.imbalance_ratio is None else f"{self.imbalance_ratio:.2f}"
         fr = ", ".join(f"{k}={v:g}" for k, v in self.fractions.items()) or "as given"
+        # Every string that comes from the data (names, paths, reasons) is a Text, never markup:
+        # a file called "[bold]x.jpg" must be listed under its own name, and "[/x]" must not crash.
         parts.append(Text.assemble(
             (f"{self.name}", "bold"), f"  ({self.source_kind}: {self.source})\n",
             f"{self.n_images} images, {len(self.classes)} classes, imbalance {ratio} (train max/min); ",
@@ -146,7 +148,8 @@ class DatasetCard:
             counts.add_column(s, justify="right", footer=str(self.split_total(s)))
         counts.add_column("total", justify="right", footer=str(self.n_images))
         for c in self.classes:
-            counts.add_row(c, *(str(self.counts.get(s, {}).get(c, 0)) for s in SPLITS), str(self.class_total(c)))
+            counts.add_row(Text(c), *(str(self.counts.get(s, {}).get(c, 0)) for s in SPLITS),
+                           str(self.class_total(c)))
         parts.append(counts)
 
         if self.excluded:
@@ -161,7 +164,7 @@ class DatasetCard:
             detail.add_column("code")
             detail.add_column("reason", overflow="fold")
             for e in self.excluded[:max_rows]:
-                detail.add_row(e.path, e.code, e.reason)
+                detail.add_row(Text(e.path), Text(e.code), Text(e.reason))
             parts.append(detail)
 
         groups = [("duplicate (kept first)", g) for g in self.duplicates] + [
@@ -172,7 +175,7 @@ class DatasetCard:
             dup.add_column("kind")
             dup.add_column("paths", overflow="fold")
             for kind, g in groups[:max_rows]:
-                dup.add_row(kind, "\n".join(g))
+                dup.add_row(kind, Text("\n".join(g)))
             parts.append(dup)
 
         notes = list(self.warnings)

@@ -171,4 +171,30 @@ def _nothing_usable(listing: SourceListing, excluded: list[ExcludedFile]) -> str
     for e in excluded:
         codes[e.code] = codes.get(e.code, 0) + 1
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(codes.items()))
-    return f"{listing.source}: no usable images — all {len(excluded)} files were excluded ({summary})"
+    example = excluded[0]
+    fixes = [FIX_HINTS[c] for c in sorted(codes, key=lambda c: -codes[c]) if c in FIX_HINTS]
+    fix = "; ".join(dict.fromkeys(fixes)) or "replace or remove the excluded files"
+    return (f"{listing.source}: no usable images — all {len(excluded)} entries were excluded "
+            f"({summary}; e.g. {example.path}: {example.reason}). To fix: {fix}; "
+            "`tlpipe validate` lists every excluded file with its reason")
+
+
+#: what to do about each exclusion code, for the one-line "nothing usable" error
+FIX_HINTS: dict[str, str] = {
+    "empty": "re-copy the 0-byte files",
+    "not_image": "remove files that are not images (or give them their real extension)",
+    "truncated": "re-download or re-export the truncated images",
+    "corrupt": "re-export the corrupt images",
+    "too_many_pixels": "downscale the oversized images or raise max_pixels if they are genuine",
+    "unsupported_mode": "convert the images to RGB",
+    "unreadable": "check the files' permissions and broken links",
+    "outside_root": "manifest paths must stay inside the manifest's folder: move the images "
+                    "under it (or the manifest above them) and write relative paths",
+    "missing": "fix the manifest paths (relative to the manifest's folder)",
+    "bad_row": "give every manifest row a path and a label",
+    "bad_split": "use train/val/test in the split column",
+    "symlink_loop": "replace symbolic links that point back into the dataset with real class folders",
+    "symlink_revisit": "remove symbolic links to folders that are already part of the dataset",
+    "unlabelled": "move the images into <class>/ (or <split>/<class>/) folders",
+    "label_conflict": "give identical images a single label",
+}

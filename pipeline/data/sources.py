@@ -6,6 +6,7 @@ Nothing here raises for a bad file: it becomes an `ExcludedFile` with a code and
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -69,8 +70,8 @@ def discover(source: Any, *, cache_dir: str | os.PathLike | None = None) -> Sour
             f"{display_path(path)} is a file but not a manifest: pass an image folder, or a "
             f"manifest ending in {', '.join(sorted(MANIFEST_SUFFIXES))} with path,label columns"
         )
-    if path.exists() or os.path.lexists(path):
-        raise DatasetError(f"{display_path(path)} is neither a folder nor a regular file (broken link?)")
+    if os.path.lexists(path):
+        raise DatasetError(_not_a_dataset(path))
     if _HUB_ID.match(text) and not text.startswith((".", "~")):
         try:
             return load_hf_hub(text, cache_dir=image_cache)
@@ -80,3 +81,20 @@ def discover(source: Any, *, cache_dir: str | os.PathLike | None = None) -> Sour
                 f"Face hub id: {exc}"
             ) from exc
     raise DatasetError(f"dataset path {display_path(path)} does not exist; check the path")
+
+
+def _not_a_dataset(path: Path) -> str:
+    """Why an existing path is neither a folder nor a file: a link loop, a broken link, ..."""
+    shown = display_path(path)
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return (f"{shown} is a symbolic link loop (it resolves back to itself); point it at the "
+                    "dataset folder or pass the real folder")
+        if path.is_symlink():
+            return (f"{shown} is a broken symbolic link (to {display_path(os.readlink(path))}); "
+                    "fix the link or pass the real folder")
+        return f"{shown} cannot be opened ({exc.strerror or exc}); check the path and its permissions"
+    return (f"{shown} is neither a folder nor a regular file (a device, socket or pipe?); pass an "
+            "image folder or a manifest")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,45 @@ def test_lora_on_lite0_beats_its_linear_probe_on_the_same_leaderboard(ray_local,
     labels = [p.top_k[0]["label"] for p in served.predict_images([r.path for r in test])]
     x = store.get(predictor.info["fingerprint"], [r.sha256 for r in test])
     assert labels == list(predictor.head.predict(x))
+
+    # ... and the serving app loads the fine-tuned champion like any other: registered, served
+    # by alias over real HTTP, answering what the in-process predictor answers
+    _serve_champion_and_compare(tmp_path / "predictor", served, [r.path for r in test], tmp_path)
+
+
+def _serve_champion_and_compare(predictor_dir, in_process, paths, tmp_path):
+    import httpx
+    import mlflow
+    from ray import serve
+
+    from deploy.app import build_app
+    from jobs.registry import register_predictor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+    from serving_helpers import free_port
+
+    version = register_predictor(predictor_dir, "cifar-ft", alias="champion")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        small = {"ray_actor_options": {"num_cpus": 0.1}}
+        serve.run(build_app("cifar-ft@champion", tracking_uri=mlflow.get_tracking_uri(),
+                            state_root=str(tmp_path / "serve-state"), poll_interval_s=0,
+                            ingress_options=small, backbone_options=small),
+                  name="ft", route_prefix="/", blocking=False)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as http:
+            assert http.get("/readyz").json()["status"] == "ready"
+            info = http.get("/v1/model").json()
+            assert info["version"] == str(version)
+            assert info["input_size"] == 112 and info["backbone"] == in_process.spec.name  # merged spec
+            files = [("files", (Path(p).name, Path(p).read_bytes(), "image/jpeg")) for p in paths]
+            r = http.post("/v1/predict", files=files)
+            assert r.status_code == 200, r.text
+            got = [(p["label"], p["decision"]) for p in r.json()["predictions"]]
+        want = [(p.label, p.decision) for p in in_process.predict_images(list(paths))]
+        assert got == want
+    finally:
+        serve.shutdown()
 
 
 @pytest.mark.gpu
