@@ -35,6 +35,7 @@ test-fast: venv
 
 bench: venv
 	$(PY) -m bench.extract --write
+	$(PY) -m bench.probe --cifar 5000 --no-sklearn-all --repeats 2 --write
 	$(PY) -m bench.probe --cifar 500 --write
 	$(PY) -m bench.serve --write
 

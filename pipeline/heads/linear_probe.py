@@ -22,6 +22,14 @@ early (``ValidationPruner``); they are flagged ``stopped_early`` in ``sweep_resu
 selected value is always run to convergence.
 The feature mean / std and the solver's preconditioner are computed on all rows of X (they use
 no labels), so the hold-out rows are standardised exactly like future inputs.
+
+Large training sets (successive halving over data): with more than ``2 * subsample`` training
+rows, every value is first trained on a seeded stratified ``subsample`` of them at the same C
+(``lambda * n`` held constant: the optimal C of a probe barely moves with n, the optimal
+lambda of the mean-loss form falls as 1/n), all values together as one batched tensor and scored
+on the selection data; the ``finalists`` best then continue on all rows, warm-started from their
+subsample solutions, and the best of those on the selection data is chosen. ``sweep_results_``
+marks which rows are subsample scores (``"rows"``) and keeps both scores for the finalists.
 """
 
 from __future__ import annotations
@@ -136,6 +144,9 @@ class LinearProbe(Head):
     standardize: z-score features with the training mean / std (stored with the head).
     seed: seeds the hold-out split (the solver itself is deterministic).
     n_threads: torch intra-op threads during fit (None = leave torch's setting).
+    subsample: rows for the all-values phase on large training sets (None = every value on
+        every row); used when there are more than twice as many training rows.
+    finalists: values that continue from the subsample phase to all rows.
     """
 
     def __init__(
@@ -153,6 +164,8 @@ class LinearProbe(Head):
         standardize: bool = True,
         seed: int = 0,
         n_threads: int | None = None,
+        subsample: int | None = 8192,
+        finalists: int = 2,
     ):
         self.weight_decays = weight_decays
         self.class_weight = class_weight
@@ -167,6 +180,8 @@ class LinearProbe(Head):
         self.standardize = standardize
         self.seed = seed
         self.n_threads = n_threads
+        self.subsample = subsample
+        self.finalists = finalists
 
     # ------------------------------------------------------------------ fitting
     def _lambdas(self) -> np.ndarray:
@@ -219,44 +234,33 @@ class LinearProbe(Head):
 
             sw_fit = None if sw is None else sw[fit_idx]
             whole = len(fit_idx) == len(codes)  # no copy of X when every row is used
-            monitor = None
-            if self.prune and Xv is not None and len(lams) > 2 and len(cv) >= ValidationPruner.MIN_ROWS:
-                margin = self.prune_margin
-                if margin is None:
-                    margin = 0.02 if self.scoring == "accuracy" else 0.05
-                monitor = ValidationPruner(Xv, cv, self.scoring, margin)
-            sweep = fit_sweep(
-                Xs if whole else Xs[fit_idx], codes if whole else codes[fit_idx], C, lams,
-                sample_weight=sw_fit, basis=basis, monitor=monitor, **kw,
-            )
-            n_fit = float(len(fit_idx) if sw_fit is None else sw_fit.sum())
-            results = []
-            for s, lam in enumerate(lams):
-                row = {
-                    "weight_decay": float(lam),
-                    "C": float(1.0 / (lam * n_fit)) if lam > 0 else None,
-                    "n_iter": int(sweep.n_iter[s]),
-                    "converged": bool(sweep.converged[s]),
-                    "stopped_early": bool(sweep.stopped[s]),
-                    "train_objective": float(sweep.loss[s]),
-                }
-                if Xv is not None:
-                    proba = softmax(Xv @ sweep.coef[s] + sweep.intercept[s])
-                    row["val_accuracy"] = float(np.mean(proba.argmax(1) == cv))
-                    row["val_log_loss"] = log_loss(proba, cv)
-                results.append(row)
-
-            if Xv is None:
-                best = 0
-            elif self.scoring == "accuracy":
-                best = min(
-                    range(len(lams)),
-                    key=lambda s: (-results[s]["val_accuracy"], results[s]["val_log_loss"]),
-                )
+            X_fit = Xs if whole else Xs[fit_idx]
+            c_fit = codes if whole else codes[fit_idx]
+            n_sub = int(self.subsample) if self.subsample else 0
+            halving = Xv is not None and n_sub > 0 and len(c_fit) > 2 * n_sub and len(lams) > int(self.finalists) >= 1
+            if halving:
+                _, sub = stratified_split(c_fit, n_sub / len(c_fit), int(self.seed) + 1)
+                sw_sub = None if sw_fit is None else sw_fit[sub]
+                # the same C on fewer rows: lambda scales with (weighted) n_fit / n_sub
+                scale = (len(c_fit) / len(sub)) if sw_fit is None else float(sw_fit.sum() / sw_sub.sum())
+                coef, intercept, results = self._sweep(
+                    X_fit[sub], c_fit[sub], C, lams * scale, sw_sub, Xv, cv, basis, kw, lams_reported=lams)
+                for r in results:
+                    r["rows"] = int(len(sub))
+                fin = self._ranking(results)[: int(self.finalists)]
+                coef_f, intercept_f, res_f = self._sweep(
+                    X_fit, c_fit, C, lams[fin], sw_fit, Xv, cv, basis, kw,
+                    init=(coef[fin], intercept[fin]))
+                for j, s_ in enumerate(fin):
+                    sub_scores = {f"subsample_{k}": results[s_][k] for k in ("val_accuracy", "val_log_loss", "n_iter")}
+                    results[s_] = {**res_f[j], **sub_scores, "rows": int(len(c_fit)), "finalist": True}
+                    coef[s_], intercept[s_] = coef_f[j], intercept_f[j]
+                best = int(fin[self._ranking(res_f)[0]])
             else:
-                best = min(range(len(lams)), key=lambda s: results[s]["val_log_loss"])
+                coef, intercept, results = self._sweep(X_fit, c_fit, C, lams, sw_fit, Xv, cv, basis, kw)
+                best = self._ranking(results)[0] if Xv is not None else 0
 
-            coef, intercept = sweep.coef[best], sweep.intercept[best]
+            coef, intercept = coef[best], intercept[best]
             refitted = False
             if val is None and len(lams) > 1 and self.refit:
                 final = fit_sweep(
@@ -283,6 +287,45 @@ class LinearProbe(Head):
             **{k: results[best][k] for k in ("val_accuracy", "val_log_loss") if k in results[best]},
         }
         return self
+
+    def _ranking(self, results: list[dict]) -> list[int]:
+        """Member indices, best first, by the selection criterion on the selection data."""
+        if self.scoring == "accuracy":
+            key = lambda s: (-results[s]["val_accuracy"], results[s]["val_log_loss"])  # noqa: E731
+        else:
+            key = lambda s: results[s]["val_log_loss"]  # noqa: E731
+        return sorted(range(len(results)), key=key)
+
+    def _sweep(self, X, codes, n_classes, lams, sw, Xv, cv, basis, kw, *, init=None, lams_reported=None):
+        """One batched fit of every value in `lams`: (coef (S,D,C), intercept (S,C), result rows)."""
+        from pipeline.heads.batched_lbfgs import fit_sweep
+
+        monitor = None
+        if self.prune and Xv is not None and len(lams) > 2 and len(cv) >= ValidationPruner.MIN_ROWS:
+            margin = self.prune_margin
+            if margin is None:
+                margin = 0.02 if self.scoring == "accuracy" else 0.05
+            monitor = ValidationPruner(Xv, cv, self.scoring, margin)
+        sweep = fit_sweep(X, codes, n_classes, lams, sample_weight=sw, basis=basis, monitor=monitor,
+                          init=init, **kw)
+        n_fit = float(len(codes) if sw is None else sw.sum())
+        shown = lams if lams_reported is None else lams_reported
+        results = []
+        for s, lam in enumerate(lams):
+            row = {
+                "weight_decay": float(shown[s]),
+                "C": float(1.0 / (lam * n_fit)) if lam > 0 else None,
+                "n_iter": int(sweep.n_iter[s]),
+                "converged": bool(sweep.converged[s]),
+                "stopped_early": bool(sweep.stopped[s]),
+                "train_objective": float(sweep.loss[s]),
+            }
+            if Xv is not None:
+                proba = softmax(Xv @ sweep.coef[s] + sweep.intercept[s])
+                row["val_accuracy"] = float(np.mean(proba.argmax(1) == cv))
+                row["val_log_loss"] = log_loss(proba, cv)
+            results.append(row)
+        return sweep.coef.copy(), sweep.intercept.copy(), results
 
     # ------------------------------------------------------------------ prediction
     def _logits(self, X: np.ndarray) -> np.ndarray:

@@ -195,3 +195,37 @@ def test_pruning_stops_only_hopeless_members():
     # too few validation rows to trust: nothing is stopped
     small = LinearProbe().fit(Xtr, ytr, X_val=Xv[:150], y_val=yv[:150])
     assert not any(r["stopped_early"] for r in small.sweep_results_)
+
+
+def test_large_sets_sweep_all_values_on_a_subsample_then_finalists_on_every_row():
+    """Successive halving over data: every value on a stratified subsample at the same C, the
+    finalists continue on all rows; the result matches the plain all-rows sweep's best."""
+    Xtr, ytr = _overlapping(3000, seed=5, dim=10, noise_dims=150, sep=0.6)
+    Xte, yte = _overlapping(2000, seed=6, dim=10, noise_dims=150, sep=0.6)
+    plain = LinearProbe(subsample=None).fit(Xtr, ytr, X_val=Xte, y_val=yte)
+    halved = LinearProbe(subsample=1000, finalists=3).fit(Xtr, ytr, X_val=Xte, y_val=yte)
+
+    rows = halved.sweep_results_
+    assert len(rows) == 20 and [r["weight_decay"] for r in rows] == pytest.approx(list(DEFAULT_WEIGHT_DECAYS))
+    finalists = [i for i, r in enumerate(rows) if r.get("finalist")]
+    assert len(finalists) == 3
+    for i, r in enumerate(rows):
+        if i in finalists:  # trained on every row, subsample scores kept beside
+            assert r["rows"] == 3000 and "subsample_val_accuracy" in r
+        else:
+            assert 990 <= r["rows"] <= 1010 and not r.get("finalist")
+        assert r["C"] == pytest.approx(1.0 / (r["weight_decay"] * 3000), rel=0.02)  # the same C either way
+    # the finalists are the subsample's best, and the chosen model is the best finalist
+    sub_acc = [r.get("subsample_val_accuracy", r["val_accuracy"]) for r in rows]
+    assert sorted(finalists) == sorted(np.argsort(sub_acc)[::-1][:3].tolist()) or \
+        min(sub_acc[i] for i in finalists) >= sorted(sub_acc)[-3]
+    best = halved.best_params_["weight_decay"]
+    assert best in [rows[i]["weight_decay"] for i in finalists]
+    assert halved.best_params_["val_accuracy"] == max(rows[i]["val_accuracy"] for i in finalists)
+    assert halved.score(Xte, yte) >= plain.best_params_["val_accuracy"] - 0.01
+    # the chosen weights are an all-rows optimum: refitting that value from scratch agrees
+    ref = LinearProbe(weight_decays=[best], subsample=None).fit(Xtr, ytr)
+    assert np.mean(ref.predict(Xte) == halved.predict(Xte)) >= 0.98
+    # small sets and single values never halve
+    small = LinearProbe(subsample=2000).fit(Xtr, ytr, X_val=Xte, y_val=yte)
+    assert all(r.get("rows") is None for r in small.sweep_results_)
