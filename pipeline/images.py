@@ -240,6 +240,19 @@ def _decode(
     draft_size: tuple[int, int] | None,
 ) -> tuple[Image.Image, ImageInfo]:
     data, shown = _read_source(source)
+    try:
+        return _decode_bytes(data, shown, max_pixels, draft_size)
+    except ImageValidationError:
+        raise
+    except MemoryError as exc:
+        raise ImageValidationError("too_many_pixels", f"{shown}: not enough memory to decode it ({exc})") from exc
+    except Exception as exc:  # a decoder's unexpected failure on crafted bytes: still a bad file
+        raise ImageValidationError(
+            "corrupt", f"{shown}: the image decoder failed on this file ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_bytes(data: bytes, shown: str, max_pixels: int,
+                  draft_size: tuple[int, int] | None) -> tuple[Image.Image, ImageInfo]:
     im = _open_lazy(data, shown, max_pixels)
     if im.format == "PNG":
         # PIL's PNG decoder can turn a damaged zlib stream into black pixels without an error;

@@ -210,3 +210,20 @@ def test_png_damage_is_caught():
     with pytest.raises(ImageValidationError) as info:
         open_image(bytes(damaged))
     assert info.value.code == "corrupt" and "IDAT" in str(info.value)
+
+
+def test_decoder_failures_outside_pils_usual_errors_are_validation_errors():
+    """Crafted files make PIL raise NotImplementedError (DDS with unknown pixel-format flags) or
+    TypeError while counting frames (a TIFF page without a size): still `ImageValidationError`."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, "DDS")
+    dds = bytearray(buf.getvalue())
+    dds[80:84] = struct.pack("<I", 0xFF000000)  # DDS_PIXELFORMAT.dwFlags
+    with pytest.raises(ImageValidationError) as err:
+        open_image(bytes(dds))
+    assert err.value.code in ERROR_CODES and "NotImplementedError" in str(err.value)
