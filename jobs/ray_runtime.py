@@ -16,16 +16,19 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> di
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
+        # no address: always a fresh embedded Ray, even when a `ray start` cluster runs here
+        # (RAY_ADDRESS=auto joins that one)
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         common = dict(
             logging_level=logging.WARNING,
             log_to_driver=False,
             configure_logging=True,
         )
-        if address:
+        if address != "local":
             ray.init(address=address, **common)
         else:
             ray.init(
+                address="local",
                 num_cpus=num_cpus or os.cpu_count(),
                 include_dashboard=False,
                 **common,
