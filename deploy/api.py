@@ -121,6 +121,9 @@ async def read_images(request: Request, *, max_bytes: int, max_images: int) -> t
             raw = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+        except RecursionError:  # e.g. "[[[[..." nested deeper than the parser's recursion limit
+            raise ApiError(400, "bad_json", 'the JSON body is nested too deeply: send {"images": [base64, ...]}'
+                           ) from None
         if isinstance(raw, dict) and isinstance(raw.get("images"), list) and len(raw["images"]) > max_images:
             raise _too_many(len(raw["images"]), max_images)
         try:

@@ -7,19 +7,25 @@
              head + k-NN fallback (Predictor), support store        forward → split per request
              registry alias poll → hot swap
 
+On one CPU-only machine `run` (``tlpipe serve``) colocates the backbone in the ingress and turns on
+Ray Serve's direct ingress (the ingress replica is the HTTP server: no proxy hop), which halves the
+CPU spent per request on 2 cores (bench/serve.py reports it per configuration).
+
 Start it with ``tlpipe serve --model NAME@champion`` (`run`), from Python with `build_app`, or with
 ``serve run deploy/serve.yaml`` (`app_builder`, arguments under ``args:``). ``deploy.app:app`` is the
 same graph with every setting read from ``TLPIPE_SERVE_*`` environment variables when the replicas
 start (``TLPIPE_SERVE_MODEL`` names the model).
 
 Live-tunable ``user_config`` (YAML ``deployments[].user_config``, applied by ``reconfigure``):
-``Backbone``: ``max_batch_size``, ``batch_wait_timeout_s``; ``Ingress``: ``poll_interval_s`` (and the
-two batch keys when the backbone is colocated in the ingress, ``colocate_backbone=True``).
+``Backbone``: ``max_batch_size``, ``batch_wait_timeout_s``, ``concurrent_batches``; ``Ingress``:
+``poll_interval_s`` (and the batch keys when the backbone is colocated in the ingress,
+``colocate_backbone=True``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -36,10 +42,37 @@ from deploy.backbone import BackbonePool, EmbedResult
 BACKBONE_DEPLOYMENT = "Backbone"
 INGRESS_DEPLOYMENT = "Ingress"
 DEFAULT_APP_NAME = "tlpipe"
+log = logging.getLogger("tlpipe.serve")
 # Ray system config (environment of every Ray process, set before Ray starts): call arguments up to
 # 2 MiB travel inline with the call rather than through the object store. Set by `run` for a local
 # Ray; set it in the pod environment on a cluster (deploy/kuberay/rayservice.yaml).
 INLINE_ARGS_ENV = {"RAY_max_direct_call_object_size": str(2 * 1024 * 1024)}
+# Environment of a local Ray that `run` starts itself (never touched when joining a cluster): no
+# usage-stats reporting (there is no network). Measured and NOT kept (no difference in CPU per
+# request within the noise, BENCHMARKS.md serve section): Serve's "throughput optimized" replica
+# flags (user code / router on the main loop, GC frozen) and turning Serve's access log off.
+LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def direct_ingress_env(port: int, ingress_replicas: int = 1) -> dict[str, str]:
+    """Environment (set before Ray starts) for Ray Serve's direct ingress on one node.
+
+    The ingress replicas then run their own HTTP server on ``port`` (``port + i`` for replica i)
+    and answer clients without the Serve proxy: one process hop, and the proxy's CPU per request
+    (about as much as the rest of the request path besides the forward pass), less. Serve still
+    starts a proxy on the head node (on ``http_options.port``) as a fallback route.
+    """
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(int(port)),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(int(port) + max(1, int(ingress_replicas))),  # exclusive
+        # no load balancer in front of a local server: nothing to drain, ports reusable at once
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+
+
+MAX_CONCURRENT_BATCHES = 4  # Serve's cap per process; `concurrent_batches` gates below it
 
 
 class BackboneConfig(BaseModel):
@@ -49,6 +82,8 @@ class BackboneConfig(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=256, description="requests merged into one forward pass")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0,
                                         description="longest wait for more requests, only while a pass runs")
+    concurrent_batches: int = Field(1, ge=1, le=MAX_CONCURRENT_BATCHES,
+                                    description="forward passes at once (CPU: up to one per core, 1 ORT thread each)")
 
 
 class IngressConfig(BaseModel):
@@ -59,6 +94,7 @@ class IngressConfig(BaseModel):
     poll_interval_s: float | None = Field(None, ge=0.0, description="registry alias poll period (0: off)")
     max_batch_size: int | None = Field(None, ge=1, le=256, description="colocated backbone only")
     batch_wait_timeout_s: float | None = Field(None, ge=0.0, le=1.0, description="colocated backbone only")
+    concurrent_batches: int | None = Field(None, ge=1, le=MAX_CONCURRENT_BATCHES, description="colocated backbone only")
 
 
 class BatchedEmbedder:
@@ -74,6 +110,11 @@ class BatchedEmbedder:
     min(``batch_wait_timeout_s``, the running average forward time): requests that would wait
     anyway ride together in the next pass. ``batch_wait_timeout_s`` is thus the longest a
     request ever waits for company, and only when it could not have started sooner.
+
+    ``concurrent_batches`` forward passes may run at once (each in its own worker thread; ORT
+    sessions and torch inference are thread-safe): on a CPU, two passes with one ORT thread each
+    can keep two cores busy where one pass with two intra-op threads leaves them partly idle.
+    "Busy" above then means every slot is taken.
     """
 
     def __init__(self, pool: BackbonePool):
@@ -81,8 +122,14 @@ class BatchedEmbedder:
         self.max_wait_s = 0.01
         self.forward_s = 0.0  # running average of one forward pass
         self.busy = 0
+        self.concurrency = 1
+        self._slots: asyncio.Semaphore | None = None  # made in the replica's event loop
 
-    def configure(self, max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None) -> None:
+    def configure(self, max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
+                  concurrent_batches: int | None = None) -> None:
+        if concurrent_batches is not None and int(concurrent_batches) != self.concurrency:
+            self.concurrency = int(concurrent_batches)
+            self._slots = None  # passes running or waiting keep the old gate; new ones use the new size
         if max_batch_size is not None:
             self._batch.set_max_batch_size(int(max_batch_size))
         if batch_wait_timeout_s is not None:
@@ -90,21 +137,24 @@ class BatchedEmbedder:
         self._batch.set_batch_wait_timeout_s(self._window())
 
     def _window(self) -> float:
-        return min(self.max_wait_s, self.forward_s) if self.busy else 0.0
+        return min(self.max_wait_s, self.forward_s) if self.busy >= self.concurrency else 0.0
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _batch(self, keys: list[str], pixels: list[np.ndarray]) -> list[EmbedResult]:
-        self.busy += 1
-        self._batch.set_batch_wait_timeout_s(self._window())
-        t0 = time.perf_counter()
-        try:
-            # the forward pass runs in a worker thread, so requests keep queueing meanwhile
-            return await asyncio.to_thread(self.pool.embed_many, keys, pixels)
-        finally:
-            took = time.perf_counter() - t0
-            self.forward_s = took if self.forward_s == 0 else 0.8 * self.forward_s + 0.2 * took
-            self.busy -= 1
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
+        async with self._slots:
+            self.busy += 1
             self._batch.set_batch_wait_timeout_s(self._window())
+            t0 = time.perf_counter()
+            try:
+                # the forward pass runs in a worker thread, so requests keep queueing meanwhile
+                return await asyncio.to_thread(self.pool.embed_many, keys, pixels)
+            finally:
+                took = time.perf_counter() - t0
+                self.forward_s = took if self.forward_s == 0 else 0.8 * self.forward_s + 0.2 * took
+                self.busy -= 1
+                self._batch.set_batch_wait_timeout_s(self._window())
 
     async def __call__(self, key: str, pixels: np.ndarray) -> EmbedResult:
         return await self._batch(key, pixels)
@@ -129,7 +179,7 @@ class Backbone:
 
     async def reconfigure(self, config: dict | None) -> None:
         cfg = BackboneConfig.model_validate(config or {})
-        self.embedder.configure(cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        self.embedder.configure(cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.concurrent_batches)
 
     async def embed(self, key: str, pixels: np.ndarray) -> EmbedResult:
         """One request's pixels (n, 3, S, S) for the spec whose JSON is `key`."""
@@ -164,7 +214,7 @@ class Ingress:
             opts = dict(colocated or {})
             batch = BackboneConfig.model_validate(opts.pop("batching", {}))
             self.local = BatchedEmbedder(BackbonePool(opts.pop("engine", None) or self.settings.engine, **opts))
-            self.local.configure(batch.max_batch_size, batch.batch_wait_timeout_s)
+            self.local.configure(batch.max_batch_size, batch.batch_wait_timeout_s, batch.concurrent_batches)
         self.service = ServingService(self.settings, self.local if self.local is not None else self._embed)
         await self.service.start()
 
@@ -181,7 +231,7 @@ class Ingress:
         if cfg.poll_interval_s is not None:
             self.service.set_poll_interval(cfg.poll_interval_s)
         if self.local is not None:
-            self.local.configure(cfg.max_batch_size, cfg.batch_wait_timeout_s)
+            self.local.configure(cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.concurrent_batches)
 
     def batching(self) -> dict | None:
         return self.local.batching() if self.local is not None else None
@@ -215,7 +265,7 @@ def build_app(model: str | None, *, tracking_uri: str | None = None, state_root:
               ingress_replicas: int | None = None, backbone_replicas: int | None = None,
               ingress_options: dict | None = None, backbone_options: dict | None = None,
               intra_op_num_threads: int | None = None, colocate_backbone: bool = False,
-              **settings: Any) -> Application:
+              concurrent_batches: int | None = None, **settings: Any) -> Application:
     """The Serve application for `model` (see module docstring).
 
     ``colocate_backbone=True`` drops the Backbone deployment and runs the backbone (same
@@ -251,7 +301,8 @@ def build_app(model: str | None, *, tracking_uri: str | None = None, state_root:
     if ingress_replicas is not None:
         i_opts["num_replicas"] = ingress_replicas
     batching = BackboneConfig(**{k: v for k, v in {"max_batch_size": max_batch_size,
-                                                   "batch_wait_timeout_s": batch_wait_timeout_s}.items()
+                                                   "batch_wait_timeout_s": batch_wait_timeout_s,
+                                                   "concurrent_batches": concurrent_batches}.items()
                                  if v is not None})
     ingress_config = IngressConfig(poll_interval_s=poll_interval_s)
     if colocate_backbone:
@@ -280,24 +331,50 @@ def app_builder(args: AppArgs) -> Application:
 
 def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DEFAULT_APP_NAME,
         route_prefix: str = "/", blocking: bool = True, ray_address: str | None = None,
-        **kwargs: Any):
+        direct_ingress: bool | None = None, colocate_backbone: bool | None = None,
+        proxy_port: int | None = None, **kwargs: Any):
     """Start (or join) Ray and Serve on host:port and deploy the app; `tlpipe serve` calls this.
+
+    On a local Ray started here (no `ray_address` / RAY_ADDRESS, Ray not initialised yet) the
+    defaults are the fast single-node ones (see BENCHMARKS.md, serve section):
+
+    - ``direct_ingress`` (default: True for a local Ray and one ingress replica): the ingress
+      replica itself listens on host:port (replica i of several on port + i; `direct_ingress_env`);
+      Serve's proxy listens on `proxy_port` (default: a free port) as a fallback. Joining a
+      cluster, the proxy listens on host:port as usual.
+    - ``colocate_backbone`` (default: True for a local Ray without a GPU): the backbone runs in
+      the ingress replica (`build_app`).
 
     Returns the ingress `DeploymentHandle` when `blocking` is False; otherwise serves until
     interrupted (Ctrl-C shuts the application down).
     """
     import ray
 
-    from jobs.ray_runtime import ensure_ray
+    from jobs.ray_runtime import cluster_has_gpu, ensure_ray
 
-    application = build_app(model, **kwargs)  # argument errors before anything starts
-    if not ray.is_initialized() and not (ray_address or os.environ.get("RAY_ADDRESS")):
+    application = build_app(model, colocate_backbone=bool(colocate_backbone), **kwargs)  # argument errors first
+    local = not ray.is_initialized() and not (ray_address or os.environ.get("RAY_ADDRESS"))
+    replicas = int((kwargs.get("ingress_options") or {}).get("num_replicas") or kwargs.get("ingress_replicas") or 1)
+    if direct_ingress is None:
+        direct_ingress = local and replicas == 1  # replica i listens on port + i: one URL needs one replica
+    if direct_ingress and not local:
+        raise ValueError("direct_ingress=True needs the local Ray that run() starts itself (its environment "
+                         "must be set before Ray starts): call run() before ray.init(), or export "
+                         "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 before starting the cluster and pass direct_ingress=False")
+    if local:
         # a local Ray started here: pass one request's pixels (a 224 px image is 150 KB) inline
         # in the actor call instead of through the object store (3x cheaper per request)
-        for key, value in INLINE_ARGS_ENV.items():
+        for key, value in {**INLINE_ARGS_ENV, **LOCAL_RAY_ENV}.items():
             os.environ.setdefault(key, value)
-    ensure_ray(ray_address)
-    serve.start(http_options={"host": host, "port": int(port)})
+        if direct_ingress:
+            os.environ.update(direct_ingress_env(int(port), replicas))  # the ports must be these
+    ensure_ray("local" if local else ray_address)  # never a `ray start` cluster that ignores `env`
+    if colocate_backbone is None and local and not cluster_has_gpu():
+        application = build_app(model, colocate_backbone=True, **kwargs)
+    if direct_ingress:
+        proxy_port = proxy_port or _free_port(host)
+        log.info("direct ingress: the app answers on http://%s:%s, Serve's proxy on port %s", host, port, proxy_port)
+    serve.start(http_options={"host": host, "port": int(proxy_port if direct_ingress else port)})
     handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
     if not blocking:
         return handle
@@ -307,6 +384,14 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DE
     except KeyboardInterrupt:
         serve.delete(name)
     return None
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host if host not in ("0.0.0.0", "::") else "", 0))
+        return s.getsockname()[1]
 
 
 app = Ingress.bind(Backbone.bind())

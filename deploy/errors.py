@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from pipeline.images import ImageValidationError
+
+log = logging.getLogger("tlpipe.serve")
 
 # ImageValidationError.code -> (HTTP status, API error code)
 _IMAGE_ERRORS = {
@@ -38,3 +42,26 @@ def image_error(exc: ImageValidationError, index: int, name: str | None = None) 
     if name:
         detail["filename"] = name
     return ApiError(status, code, f"{what}: {exc}", [detail])
+
+
+def decode_error(exc: Exception, index: int, name: str | None = None) -> ApiError:
+    """The client-facing error for any exception raised while decoding uploaded image `index`.
+
+    Decoding runs PIL's format plugins on untrusted bytes, and a crafted file can make them raise
+    nearly anything (DDS: NotImplementedError, TIFF: TypeError, others: KeyError, struct.error,
+    ZeroDivisionError...): the image is bad, not the server (400 ``bad_image``; 413 for
+    MemoryError). Anything that is not an `ImageValidationError` is also logged with its traceback,
+    so a genuine decoder bug stays visible in the server log.
+    """
+    if isinstance(exc, ImageValidationError):
+        return image_error(exc, index, name)
+    log.warning("image %d (%s) failed to decode with %s", index, name, type(exc).__name__,
+                exc_info=(type(exc), exc, exc.__traceback__))
+    what = f"image {index}" + (f" ({name!r})" if name else "")
+    detail = {"index": index, "reason": type(exc).__name__}
+    if name:
+        detail["filename"] = name
+    if isinstance(exc, MemoryError):
+        return ApiError(413, "image_too_large", f"{what}: too large to decode (send a smaller image)", [detail])
+    return ApiError(400, "bad_image", f"{what}: cannot be decoded ({type(exc).__name__}: {exc}); send a "
+                    "JPEG, PNG or WebP file", [detail])

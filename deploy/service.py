@@ -27,7 +27,7 @@ from typing import Awaitable, Callable, Sequence
 import numpy as np
 
 from deploy.backbone import EmbedResult, spec_key
-from deploy.errors import ApiError, image_error
+from deploy.errors import ApiError, decode_error
 from deploy.metrics import ServeMetrics
 from deploy.model_source import ModelSource, ModelSourceError, ResolvedModel, parse_model_ref
 from deploy.settings import ServeSettings
@@ -247,12 +247,9 @@ class ServingService:
         futures = [loop.run_in_executor(self._pool, self._prepare, it.data, spec) for it in items]
         results = await asyncio.gather(*futures, return_exceptions=True)
         for i, r in enumerate(results):
+            if isinstance(r, Exception):  # whatever the decoder raised on these bytes: a 4xx
+                raise decode_error(r, i, items[i].filename)
             if isinstance(r, BaseException):
-                if isinstance(r, ImageValidationError):
-                    raise image_error(r, i, items[i].filename)
-                if isinstance(r, (ValueError, OSError, SyntaxError, EOFError, MemoryError, TypeError, IndexError)):
-                    raise ApiError(400, "bad_image", f"image {i}: cannot be decoded ({type(r).__name__}: {r})",
-                                   [{"index": i}])
                 raise r
         return results[0][None] if len(results) == 1 else np.stack(results)
 

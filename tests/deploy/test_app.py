@@ -422,6 +422,62 @@ def test_restart_keeps_added_classes(served, serving_model):
     assert set(serve.status().applications[APP].deployments) == {"Ingress"}
 
 
+# ---------------------------------------------------------------------------- `tlpipe serve` (run)
+_RUN_SCRIPT = """
+import json, sys
+import httpx, psutil, ray
+from ray import serve
+from deploy.app import run
+
+model, port, proxy_port, root, photo = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+run(model, host="127.0.0.1", port=port, proxy_port=proxy_port, name="t", blocking=False, engine="torch",
+    poll_interval_s=0, state_root=root)
+try:
+    data = open(photo, "rb").read()
+    out = {"deployments": sorted(serve.status().applications["t"].deployments)}
+    for key, p in (("direct", port), ("proxy", proxy_port)):
+        r = httpx.post(f"http://127.0.0.1:{p}/v1/predict", content=data, headers={"Content-Type": "image/jpeg"},
+                       timeout=60)
+        out[key] = [r.status_code, r.json()["predictions"][0]["label"]]
+        owner = [c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == p and c.status == "LISTEN"]
+        out[key + "_listener"] = " ".join(psutil.Process(owner[0]).cmdline()) if owner else None
+    print("RESULT " + json.dumps(out), flush=True)
+finally:
+    serve.shutdown()
+    ray.shutdown()
+"""
+
+
+def test_run_serves_directly_from_the_ingress_replica_on_a_local_ray(serving_model, tmp_path):
+    """`tlpipe serve`'s defaults on its own local Ray (a subprocess): the backbone colocated in the
+    ingress, and the ingress replica itself listening on the requested port (direct ingress, no
+    proxy hop); Serve's proxy still answers on `proxy_port`."""
+    import os
+    import subprocess
+
+    port, proxy_port = free_port(), free_port()
+    photo = serving_model.classifier[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TLPIPE_SERVE_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _RUN_SCRIPT, str(serving_model.predictor_dir), str(port),
+                           str(proxy_port), str(tmp_path / "state"), str(photo.path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[0][len("RESULT "):])
+    assert out["deployments"] == ["Ingress"]  # colocated backbone: no Backbone deployment
+    assert out["direct"] == [200, photo.label] and out["proxy"] == [200, photo.label]
+    assert "ServeReplica" in out["direct_listener"] and "Ingress" in out["direct_listener"]
+    assert "ProxyActor" in out["proxy_listener"]
+
+
+def test_run_refuses_direct_ingress_on_a_running_ray(ray_serve):
+    from deploy.app import run
+
+    with pytest.raises(ValueError, match="direct_ingress=True needs the local Ray"):
+        run("m@champion", direct_ingress=True, blocking=False)
+
+
 # ---------------------------------------------------------------------------- units (no Ray)
 def test_multipart_parser_roundtrip():
     from deploy.multipart import MultipartError, encode_multipart, parse_multipart
@@ -594,3 +650,56 @@ def test_busy_aware_batching_merges_requests_only_while_busy(monkeypatch):
     assert alone < 0.4  # 0.15 s forward pass, no 0.5 s batch wait
     assert calls == [1, 1, 6], calls  # the six that came during the second pass share the third
     assert [r.batch_images for r in results] == [1] + [6] * 6
+
+
+def test_concurrent_batches_run_forward_passes_side_by_side(monkeypatch):
+    """concurrent_batches=2: a request arriving while one pass runs starts its own pass at once (a
+    free slot means not busy: no batch wait); once both slots are taken, later ones ride together."""
+    import asyncio
+
+    from ray import serve
+    from ray.serve import batching
+
+    from deploy.app import MAX_CONCURRENT_BATCHES, BatchedEmbedder
+    from deploy.backbone import BackbonePool, EmbedResult
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+
+    class SlowPool(BackbonePool):
+        def __init__(self):
+            super().__init__("torch")
+            self.calls, self.running, self.most = [], 0, 0
+
+        def embed_many(self, keys, pixels):
+            self.calls.append(sum(len(p) for p in pixels))
+            self.running += 1
+            self.most = max(self.most, self.running)
+            time.sleep(0.2)
+            self.running -= 1
+            return [EmbedResult(np.zeros((len(p), 2), np.float32), sum(len(q) for q in pixels), len(pixels), i == 0)
+                    for i, p in enumerate(pixels)]
+
+    Isolated = type("Isolated", (BatchedEmbedder,), {"_batch": serve.batch(
+        max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=MAX_CONCURRENT_BATCHES)(
+        BatchedEmbedder._batch.__wrapped__)})
+
+    async def scenario():
+        pool = SlowPool()
+        embedder = Isolated(pool)
+        embedder.configure(max_batch_size=16, batch_wait_timeout_s=0.5, concurrent_batches=2)
+        px = np.zeros((1, 3, 4, 4), np.uint8)
+        t0 = time.perf_counter()
+        first = asyncio.create_task(embedder("k", px))
+        await asyncio.sleep(0.03)
+        second = asyncio.create_task(embedder("k", px))  # one slot free: its own pass, at once
+        await asyncio.sleep(0.03)
+        rest = [asyncio.create_task(embedder("k", px)) for _ in range(4)]  # both busy: one pass later
+        await asyncio.gather(first, second)
+        two = time.perf_counter() - t0
+        await asyncio.gather(*rest)
+        return pool, two
+
+    pool, two = asyncio.run(scenario())
+    assert pool.most == 2 and two < 0.35, (pool.most, two)  # side by side, not 0.2 + 0.2 s
+    assert pool.calls[:2] == [1, 1] and sum(pool.calls) == 6 and max(pool.calls[2:]) >= 2, pool.calls

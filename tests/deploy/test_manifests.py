@@ -55,7 +55,9 @@ def check_serve_config(cfg: dict, where: str) -> None:
             user_configs[dep["name"]].model_validate(dep.get("user_config") or {})
             if dep["name"] == BACKBONE_DEPLOYMENT:
                 assert dep["max_ongoing_requests"] >= dep["user_config"]["max_batch_size"]
-        assert names == set(user_configs), f"{where}: deployments {names} != {set(user_configs)}"
+        # a colocated backbone runs in the ingress replicas: no Backbone deployment to configure
+        want = {INGRESS_DEPLOYMENT} if args.colocate_backbone else set(user_configs)
+        assert names == want, f"{where}: deployments {names} != {want}"
 
 
 def test_serve_yaml():
@@ -165,8 +167,25 @@ def test_dockerfile():
                 copied.add(s)
     assert set(packages) <= copied, f"the image lacks packages {set(packages) - copied}"
     cmd = json.loads(dict(steps)["CMD"])
-    assert cmd[:2] == ["serve", "run"] and (REPO / cmd[2]).is_file()
-    port = _load(REPO / cmd[2])["http_options"]["port"]
+    if cmd[:2] == ["serve", "run"]:
+        assert (REPO / cmd[2]).is_file()
+        port = _load(REPO / cmd[2])["http_options"]["port"]
+    else:  # sh -c "exec tlpipe serve --model ... --port P": a real command of the CLI
+        import shlex
+
+        from typer.testing import CliRunner
+
+        from jobs.cli import app
+
+        assert cmd[:2] == ["sh", "-c"]
+        argv = shlex.split(cmd[2].replace('"$TLPIPE_SERVE_MODEL"', "m@champion"))
+        assert argv[:3] == ["exec", "tlpipe", "serve"]
+        env = {k: v for i, v in steps if i == "ENV" for k in [v.split("=")[0]]}
+        assert "TLPIPE_SERVE_MODEL" in env
+        help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+        for opt in (a for a in argv[3:] if a.startswith("--")):
+            assert opt in help_text, f"tlpipe serve has no option {opt}"
+        port = argv[argv.index("--port") + 1]
     assert str(port) in dict(steps)["EXPOSE"].split()
     assert "/healthz" in dict(steps)["HEALTHCHECK"]
 
