@@ -37,7 +37,8 @@ from pipeline.images import ImageValidationError
 log = logging.getLogger("tlpipe.serve")
 
 Embedder = Callable[[str, np.ndarray], Awaitable[EmbedResult]]
-_EMBED_CHUNK = 32  # images per embed call when re-embedding stored examples
+_EMBED_CHUNK = 8  # images per embed call for added examples: no bigger than a traffic batch, so
+# ONNX Runtime's memory arena (sized by the largest forward pass it has run) does not grow for them
 
 
 class NotReady(RuntimeError):

@@ -27,3 +27,26 @@ def copy_predictor(src: Path, dst: Path, **info) -> Path:
     cfg["info"].update(info)
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return dst
+
+
+def register_in_tmp_store(root: Path, experiment: str, predictor_dir: Path, name: str,
+                          alias: str = "champion") -> tuple[str, str, str]:
+    """Register `predictor_dir` as `name`@`alias` in a fresh MLflow store under `root`, leaving
+    the process's tracking URI as it was; returns (tracking_uri, experiment_id, version)."""
+    import os
+
+    import mlflow
+
+    from jobs.registry import register_predictor
+    from jobs.tracking import setup_mlflow
+
+    previous, env = mlflow.get_tracking_uri(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        experiment_id = setup_mlflow(root, experiment)
+        mlflow.set_experiment(experiment_id=experiment_id)
+        version = register_predictor(predictor_dir, name, alias=alias)
+        return mlflow.get_tracking_uri(), experiment_id, version
+    finally:
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+        mlflow.set_tracking_uri(previous)

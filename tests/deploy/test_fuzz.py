@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import free_port  # noqa: E402
+from serving_helpers import free_port, register_in_tmp_store  # noqa: E402
 
 import schemathesis  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -48,21 +48,12 @@ AUTHS = {"token": {"Authorization": f"Bearer {TOKEN}"}, "wrong-token": {"Authori
 def fuzz_url(ray_serve, serving_model, tmp_path_factory):
     """The app on a free loopback port, serving NAME@champion from a registry in tmp."""
     import httpx
-    import mlflow
     from ray import serve
 
     from deploy.app import build_app
-    from jobs.registry import register_predictor
-    from jobs.tracking import setup_mlflow
 
     root = tmp_path_factory.mktemp("fuzz-state")
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mlflow.set_experiment(experiment_id=setup_mlflow(root, "serve-fuzz"))
-        register_predictor(serving_model.predictor_dir, NAME, alias="champion")
-        tracking_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(previous)
+    tracking_uri, _, _ = register_in_tmp_store(root, "serve-fuzz", serving_model.predictor_dir, NAME)
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     app = build_app(f"{NAME}@champion", tracking_uri=tracking_uri, state_root=str(root), engine="torch",
                     poll_interval_s=0, admin_token=TOKEN, decode_threads=2, max_batch_size=8,

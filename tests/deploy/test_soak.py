@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import NEW_CLASS, free_port  # noqa: E402
+from serving_helpers import NEW_CLASS, free_port, register_in_tmp_store  # noqa: E402
 
 NAME = "soaked"
 TOKEN = "soak-token-9c2f"
@@ -37,22 +37,12 @@ MB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def soak_app(ray_serve, serving_model, tmp_path_factory):
-    import mlflow
     from ray import serve
 
     from bench.soak import start_app
-    from jobs.registry import register_predictor
-    from jobs.tracking import setup_mlflow
 
     root = tmp_path_factory.mktemp("soak-state")
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        experiment = setup_mlflow(root, "serve-soak")
-        tracking_uri = mlflow.get_tracking_uri()
-        mlflow.set_experiment(experiment_id=experiment)
-        v1 = register_predictor(serving_model.predictor_dir, NAME, alias="champion")
-    mlflow.set_tracking_uri(previous)
+    tracking_uri, experiment, v1 = register_in_tmp_store(root, "serve-soak", serving_model.predictor_dir, NAME)
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     try:
         url = start_app(f"{NAME}@champion", state_root=str(root), tracking_uri=tracking_uri, port=free_port(),
