@@ -8,10 +8,8 @@ is killed by group at teardown.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,28 +21,17 @@ import numpy as np
 import pytest
 
 from feature_store import FeatureStore
-from pipeline.backbones import get_spec
 
 REPO = Path(__file__).resolve().parents[2]
-LITE0 = "efficientnet/tf_efficientnet_lite0.in1k"
 N_PER_CLASS = 16  # 160 images
 
-
-@pytest.fixture(scope="module")
-def small_spec():
-    # the same small spec as test_extract.py (its ONNX export is cached by fingerprint)
-    return dataclasses.replace(get_spec(LITE0), input_size=96, crop_pct=1.0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cifar_subsets import copy_cifar_subset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cifar_160(cifar10_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cifar-160")
-    for cls_dir in sorted((cifar10_dir / "train").iterdir()):
-        dest = root / "train" / cls_dir.name
-        dest.mkdir(parents=True)
-        for p in sorted(cls_dir.glob("*.jpg"))[:N_PER_CLASS]:
-            shutil.copy(p, dest / p.name)
-    return root
+    return copy_cifar_subset(cifar10_dir, tmp_path_factory.mktemp("cifar-160"), {"train": N_PER_CLASS})
 
 
 @pytest.fixture(scope="module")

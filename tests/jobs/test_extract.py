@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from feature_store import FeatureStore
-from pipeline.backbones import get_spec
-
-LITE0 = "efficientnet/tf_efficientnet_lite0.in1k"
 
 
-@pytest.fixture(scope="module")
-def small_spec():
-    # CIFAR photos are 32 px: 96 px input keeps the real weights useful and the test fast.
-    return dataclasses.replace(get_spec(LITE0), input_size=96, crop_pct=1.0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cifar_subsets import copy_cifar_subset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cifar_subset(cifar10_dir, tmp_path_factory) -> Path:
     """ImageFolder with train (30 a class) and test (10 a class) copied from real CIFAR-10."""
-    root = tmp_path_factory.mktemp("cifar-subset")
-    for split, n in (("train", 30), ("test", 10)):
-        for cls_dir in sorted((cifar10_dir / split).iterdir()):
-            dest = root / split / cls_dir.name
-            dest.mkdir(parents=True)
-            for p in sorted(cls_dir.glob("*.jpg"))[:n]:
-                shutil.copy(p, dest / p.name)
-    return root
+    return copy_cifar_subset(cifar10_dir, tmp_path_factory.mktemp("cifar-subset"), {"train": 30, "test": 10})
 
 
 def _files(ds):

@@ -8,8 +8,7 @@ store. Slow on 2 shared cores (every node is a raylet with its own workers), hen
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,12 +17,13 @@ import numpy as np
 import pytest
 
 from feature_store import FeatureStore
-from pipeline.backbones import get_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-LITE0 = "efficientnet/tf_efficientnet_lite0.in1k"
 N_PER_CLASS = 16
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cifar_subsets import copy_cifar_subset  # noqa: E402
+
 NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
 HEADS = ["linear", "knn", "centroid", "mlp"]
 HEAD_PARAMS = {"linear": {"weight_decays": [1e-3, 1e-1], "max_iter": 200}}
@@ -89,20 +89,10 @@ def _worker_node(cluster):
 
 
 @pytest.fixture(scope="module")
-def small_spec():
-    return dataclasses.replace(get_spec(LITE0), input_size=96, crop_pct=1.0)
-
-
-@pytest.fixture(scope="module")
 def dataset(cifar10_dir, tmp_path_factory):
     from pipeline.data import load_dataset
 
-    root = tmp_path_factory.mktemp("cifar-node-loss")
-    for cls_dir in sorted((cifar10_dir / "train").iterdir()):
-        dest = root / "train" / cls_dir.name
-        dest.mkdir(parents=True)
-        for p in sorted(cls_dir.glob("*.jpg"))[:N_PER_CLASS]:
-            shutil.copy(p, dest / p.name)
+    root = copy_cifar_subset(cifar10_dir, tmp_path_factory.mktemp("cifar-node-loss"), {"train": N_PER_CLASS})
     return load_dataset(root)  # stratified train / val / test
 
 
