@@ -255,6 +255,10 @@ def main() -> None:
         data = make_synthetic(n_train=n, n_test=max(1000, n // 5), dim=d)
         label = args.label or "synthetic"
         cmd = f"python -m bench.probe --synthetic {args.synthetic}"
+    if args.no_sklearn_all:
+        cmd += " --no-sklearn-all"
+    if args.repeats != 3:
+        cmd += f" --repeats {args.repeats}"
     r = run_bench(data["X_train"], data["y_train"], data["X_test"], data["y_test"],
                   n_threads=args.threads, sklearn_all=not args.no_sklearn_all, repeats=args.repeats)
     table, verdict = bench_rows(r, label)
