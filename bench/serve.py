@@ -277,8 +277,8 @@ def _target(url: str) -> tuple[str, int, str]:
     return u.hostname or "127.0.0.1", u.port or 80, u.path or "/"
 
 
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+def pct(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
 
 
 async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, duration: float,
@@ -598,11 +598,9 @@ def measured_loop(url: str, bodies, clients: int, args) -> dict:
 
 
 def _free_port() -> int:
-    import socket
+    from deploy.app import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from typing import Callable
 
 import numpy as np
 
+from bench.serve import pct
+
 MB = 1024 * 1024
 
 
@@ -94,10 +96,6 @@ class SoakResult:
                 "other_errors": self.other_errors, "lost": self.lost, "stale_retries": self.stale_retries, "error_samples": self.error_samples,
                 "windows": self.windows, "events": self.events, "models": self.models,
                 "elapsed_s": self.elapsed_s}
-
-
-def pct(values, q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
 
 
 async def drive(url: str, bodies: list[tuple[bytes, dict]], plan: SoakPlan, events: list[SoakEvent] = (),

@@ -350,10 +350,13 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DE
     """
     import ray
 
-    from jobs.ray_runtime import cluster_has_gpu, ensure_ray
+    from jobs.ray_runtime import ensure_ray
+    from pipeline.devices import resolve_device
 
-    application = build_app(model, colocate_backbone=bool(colocate_backbone), **kwargs)  # argument errors first
     local = not ray.is_initialized() and not (ray_address or os.environ.get("RAY_ADDRESS"))
+    if colocate_backbone is None:  # a local Ray sees this machine's devices
+        colocate_backbone = local and resolve_device("auto") == "cpu"
+    application = build_app(model, colocate_backbone=colocate_backbone, **kwargs)  # argument errors first
     replicas = int((kwargs.get("ingress_options") or {}).get("num_replicas") or kwargs.get("ingress_replicas") or 1)
     if direct_ingress is None:
         direct_ingress = local and replicas == 1  # replica i listens on port + i: one URL needs one replica
@@ -369,10 +372,8 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DE
         if direct_ingress:
             os.environ.update(direct_ingress_env(int(port), replicas))  # the ports must be these
     ensure_ray("local" if local else ray_address)  # never a `ray start` cluster that ignores `env`
-    if colocate_backbone is None and local and not cluster_has_gpu():
-        application = build_app(model, colocate_backbone=True, **kwargs)
     if direct_ingress:
-        proxy_port = proxy_port or _free_port(host)
+        proxy_port = proxy_port or free_port(host)
         log.info("direct ingress: the app answers on http://%s:%s, Serve's proxy on port %s", host, port, proxy_port)
     serve.start(http_options={"host": host, "port": int(proxy_port if direct_ingress else port)})
     handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
@@ -386,7 +387,8 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DE
     return None
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now."""
     import socket
 
     with socket.socket() as s:

@@ -34,13 +34,18 @@ class ApiError(Exception):
         return {"error": self.code, "message": self.message, "details": self.details}
 
 
+def _about(index: int, name: str | None, reason: str) -> tuple[str, dict]:
+    """("image 3 ('x.jpg')", its error detail) for image `index` of the request."""
+    detail = {"index": index, "reason": reason}
+    if name:
+        detail["filename"] = name
+    return f"image {index}" + (f" ({name!r})" if name else ""), detail
+
+
 def image_error(exc: ImageValidationError, index: int, name: str | None = None) -> ApiError:
     """An undecodable image at position `index` of the request."""
     status, code = _IMAGE_ERRORS.get(exc.code, (400, "bad_image"))
-    what = f"image {index}" + (f" ({name!r})" if name else "")
-    detail = {"index": index, "reason": exc.code}
-    if name:
-        detail["filename"] = name
+    what, detail = _about(index, name, exc.code)
     return ApiError(status, code, f"{what}: {exc}", [detail])
 
 
@@ -57,10 +62,7 @@ def decode_error(exc: Exception, index: int, name: str | None = None) -> ApiErro
         return image_error(exc, index, name)
     log.warning("image %d (%s) failed to decode with %s", index, name, type(exc).__name__,
                 exc_info=(type(exc), exc, exc.__traceback__))
-    what = f"image {index}" + (f" ({name!r})" if name else "")
-    detail = {"index": index, "reason": type(exc).__name__}
-    if name:
-        detail["filename"] = name
+    what, detail = _about(index, name, type(exc).__name__)
     if isinstance(exc, MemoryError):
         return ApiError(413, "image_too_large", f"{what}: too large to decode (send a smaller image)", [detail])
     return ApiError(400, "bad_image", f"{what}: cannot be decoded ({type(exc).__name__}: {exc}); send a "

@@ -67,26 +67,20 @@ def _clean_errors(command):
                      NoEligibleCandidateError, FileNotFoundError, PermissionError)
             if not isinstance(exc, known) or os.environ.get("TLPIPE_DEBUG"):
                 raise
-            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            _fail(str(text) or type(exc).__name__)
+            _fail(str(exc) or type(exc).__name__)
 
     return wrapper
 
 
 def _load(data: str, seed: int, max_pixels: Optional[int]):
-    from pipeline.data import DatasetError, load_dataset
+    """The dataset (unpacked first if an archive); its errors reach `_clean_errors`."""
+    from pipeline.archives import is_archive, unpack
+    from pipeline.data import load_dataset
     from pipeline.images import DEFAULT_MAX_PIXELS
 
-    from pipeline.archives import is_archive, unpack
-
-    from pipeline.archives import ArchiveError
-
-    try:
-        if is_archive(data):
-            data = str(unpack(data))
-        return load_dataset(data, seed=seed, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    except (DatasetError, ArchiveError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    if is_archive(data):
+        data = str(unpack(data))
+    return load_dataset(data, seed=seed, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
 
 
 @app.command()
@@ -260,11 +254,9 @@ def parse_head_params(items: List[str]) -> dict[str, dict]:
 def check_head_params(heads: list[str], head_params: dict[str, dict]) -> None:
     """Fail before any work when a --set names a head not in --heads or a parameter that head
     does not take (fine-tunes: `pipeline.finetune.FinetuneConfig` fields + the Ray Train job keys)."""
-    import dataclasses
-    import inspect
-
     from jobs.finetune import FINETUNE_HEADS, JOB_PARAMS
-    from jobs.sweep import resolve_head
+    from jobs.sweep import _init_params, resolve_head
+    from pipeline.fields import field_names
     from pipeline.finetune import FinetuneConfig
     from pipeline.heads import HEADS
 
@@ -272,9 +264,9 @@ def check_head_params(heads: list[str], head_params: dict[str, dict]) -> None:
         if label not in heads:
             raise typer.BadParameter(f"--set {label}.…: {label!r} is not among --heads {heads}", param_hint="--set")
         if label.lower() in FINETUNE_HEADS:
-            known = {f.name for f in dataclasses.fields(FinetuneConfig)} | set(JOB_PARAMS)
+            known = field_names(FinetuneConfig) | set(JOB_PARAMS)
         else:
-            known = set(inspect.signature(HEADS[resolve_head(label)].__init__).parameters) - {"self"}
+            known = _init_params(HEADS[resolve_head(label)])
         unknown = sorted(set(params) - known)
         if unknown:
             raise typer.BadParameter(f"{label} takes no parameter {unknown}; it takes {sorted(known)}",

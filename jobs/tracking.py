@@ -140,25 +140,29 @@ def setup_mlflow(root: str | os.PathLike, experiment: str) -> str:
 
 # ----------------------------------------------------------------------------- killed drivers
 
-def _process_start_token(pid: int) -> str | None:
-    """An id of the process `pid` that a later process reusing the pid will not share: the boot
-    id + the process's start time in clock ticks (Linux /proc). None where /proc is missing."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state first), or None where it cannot be read. The
+    command name (field 2) may hold spaces and parentheses: fields restart after the last ')'."""
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # the command name (field 2) may hold spaces and parentheses: fields restart after the last ')'
-    fields = stat[stat.rfind(")") + 2:].split()
-    return f"{boot}:{fields[19]}" if len(fields) > 19 else None
+    return stat[stat.rfind(")") + 2:].split()
+
+
+def _process_start_token(pid: int) -> str | None:
+    """An id of the process `pid` that a later process reusing the pid will not share: the boot
+    id + the process's start time in clock ticks (Linux /proc). None where /proc is missing."""
+    fields = _stat_fields(pid)
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return f"{boot}:{fields[19]}" if fields is not None and len(fields) > 19 else None
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[:1] == ["Z"]
+    return (_stat_fields(pid) or [""])[0] == "Z"
 
 
 def _pid_namespace() -> str:

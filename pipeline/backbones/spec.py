@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pipeline.fields import reject_unknown
+
 __all__ = [
     "BackboneSpec",
     "ParsedName",
@@ -249,10 +251,7 @@ class BackboneSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BackboneSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown BackboneSpec fields {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown(cls, data)
         d = dict(data)
         for key in ("mean", "std"):
             if key in d:

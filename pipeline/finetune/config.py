@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.fields import reject_unknown
+
 __all__ = ["FinetuneConfig", "METHODS", "MONITORS"]
 
 METHODS = ("lora", "full")
@@ -122,10 +124,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown FinetuneConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown(cls, data)
         d = dict(data)
         for k in ("scale", "ratio", "target_modules"):
             if d.get(k) is not None:

@@ -325,7 +325,7 @@ class LinearProbe(Head):
                 row["val_accuracy"] = float(np.mean(proba.argmax(1) == cv))
                 row["val_log_loss"] = log_loss(proba, cv)
             results.append(row)
-        return sweep.coef.copy(), sweep.intercept.copy(), results
+        return sweep.coef, sweep.intercept, results  # fresh arrays: the caller may overwrite members
 
     # ------------------------------------------------------------------ prediction
     def _logits(self, X: np.ndarray) -> np.ndarray:
