@@ -8,7 +8,7 @@ when the last one answered) in this process.
 
 Rows, side by side:
   (a) tlpipe: `deploy.app.run` (what `tlpipe serve` calls) on a fresh local Ray per configuration
-      (``--configs``): ORT backbone with @serve.batch, multipart JPEG; the backbone colocated in the
+      (``--configs``): tlpipe's CPU engine (OpenVINO, else ONNX Runtime) with @serve.batch, multipart JPEG; the backbone colocated in the
       ingress replica or a separate Backbone deployment; direct ingress (the ingress replica answers
       HTTP itself, the local default) or through Serve's proxy
   (b) `mlflow models serve` of the same predictor as an eager-PyTorch pyfunc (base64 JPEG in JSON)
@@ -99,7 +99,7 @@ def build_champion(root: Path, state: Path, per_class: int) -> tuple[str, Path, 
     from pipeline.preprocess import load_pixels
 
     spec = get_spec(SPEC)
-    backbone = load_backbone(spec, engine="onnx")
+    backbone = load_backbone(spec, engine="auto")
 
     def embed(items):
         return np.concatenate([backbone.embed(np.stack([load_pixels(p, spec) for p, _ in items[i:i + 64]]))
@@ -154,11 +154,11 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """One tlpipe server configuration: ``TOPOLOGY+INGRESS:ORT_THREADS[xPASSES]`` on the command line."""
+    """One tlpipe server configuration: ``TOPOLOGY+INGRESS:THREADS[xPASSES]`` on the command line."""
 
     colocated: bool  # backbone in the ingress replica (else a separate Backbone deployment)
     direct: bool  # direct ingress: the ingress replica answers HTTP itself (else Serve's proxy)
-    threads: int  # ORT intra-op threads
+    threads: int  # backbone engine threads (OpenVINO / ORT intra-op)
     passes: int = 1  # forward passes at once (`concurrent_batches`)
 
     @classmethod
@@ -181,8 +181,14 @@ class ServerConfig:
     def label(self) -> str:
         return (f"tlpipe Ray Serve ({'backbone in the ingress' if self.colocated else 'Backbone deployment'}, "
                 f"{'direct ingress' if self.direct else 'via Serve proxy'}, "
-                f"ORT {self.threads} thread{'s' if self.threads > 1 else ''} x {self.passes} "
+                f"{_engine_label()} {self.threads} thread{'s' if self.threads > 1 else ''} x {self.passes} "
                 f"pass{'es' if self.passes > 1 else ''} at once)")
+
+
+def _engine_label() -> str:
+    from pipeline.backbones.registry import default_cpu_engine
+
+    return {"openvino": "OpenVINO", "onnx": "ORT", "torch": "eager torch"}[default_cpu_engine()]
 
 
 def start_tlpipe(state: Path, port: int, args, config: ServerConfig) -> str:
@@ -196,7 +202,7 @@ def start_tlpipe(state: Path, port: int, args, config: ServerConfig) -> str:
     for key in (*LOCAL_RAY_ENV, *direct_ingress_env(port)):
         os.environ.pop(key, None)  # run() sets them for this config's Ray
     run(f"{MODEL_NAME}@champion", host="127.0.0.1", port=port, name="bench", blocking=False,
-        direct_ingress=config.direct, colocate_backbone=config.colocated, state_root=str(state), engine="onnx",
+        direct_ingress=config.direct, colocate_backbone=config.colocated, state_root=str(state), engine="auto",
         poll_interval_s=0, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
         decode_threads=args.decode_threads, intra_op_num_threads=config.threads, concurrent_batches=config.passes)
     url = f"http://127.0.0.1:{port}"
@@ -453,11 +459,11 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--configs", default="colocated+direct:2x1,colocated+direct:2x2,deployment+proxy:2x1",
-                        help="server configurations, one fresh local Ray each: TOPOLOGY+INGRESS:ORT_THREADS with "
+                        help="server configurations, one fresh local Ray each: TOPOLOGY+INGRESS:THREADS with "
                              "TOPOLOGY 'colocated' (backbone in the ingress; the `tlpipe serve` default on a CPU-only "
                              "machine) or 'deployment' (separate Backbone deployment) and INGRESS 'direct' (the "
                              "ingress replica answers HTTP; the local default) or 'proxy' (through Serve's proxy); THREADS: "
-                             "ORT intra-op threads; PASSES: forward passes at once (concurrent_batches)")
+                             "backbone engine threads; PASSES: forward passes at once (concurrent_batches)")
     parser.add_argument("--mlflow-workers", type=int, default=1)
     parser.add_argument("--support", type=int, default=100_000, help="support vectors for the fallback row")
     parser.add_argument("--hnsw-threshold", type=int, default=20_000)
@@ -546,7 +552,7 @@ def main() -> None:
              f"(target p99 <= 250 ms: {'met' if best['_p99'] <= 250 else 'NOT met'}).", ""]
     body.append("; ".join(batch_rows) + f" (max_batch_size {args.max_batch_size}, busy-aware batch window "
                 f"up to {args.batch_wait_ms:g} ms, one replica each, {args.decode_threads} decode threads, "
-                "ORT intra-op spinning off, call arguments inline up to 2 MiB).")
+                "call arguments inline up to 2 MiB).")
     body.append("\nserver CPU ms/req: CPU seconds of every server process (Ray's included) over the row, per "
                 "answered request; robust against other load on the machine, unlike req/s.")
     if fb:

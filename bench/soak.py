@@ -445,7 +445,7 @@ def main() -> None:
     new_test = sorted((root / "test" / args.new_class).glob("*.jpg"))
     from pipeline.backbones import load_backbone
 
-    backbone = load_backbone(spec, engine="onnx")
+    backbone = load_backbone(spec, engine="auto")
     X_new = backbone.embed(np.stack([load_pixels(p, spec) for p in new_train]))
     X_q = backbone.embed(np.stack([load_pixels(p, spec) for p in new_test]))
     expect = expected_fallback(predictor, X_new, args.new_class, X_q)
@@ -464,7 +464,7 @@ def main() -> None:
         run(f"{MODEL_NAME}@champion", host="127.0.0.1", port=port, name="soak", blocking=False,
             direct_ingress=False if args.proxy else None,
             colocate_backbone={"colocated": True, "deployment": False}.get(args.topology),
-            state_root=str(state), tracking_uri=tracking_uri, engine="onnx", admin_token=token,
+            state_root=str(state), tracking_uri=tracking_uri, engine="auto", admin_token=token,
             poll_interval_s=args.poll_interval, intra_op_num_threads=args.threads, max_batch_size=16,
             batch_wait_timeout_s=0.01, decode_threads=2)
         wait_http(url + "/readyz", 600)

@@ -44,7 +44,7 @@ class ServeSettings(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width x height)")
     max_examples_per_request: int = Field(64, ge=1, le=4096, description="admin: images per add call")
     poll_interval_s: float = Field(10.0, ge=0.0, description="registry alias poll period (0: never poll)")
-    engine: Literal["auto", "torch", "onnx"] = "auto"
+    engine: Literal["auto", "torch", "onnx", "openvino"] = "auto"
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding + preparing images")
     top_k: int | None = Field(None, ge=1, le=1000, description="default top_k (None: the predictor's)")
 

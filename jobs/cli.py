@@ -106,9 +106,9 @@ def extract(
     backbones: List[str] = typer.Option(
         ["efficientnet/tf_efficientnet_lite0.in1k"], "--backbone", "-b", help="Backbone names (repeat)."
     ),
-    engine: str = typer.Option("auto", help="auto | torch | onnx"),
+    engine: str = typer.Option("auto", help="auto | torch | onnx | openvino"),
     layout: str = typer.Option("fused", help="fused (decode inside model actors) | tasks (separate decode tasks)"),
-    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (default: per engine)."),
     seed: int = typer.Option(0),
     root: Optional[Path] = RootOpt,
 ) -> None:
@@ -444,10 +444,10 @@ def serve(
     model: str = typer.Option(..., "--model", help="NAME@alias (follows the alias), NAME/version, or a predictor dir."),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
-    engine: Optional[str] = typer.Option(None, help="auto | torch | onnx (default auto)."),
+    engine: Optional[str] = typer.Option(None, help="auto | torch | onnx | openvino (default auto)."),
     max_batch_size: Optional[int] = typer.Option(None),
     batch_wait_timeout_s: Optional[float] = typer.Option(None),
-    intra_op_threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's)."),
+    intra_op_threads: Optional[int] = typer.Option(None, help="Backbone engine threads (OpenVINO / ONNX Runtime intra-op; default: the CPUs this process may use)."),
     direct_ingress: Optional[bool] = typer.Option(
         None, "--direct-ingress/--via-proxy",
         help="The ingress replica answers HTTP itself (default on a local Ray) or through Serve's proxy."),

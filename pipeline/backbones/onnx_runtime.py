@@ -28,7 +28,7 @@ from .spec import BackboneSpec, cache_root
 if TYPE_CHECKING:  # pragma: no cover
     from .torch_base import TorchBackbone
 
-__all__ = ["OnnxBackbone", "export_onnx", "onnx_path", "default_cache_dir", "load_onnx_backbone", "DEFAULT_OPSET"]
+__all__ = ["OnnxBackbone", "ExportedGraphBackbone", "ensure_onnx", "export_onnx", "onnx_path", "default_cache_dir", "load_onnx_backbone", "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "pixels"
@@ -159,47 +159,18 @@ def export_onnx(backbone: "TorchBackbone", path: str | os.PathLike, *, opset: in
     return path
 
 
-class OnnxBackbone(Backbone):
-    """A backbone run by onnxruntime (CPU). Same ``embed`` contract as the torch engine."""
+class ExportedGraphBackbone(Backbone):
+    """A backbone run from the exported uint8-in graph by a CPU runtime. CLIP text towers, ImageNet
+    classifier heads and fine-tuning stay in torch, loaded lazily only if asked for."""
 
-    engine = "onnx"
+    spec: BackboneSpec
+    _allow_download: bool = False
+    _torch: "TorchBackbone | None" = None
 
-    def __init__(
-        self,
-        spec: BackboneSpec,
-        path: str | os.PathLike,
-        *,
-        intra_op_num_threads: int | None = None,
-        batch_size: int = 64,
-        providers: Sequence[str] | None = None,
-        allow_download: bool = False,
-        allow_spinning: bool = False,
-    ):
-        from ..devices import cpu_count
+    def _adopt_embed_dim(self, dim: Any) -> None:
+        if not self.spec.embed_dim and isinstance(dim, int) and dim > 0:
+            self.spec = self.spec.replace(embed_dim=dim)
 
-        self.spec = spec
-        self.path = Path(path)
-        self.device = "cpu"
-        self.dtype = "float32"
-        self.batch_size = int(batch_size)
-        self.intra_op_num_threads = int(intra_op_num_threads or cpu_count())
-        self._session = _session(self.path, self.intra_op_num_threads, providers, allow_spinning)
-        inp = self._session.get_inputs()[0]
-        self._input_name = inp.name
-        self._output_name = self._session.get_outputs()[0].name
-        if inp.type != "tensor(uint8)":
-            raise ValueError(f"{self.path} takes {inp.type}, expected uint8 pixels: re-export with export_onnx")
-        self._allow_download = allow_download
-        self._torch: "TorchBackbone | None" = None
-        if not spec.embed_dim:
-            dim = self._session.get_outputs()[0].shape[-1]
-            if isinstance(dim, int):
-                self.spec = spec.replace(embed_dim=dim)
-
-    def _embed_batch(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run([self._output_name], {self._input_name: batch})[0]
-
-    # CLIP text towers and fine-tuning stay in torch: loaded lazily, only if asked for.
     def _torch_backbone(self) -> "TorchBackbone":
         if self._torch is None:
             from .registry import load_torch_backbone
@@ -230,6 +201,74 @@ class OnnxBackbone(Backbone):
         return self._torch_backbone().torch_module()
 
 
+class OnnxBackbone(ExportedGraphBackbone):
+    """A backbone run by onnxruntime (CPU). Same ``embed`` contract as the torch engine."""
+
+    engine = "onnx"
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        path: str | os.PathLike,
+        *,
+        intra_op_num_threads: int | None = None,
+        batch_size: int = 64,
+        providers: Sequence[str] | None = None,
+        allow_download: bool = False,
+        allow_spinning: bool = False,
+    ):
+        from ..devices import cpu_count
+
+        self.spec = spec
+        self.path = Path(path)
+        self.device = "cpu"
+        self.dtype = "float32"
+        self.batch_size = int(batch_size)
+        self.intra_op_num_threads = int(intra_op_num_threads or cpu_count())
+        self._session = _session(self.path, self.intra_op_num_threads, providers, allow_spinning)
+        inp = self._session.get_inputs()[0]
+        self._input_name = inp.name
+        self._output_name = self._session.get_outputs()[0].name
+        if inp.type != "tensor(uint8)":
+            raise ValueError(f"{self.path} takes {inp.type}, expected uint8 pixels: re-export with export_onnx")
+        self._allow_download = allow_download
+        self._torch = None
+        self._adopt_embed_dim(self._session.get_outputs()[0].shape[-1])
+
+    def _embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.run([self._output_name], {self._input_name: batch})[0]
+
+
+def ensure_onnx(
+    spec: BackboneSpec,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    allow_download: bool = False,
+    torch_backbone: "TorchBackbone | None" = None,
+    opset: int = DEFAULT_OPSET,
+) -> tuple[BackboneSpec, Path]:
+    """The cached, verified ONNX export for ``spec`` (made from the torch backbone on first use),
+    and the spec with the real ``embed_dim`` / ``params_m`` filled in."""
+    path = onnx_path(spec, cache_dir, opset=opset)
+    if path.is_file():
+        try:
+            meta = json.loads(_sidecar(path).read_text())
+            saved = meta.get("spec", {})
+            spec = spec.replace(embed_dim=int(saved.get("embed_dim") or spec.embed_dim),
+                                params_m=saved.get("params_m", spec.params_m))
+        except (OSError, ValueError):
+            pass
+        return spec, path
+    if torch_backbone is None:
+        from .registry import load_torch_backbone
+
+        torch_backbone = load_torch_backbone(spec, device="cpu", dtype="float32",
+                                             allow_download=allow_download)  # type: ignore[assignment]
+    assert torch_backbone is not None
+    export_onnx(torch_backbone, path, opset=opset)
+    return torch_backbone.spec, path
+
+
 def load_onnx_backbone(
     spec: BackboneSpec,
     *,
@@ -242,23 +281,7 @@ def load_onnx_backbone(
     allow_spinning: bool = False,
 ) -> OnnxBackbone:
     """The cached ONNX model for ``spec`` (exported from the torch backbone on first use)."""
-    path = onnx_path(spec, cache_dir, opset=opset)
-    if path.is_file():
-        try:
-            meta = json.loads(_sidecar(path).read_text())
-            saved = meta.get("spec", {})
-            spec = spec.replace(embed_dim=int(saved.get("embed_dim") or spec.embed_dim),
-                                params_m=saved.get("params_m", spec.params_m))
-        except (OSError, ValueError):
-            pass
-    else:
-        if torch_backbone is None:
-            from .registry import load_torch_backbone
-
-            torch_backbone = load_torch_backbone(spec, device="cpu", dtype="float32",
-                                                 allow_download=allow_download)  # type: ignore[assignment]
-        assert torch_backbone is not None
-        export_onnx(torch_backbone, path, opset=opset)
-        spec = torch_backbone.spec
+    spec, path = ensure_onnx(spec, cache_dir=cache_dir, allow_download=allow_download,
+                             torch_backbone=torch_backbone, opset=opset)
     return OnnxBackbone(spec, path, intra_op_num_threads=intra_op_num_threads, batch_size=batch_size,
                         allow_download=allow_download, allow_spinning=allow_spinning)

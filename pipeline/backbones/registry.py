@@ -32,7 +32,8 @@ from .spec import (
 
 __all__ = ["get_spec", "list_specs", "register", "weights_available", "load_backbone", "ENGINE_CHOICES"]
 
-ENGINE_CHOICES = ("torch", "onnx", "auto")
+ENGINE_CHOICES = ("torch", "onnx", "openvino", "auto")
+GRAPH_ENGINES = ("openvino", "onnx")  # run the exported uint8-in graph on CPU, fastest first
 
 
 def _s(name: str, **kw: Any) -> BackboneSpec:
@@ -294,10 +295,11 @@ def load_backbone(
     """Load a backbone for inference.
 
     engine: "torch" (eager), "onnx" (export once, cached under ``cache_dir`` by fingerprint, run in
-    onnxruntime; CPU), or "auto" (onnx on CPU, torch on CUDA; falls back to torch with a warning if
-    the export fails). ``weights`` overrides ``spec.weights`` (a local dir/file). Unavailable
-    weights raise `WeightsUnavailableError` (cause + fix) unless ``allow_download`` is set; nothing
-    is ever randomly initialised.
+    onnxruntime; CPU), "openvino" (the same export compiled by OpenVINO's CPU plugin, checked once
+    against onnxruntime), or "auto" (on CPU the fastest installed of openvino / onnx, falling back
+    to torch with a warning if the export fails; torch on CUDA). ``weights`` overrides
+    ``spec.weights`` (a local dir/file). Unavailable weights raise `WeightsUnavailableError` (cause
+    + fix) unless ``allow_download`` is set; nothing is ever randomly initialised.
     """
     spec = get_spec(spec_or_name)
     if weights is not None:
@@ -305,36 +307,49 @@ def load_backbone(
     if engine not in ENGINE_CHOICES:
         raise ValueError(f"engine must be one of {ENGINE_CHOICES}, got {engine!r}")
     device = _resolve_device(device)
-    if engine in ("onnx", "auto") and device == "cpu" and dtype not in (None, "float32"):
-        if engine == "onnx":
-            raise ValueError(f"engine='onnx' runs float32; got dtype={dtype!r} (use engine='torch' for {dtype})")
+    if engine in GRAPH_ENGINES + ("auto",) and device == "cpu" and dtype not in (None, "float32"):
+        if engine != "auto":
+            raise ValueError(f"engine={engine!r} runs float32; got dtype={dtype!r} (use engine='torch' for {dtype})")
         engine = "torch"  # auto + an explicit low-precision dtype: only torch can honour it
+    if engine in GRAPH_ENGINES and device != "cpu":
+        raise ValueError(f"engine={engine!r} runs on CPU; use engine='torch' on {device}")
+    kwargs = dict(cache_dir=cache_dir, intra_op_num_threads=intra_op_num_threads, allow_download=allow_download)
     if engine == "auto":
-        engine = "onnx" if device == "cpu" and _has_onnxruntime() else "torch"
-        if engine == "onnx":
-            from .onnx_runtime import load_onnx_backbone, onnx_path
+        engine = default_cpu_engine() if device == "cpu" else "torch"
+        if engine in GRAPH_ENGINES:
+            from .onnx_runtime import onnx_path
 
             if onnx_path(spec, cache_dir).is_file():
-                return load_onnx_backbone(spec, cache_dir=cache_dir, intra_op_num_threads=intra_op_num_threads,
-                                          allow_download=allow_download)
+                return _load_graph(engine, spec, **kwargs)
             torch_backbone = load_torch_backbone(spec, device="cpu", dtype="float32", allow_download=allow_download)
             try:
-                return load_onnx_backbone(spec, cache_dir=cache_dir, intra_op_num_threads=intra_op_num_threads,
-                                          allow_download=allow_download, torch_backbone=torch_backbone)
+                return _load_graph(engine, spec, torch_backbone=torch_backbone, **kwargs)
             except Exception as e:  # export problems: eager torch still gives the right numbers
                 import logging
 
                 logging.getLogger(__name__).warning(
-                    "%s: ONNX export failed (%s: %s); using eager torch", spec.name, type(e).__name__, e)
+                    "%s: %s export failed (%s: %s); using eager torch", spec.name, engine, type(e).__name__, e)
                 return torch_backbone
-    if engine == "onnx":
-        if device != "cpu":
-            raise ValueError("engine='onnx' runs on CPU (onnxruntime CPU provider); use engine='torch' on CUDA")
-        from .onnx_runtime import load_onnx_backbone
-
-        return load_onnx_backbone(spec, cache_dir=cache_dir, intra_op_num_threads=intra_op_num_threads,
-                                  allow_download=allow_download)
+    if engine in GRAPH_ENGINES:
+        return _load_graph(engine, spec, **kwargs)
     return load_torch_backbone(spec, device=device, dtype=dtype, allow_download=allow_download)
+
+
+def default_cpu_engine() -> str:
+    """What engine="auto" runs on CPU: openvino, else onnx, else torch (whichever is installed)."""
+    if _installed("openvino"):
+        return "openvino"
+    return "onnx" if _installed("onnxruntime") else "torch"
+
+
+def _load_graph(engine: str, spec: BackboneSpec, **kwargs) -> Backbone:
+    if engine == "openvino":
+        from .openvino_runtime import load_openvino_backbone
+
+        return load_openvino_backbone(spec, **kwargs)
+    from .onnx_runtime import load_onnx_backbone
+
+    return load_onnx_backbone(spec, **kwargs)
 
 
 def load_torch_backbone(spec: BackboneSpec, *, device: str = "cpu", dtype: str | None = None,
@@ -362,7 +377,7 @@ def _resolve_device(device: str) -> str:
     return resolve_device(device)
 
 
-def _has_onnxruntime() -> bool:
+def _installed(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("onnxruntime") is not None
+    return importlib.util.find_spec(module) is not None

@@ -45,7 +45,7 @@ __all__ = [
 FINGERPRINT_VERSION = 1
 
 SOURCES = ("transformers", "open_clip", "timm", "package")
-ENGINES = ("torch", "onnx")
+ENGINES = ("torch", "onnx", "openvino")
 DTYPES = ("float32", "bfloat16", "float16")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash")

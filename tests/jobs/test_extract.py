@@ -35,7 +35,7 @@ def test_extract_knn_cache_and_new_images(ray_local, cifar10_dir, cifar_subset, 
     store = FeatureStore(tmp_path / "features")
     (s1,) = extract_features(_files(ds), [small_spec], store=store)
     assert (s1.requested, s1.cached, s1.extracted, s1.failed) == (len(ds.records), 0, len(ds.records), [])
-    assert s1.engine == "onnx"  # CNN on CPU takes the ONNX Runtime fast path
+    assert s1.engine == "openvino"  # CNN on CPU takes the OpenVINO fast path (the ONNX export compiled)
 
     train = ds.split("train") + ds.split("val")
     test = ds.split("test")

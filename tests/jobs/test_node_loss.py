@@ -102,7 +102,7 @@ def reference(dataset, small_spec):
     from pipeline.backbones import load_backbone
     from pipeline.extraction import ChunkEmbedder
 
-    emb = ChunkEmbedder(load_backbone(small_spec, engine="onnx"), micro_batch=16)
+    emb = ChunkEmbedder(load_backbone(small_spec, engine="auto"), micro_batch=16)
     try:
         res = emb([r.path for r in dataset.records])
     finally:

@@ -96,9 +96,12 @@ def test_changed_spec_gets_a_new_onnx_file(lite0_torch, tmp_path):
     assert onnx_path(spec.replace(input_size=192), tmp_path) != onnx_path(spec, tmp_path)
 
 
-def test_auto_engine_on_cpu_is_onnx(onnx_cache):
+def test_auto_engine_on_cpu_runs_the_exported_graph(onnx_cache):
+    from pipeline.backbones.onnx_runtime import ExportedGraphBackbone
+    from pipeline.backbones.registry import default_cpu_engine
+
     bb = load_backbone(LITE0, engine="auto", cache_dir=onnx_cache)  # reuses the export above
-    assert isinstance(bb, OnnxBackbone)
+    assert isinstance(bb, ExportedGraphBackbone) and bb.engine == default_cpu_engine() != "torch"
     # classify is delegated to torch (lazily) for models with a head
     from PIL import Image
 
@@ -172,7 +175,7 @@ def test_auto_falls_back_to_torch_when_export_fails(tmp_path, monkeypatch, caplo
     with caplog.at_level("WARNING"):
         bb = load_backbone(LITE0, engine="auto", cache_dir=tmp_path / "fresh")
     assert isinstance(bb, TorchBackbone)
-    assert "ONNX export failed" in caplog.text
+    assert "export failed" in caplog.text and "using eager torch" in caplog.text
     with pytest.raises(RuntimeError, match="unsupported op"):
         load_backbone(LITE0, engine="onnx", cache_dir=tmp_path / "fresh")  # explicit onnx: no silent fallback
     with pytest.raises(ValueError, match="float32"):

@@ -1,0 +1,158 @@
+"""OpenVINO fast path: the same cached uint8-in ONNX export as `onnx_runtime`, compiled by
+OpenVINO's CPU plugin.
+
+On this project's 2-core AVX2 box EfficientNet-Lite0 @224 runs ~1.3-1.5x faster here than in
+ONNX Runtime at every batch size (12-15 ms of CPU per image instead of 15-20) with the same numbers:
+precision is pinned to f32 (OpenVINO would otherwise pick bf16 on CPUs that have it), so the
+embeddings match torch to the ONNX export's verified cosine.
+
+Before a compiled graph is trusted on a machine it is checked once against ONNX Runtime on the
+same exported file (row cosine >= 0.999 on random images at a batch size the export was not traced
+with); the result is kept in a sidecar named for the OpenVINO version, so the check runs once per
+(export, OpenVINO version) and a disagreeing runtime fails loudly instead of computing other numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .onnx_runtime import DEFAULT_OPSET, ExportedGraphBackbone, ensure_onnx
+from .spec import BackboneSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .torch_base import TorchBackbone
+
+__all__ = ["OpenVinoBackbone", "load_openvino_backbone", "has_openvino"]
+
+MIN_COSINE = 0.999
+
+
+def has_openvino() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def _compile(path: Path, threads: int, pinning: bool):
+    import openvino as ov
+
+    core = ov.Core()
+    config = {
+        "PERFORMANCE_HINT": "LATENCY",  # one stream: one request uses every thread it is given
+        "INFERENCE_NUM_THREADS": int(threads),
+        "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16 behind the user's back
+        "ENABLE_CPU_PINNING": bool(pinning),
+    }
+    return core.compile_model(core.read_model(str(path)), "CPU", config)
+
+
+def _check_sidecar(path: Path) -> Path:
+    import openvino as ov
+
+    version = ov.__version__.split("-")[0]
+    return path.with_name(f"{path.stem}.openvino-{version}.json")
+
+
+def _verify_once(compiled, path: Path) -> float:
+    """OpenVINO vs ONNX Runtime on the same exported file, once per OpenVINO version."""
+    side = _check_sidecar(path)
+    try:
+        done = json.loads(side.read_text())
+        if done.get("min_cosine", 0.0) >= MIN_COSINE:
+            return float(done["min_cosine"])
+    except (OSError, ValueError):
+        pass
+    from .onnx_runtime import INPUT_NAME, _session
+
+    size = int(compiled.input(0).get_partial_shape()[2].get_length())
+    x = np.random.default_rng(0).integers(0, 256, (3, 3, size, size), dtype=np.uint8)
+    ref = _session(path, 1).run(None, {INPUT_NAME: x})[0].astype(np.float64)
+    got = np.asarray(compiled.create_infer_request().infer({0: x})[0], dtype=np.float64)
+    denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    cos = np.where(denom > 0, (ref * got).sum(1) / np.maximum(denom, 1e-30), 1.0)
+    if got.shape != ref.shape or not np.isfinite(got).all() or cos.min() < MIN_COSINE:
+        raise RuntimeError(
+            f"OpenVINO's compiled {path.name} disagrees with ONNX Runtime (min row cosine "
+            f"{float(cos.min()):.5f} < {MIN_COSINE}); use engine='onnx' for this backbone")
+    fd, tmp = tempfile.mkstemp(prefix=side.stem + ".", suffix=".tmp", dir=side.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"onnx": path.name, "min_cosine": float(cos.min())}, f)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, side)
+    return float(cos.min())
+
+
+class OpenVinoBackbone(ExportedGraphBackbone):
+    """A backbone run by OpenVINO's CPU plugin. Same ``embed`` contract as the other engines.
+
+    Thread safe: each concurrent caller borrows its own infer request from a small pool (an
+    OpenVINO request is not re-entrant, and its output buffer is reused, so results are copied).
+    """
+
+    engine = "openvino"
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        path: str | os.PathLike,
+        *,
+        intra_op_num_threads: int | None = None,
+        batch_size: int = 64,
+        allow_download: bool = False,
+        pinning: bool = False,
+        verify: bool = True,
+    ):
+        from ..devices import cpu_count
+
+        self.spec = spec
+        self.path = Path(path)
+        self.device = "cpu"
+        self.dtype = "float32"
+        self.batch_size = int(batch_size)
+        self.intra_op_num_threads = int(intra_op_num_threads or cpu_count())
+        self._compiled = _compile(self.path, self.intra_op_num_threads, pinning)
+        inp = self._compiled.input(0)
+        if inp.get_element_type().get_type_name() != "u8":
+            raise ValueError(f"{self.path} takes {inp.get_element_type()}, expected uint8 pixels: "
+                             "re-export with export_onnx")
+        self.verified_min_cosine = _verify_once(self._compiled, self.path) if verify else None
+        self._requests: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._allow_download = allow_download
+        self._torch = None
+        out = self._compiled.output(0).get_partial_shape()
+        self._adopt_embed_dim(out[-1].get_length() if out[-1].is_static else None)
+
+    def _embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            request = self._requests.get_nowait()
+        except queue.Empty:
+            request = self._compiled.create_infer_request()
+        try:
+            result = request.infer({0: batch}, share_inputs=True)
+            return np.array(result[0], dtype=np.float32, copy=True)
+        finally:
+            self._requests.put(request)
+
+
+def load_openvino_backbone(
+    spec: BackboneSpec,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    intra_op_num_threads: int | None = None,
+    allow_download: bool = False,
+    torch_backbone: "TorchBackbone | None" = None,
+    opset: int = DEFAULT_OPSET,
+    batch_size: int = 64,
+    pinning: bool = False,
+) -> OpenVinoBackbone:
+    """The cached ONNX export for ``spec`` (made on first use), compiled by OpenVINO for the CPU."""
+    spec, path = ensure_onnx(spec, cache_dir=cache_dir, allow_download=allow_download,
+                             torch_backbone=torch_backbone, opset=opset)
+    return OpenVinoBackbone(spec, path, intra_op_num_threads=intra_op_num_threads, batch_size=batch_size,
+                            allow_download=allow_download, pinning=pinning)

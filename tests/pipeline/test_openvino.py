@@ -1,0 +1,127 @@
+"""OpenVINO engine: the same cached export as ONNX Runtime, compiled for the CPU; numbers agree
+with torch and ORT, it is checked once per OpenVINO version, and it is safe to call from threads."""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+
+from pipeline.backbones import get_spec, load_backbone  # noqa: E402
+from pipeline.backbones.openvino_runtime import OpenVinoBackbone, _check_sidecar, load_openvino_backbone  # noqa: E402
+from pipeline.backbones.registry import default_cpu_engine  # noqa: E402
+
+from .test_onnx import LITE0, _cos_rows, _photos  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lite0_torch():
+    return load_backbone(LITE0, engine="torch")
+
+
+@pytest.fixture(scope="module")
+def ov_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("ov-cache")
+
+
+def test_lite0_openvino_matches_torch_and_onnx(lite0_torch, ov_cache):
+    spec = lite0_torch.spec
+    ov = load_openvino_backbone(spec, cache_dir=ov_cache, torch_backbone=lite0_torch, intra_op_num_threads=2)
+    assert isinstance(ov, OpenVinoBackbone) and ov.engine == "openvino" and ov.embed_dim == 1280
+    assert ov.fingerprint == spec.fingerprint_for("openvino", "float32") != spec.fingerprint_for("onnx", "float32")
+    onnx = load_backbone(LITE0, engine="onnx", cache_dir=ov_cache)  # the same exported file
+    assert onnx.path == ov.path
+    x = _photos(spec, 6)
+    a, b, c = lite0_torch.embed(x), ov.embed(x), onnx.embed(x)
+    assert b.shape == (6, 1280) and b.dtype == np.float32
+    assert _cos_rows(a, b).min() >= 0.999 and _cos_rows(c, b).min() >= 0.9999
+    for n in (1, 5):  # dynamic batch
+        assert _cos_rows(lite0_torch.embed(x[:n]), ov.embed(x[:n])).min() >= 0.999
+    # the check against ORT ran once and is remembered for this OpenVINO version
+    side = _check_sidecar(ov.path)
+    assert json.loads(side.read_text())["min_cosine"] >= 0.999 and ov.verified_min_cosine >= 0.999
+    # the real classifier head still answers through torch: espresso
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from pipeline.preprocess import prepare
+
+    assert int(ov.classify(prepare(Image.fromarray(skimage_data.coffee()), spec)).argmax()) == 967
+
+
+def test_auto_prefers_openvino_on_cpu(ov_cache):
+    assert default_cpu_engine() == "openvino"
+    bb = load_backbone(LITE0, engine="auto", cache_dir=ov_cache)
+    assert isinstance(bb, OpenVinoBackbone)
+    with pytest.raises(ValueError, match="float32"):
+        load_backbone(LITE0, engine="openvino", dtype="bfloat16")
+
+
+def test_concurrent_callers_get_their_own_results(ov_cache):
+    """Requests are borrowed per call: results never mix, and outputs are copies, not views of a
+    buffer the next inference overwrites."""
+    bb = load_backbone(LITE0, engine="openvino", cache_dir=ov_cache, intra_op_num_threads=1)
+    spec = bb.spec
+    x = _photos(spec, 8)
+    expected = [bb.embed(x[i:i + 2]) for i in range(0, 8, 2)]
+    first = bb.embed(x[:2])
+    bb.embed(x[6:])  # would overwrite `first` if it were a view
+    np.testing.assert_array_equal(first, expected[0])
+    results: dict[tuple[int, int], np.ndarray] = {}
+
+    def worker(t: int) -> None:
+        for r in range(5):
+            i = (t + r) % 4
+            results[(t, r)] = (i, bb.embed(x[2 * i:2 * i + 2]))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 20
+    for i, emb in results.values():
+        np.testing.assert_allclose(emb, expected[i], rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_vit_openvino_matches_torch(tmp_path):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=32, patch_size=8)
+    tf.Dinov2Model(cfg).save_pretrained(tmp_path / "dino")
+    spec = get_spec("dinov2/vit_small_patch14.lvd142m").replace(weights=str(tmp_path / "dino"), input_size=32)
+    tb = load_backbone(spec, engine="torch")
+    ov = load_backbone(spec, engine="openvino", cache_dir=tmp_path / "cache")
+    x = np.random.default_rng(1).integers(0, 256, (7, 3, 32, 32), dtype=np.uint8)
+    a, b = tb.embed(x), ov.embed(x)
+    assert b.shape == a.shape == (7, 32)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_a_runtime_that_disagrees_fails_loudly(lite0_torch, tmp_path, monkeypatch):
+    import pipeline.backbones.onnx_runtime as ort_mod
+
+    spec = lite0_torch.spec
+    load_backbone(LITE0, engine="onnx", cache_dir=tmp_path)  # export, no OpenVINO check yet
+    real_session = ort_mod._session
+
+    class Negated:
+        def __init__(self, *a, **k):
+            self.s = real_session(*a, **k)
+
+        def run(self, names, feeds):
+            return [-o for o in self.s.run(names, feeds)]
+
+    monkeypatch.setattr(ort_mod, "_session", Negated)
+    with pytest.raises(RuntimeError, match="disagrees with ONNX Runtime"):
+        load_openvino_backbone(spec, cache_dir=tmp_path)
+    assert not _check_sidecar(ort_mod.onnx_path(spec, tmp_path)).exists()
+    monkeypatch.setattr(ort_mod, "_session", real_session)
+    assert load_openvino_backbone(spec, cache_dir=tmp_path).verified_min_cosine >= 0.999
