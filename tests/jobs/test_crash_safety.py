@@ -195,7 +195,7 @@ def test_worker_sigkill_mid_job_completes_with_identical_features(ray_local, ref
         stop.set()
         t.join(timeout=5)
     assert killed, "no extraction worker was found to kill before the job ended"
-    assert (s.executor, s.fingerprint, s.extracted, s.failed) == ("ray", fp, len(keys), [])
+    assert (s.executor, s.fingerprint, s.extracted, s.failed) == ("ray-actors", fp, len(keys), [])
     store = FeatureStore(features)
     _check_every_shard_verifies(store, fp)
     np.testing.assert_allclose(store.get(fp, keys), ref, rtol=1e-5, atol=1e-5)
@@ -234,8 +234,8 @@ def test_ray_failure_ray_did_not_absorb_reruns_only_missing_then_fails_clearly(
 
     # attempt 1 dies after 16 rows, attempt 2 completes
     fail = iter([16, 10**9])
-    monkeypatch.setattr(extract, "_run_pipeline",
-                        lambda *a, **kw: flaky_pipeline(*a, fail_after=next(fail), **kw))
+    for executor in ("_run_pipeline", "_run_actor_pool"):  # the retry logic is the same for both
+        monkeypatch.setattr(extract, executor, lambda *a, **kw: flaky_pipeline(*a, fail_after=next(fail), **kw))
     store = FeatureStore(tmp_path / "a")
     with caplog.at_level("WARNING", logger="jobs.extract"):
         (s,) = extract.extract_features(files, [small_spec], store=store, engine="torch",

@@ -59,11 +59,12 @@ def test_extract_knn_cache_and_new_images(ray_local, cifar10_dir, cifar_subset, 
     (s3,) = extract_features(_files(ds2), [small_spec], store=store)
     assert len(new_keys) >= 35
     assert (s3.extracted, s3.cached) == (len(new_keys), len({r.sha256 for r in ds.records}))
-    assert (s1.executor, s3.executor) == ("ray", "inline")  # a small delta skips actor start-up
+    # one CPU node: the fused layout runs on a plain Ray actor pool; a small delta skips actor start-up
+    assert (s1.executor, s3.executor) == ("ray-actors", "inline")
     np.testing.assert_array_equal(store.get(s1.fingerprint, [r.sha256 for r in train]), x_tr)
 
 
-def test_fused_tasks_and_inline_agree(ray_local, cifar_subset, small_spec, tmp_path):
+def test_every_executor_and_layout_agree(ray_local, cifar_subset, small_spec, tmp_path):
     from jobs.extract import extract_features
     from pipeline.data import load_dataset
 
@@ -71,13 +72,20 @@ def test_fused_tasks_and_inline_agree(ray_local, cifar_subset, small_spec, tmp_p
     files = _files(ds)[:64]
     keys = [k for k, _ in files]
     out = {}
-    for name, kw in {"fused": dict(layout="fused", inline_max=0),
-                     "tasks": dict(layout="tasks", inline_max=0), "inline": {}}.items():
+    cases = {"fused": (dict(layout="fused", inline_max=0), "ray-actors"),
+             "fused-data": (dict(layout="fused", inline_max=0, ray_executor="data"), "ray-data"),
+             "tasks": (dict(layout="tasks", inline_max=0), "ray-data"), "inline": ({}, "inline")}
+    for name, (kw, executor) in cases.items():
         (s,) = extract_features(files, [small_spec], store=FeatureStore(tmp_path / name), **kw)
-        assert s.executor == ("inline" if name == "inline" else "ray")
+        assert (s.executor, s.extracted) == (executor, len(files))
         out[name] = FeatureStore(tmp_path / name).get(s.fingerprint, keys)
-    np.testing.assert_allclose(out["fused"], out["tasks"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out["fused"], out["inline"], rtol=1e-5, atol=1e-5)
+    for name in ("fused-data", "tasks", "inline"):
+        np.testing.assert_allclose(out["fused"], out[name], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fused layout"):
+        extract_features(files, [small_spec], store=FeatureStore(tmp_path / "x"), layout="tasks",
+                         ray_executor="actors")
+    with pytest.raises(ValueError, match="ray_executor must be one of"):
+        extract_features(files, [small_spec], store=FeatureStore(tmp_path / "x"), ray_executor="dask")
 
 
 def test_bad_file_is_reported_not_fatal(ray_local, cifar_subset, small_spec, tmp_path):

@@ -300,5 +300,5 @@ def test_odd_file_names_survive_the_ray_data_path(own_local_ray, tmp_path):
         files.append((sha256_bytes(data), os.fsdecode(raw)))
     (stats,) = extract_features(files, [spec], store=FeatureStore(tmp_path / "features"),
                                 engine="torch", inline_max=0, num_workers=1, cpus_per_worker=1)
-    assert stats.executor == "ray" and stats.failed == [], stats.failed
+    assert stats.executor == "ray-actors" and stats.failed == [], stats.failed
     assert stats.extracted == len(files)
