@@ -82,8 +82,11 @@ class BackboneConfig(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=256, description="requests merged into one forward pass")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0,
                                         description="longest wait for more requests, only while a pass runs")
-    concurrent_batches: int = Field(1, ge=1, le=MAX_CONCURRENT_BATCHES,
-                                    description="forward passes at once (CPU: up to one per core, 1 ORT thread each)")
+    # 2: while one pass runs, the next batch starts instead of queueing behind it. Measured on the
+    # 2-core bench (OpenVINO, 2 threads each): peak 93.9 vs 86.9 req/s, and open-loop p99 at 80 %
+    # of peak 192 ms vs 875 ms (one pass at a time fell behind in bursts).
+    concurrent_batches: int = Field(2, ge=1, le=MAX_CONCURRENT_BATCHES,
+                                    description="forward passes at once (each on its own engine request)")
 
 
 class IngressConfig(BaseModel):
@@ -112,8 +115,9 @@ class BatchedEmbedder:
     request ever waits for company, and only when it could not have started sooner.
 
     ``concurrent_batches`` forward passes may run at once (each in its own worker thread; ORT
-    sessions and torch inference are thread-safe): on a CPU, two passes with one ORT thread each
-    can keep two cores busy where one pass with two intra-op threads leaves them partly idle.
+    sessions, OpenVINO's per-call infer requests and torch inference are thread-safe): on a CPU, two
+    passes keep both cores busy through the single-threaded parts of a pass and let a burst start
+    its batch without waiting for the running one.
     "Busy" above then means every slot is taken.
     """
 
