@@ -167,6 +167,29 @@ class ExportedGraphBackbone(Backbone):
     _allow_download: bool = False
     _torch: "TorchBackbone | None" = None
 
+    def _setup(self, spec: BackboneSpec, path: str | os.PathLike, intra_op_num_threads: int | None,
+               batch_size: int, allow_download: bool) -> None:
+        from ..devices import cpu_count
+
+        self.spec = spec
+        self.path = Path(path)
+        self.device = "cpu"
+        self.dtype = "float32"
+        self.batch_size = int(batch_size)
+        self.intra_op_num_threads = int(intra_op_num_threads or cpu_count())
+        self._allow_download = allow_download
+        self._torch = None
+
+    @classmethod
+    def from_export(cls, spec: BackboneSpec, *, cache_dir: str | os.PathLike | None = None,
+                    allow_download: bool = False, torch_backbone: "TorchBackbone | None" = None,
+                    opset: int = DEFAULT_OPSET, **engine_options: Any):
+        """The cached, verified ONNX export for ``spec`` (made from the torch backbone on first
+        use) run by this engine; ``engine_options`` go to the engine's constructor."""
+        spec, path = ensure_onnx(spec, cache_dir=cache_dir, allow_download=allow_download,
+                                 torch_backbone=torch_backbone, opset=opset)
+        return cls(spec, path, allow_download=allow_download, **engine_options)
+
     def _adopt_embed_dim(self, dim: Any) -> None:
         if not self.spec.embed_dim and isinstance(dim, int) and dim > 0:
             self.spec = self.spec.replace(embed_dim=dim)
@@ -217,22 +240,13 @@ class OnnxBackbone(ExportedGraphBackbone):
         allow_download: bool = False,
         allow_spinning: bool = False,
     ):
-        from ..devices import cpu_count
-
-        self.spec = spec
-        self.path = Path(path)
-        self.device = "cpu"
-        self.dtype = "float32"
-        self.batch_size = int(batch_size)
-        self.intra_op_num_threads = int(intra_op_num_threads or cpu_count())
+        self._setup(spec, path, intra_op_num_threads, batch_size, allow_download)
         self._session = _session(self.path, self.intra_op_num_threads, providers, allow_spinning)
         inp = self._session.get_inputs()[0]
         self._input_name = inp.name
         self._output_name = self._session.get_outputs()[0].name
         if inp.type != "tensor(uint8)":
             raise ValueError(f"{self.path} takes {inp.type}, expected uint8 pixels: re-export with export_onnx")
-        self._allow_download = allow_download
-        self._torch = None
         self._adopt_embed_dim(self._session.get_outputs()[0].shape[-1])
 
     def _embed_batch(self, batch: np.ndarray) -> np.ndarray:
@@ -269,19 +283,8 @@ def ensure_onnx(
     return torch_backbone.spec, path
 
 
-def load_onnx_backbone(
-    spec: BackboneSpec,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    intra_op_num_threads: int | None = None,
-    allow_download: bool = False,
-    torch_backbone: "TorchBackbone | None" = None,
-    opset: int = DEFAULT_OPSET,
-    batch_size: int = 64,
-    allow_spinning: bool = False,
-) -> OnnxBackbone:
-    """The cached ONNX model for ``spec`` (exported from the torch backbone on first use)."""
-    spec, path = ensure_onnx(spec, cache_dir=cache_dir, allow_download=allow_download,
-                             torch_backbone=torch_backbone, opset=opset)
-    return OnnxBackbone(spec, path, intra_op_num_threads=intra_op_num_threads, batch_size=batch_size,
-                        allow_download=allow_download, allow_spinning=allow_spinning)
+def load_onnx_backbone(spec: BackboneSpec, **options: Any) -> OnnxBackbone:
+    """The cached ONNX model for ``spec`` (exported from the torch backbone on first use), run in
+    onnxruntime. Options: ``cache_dir``, ``allow_download``, ``torch_backbone``, ``opset`` and the
+    `OnnxBackbone` constructor's (``intra_op_num_threads``, ``batch_size``, ``allow_spinning``)."""
+    return OnnxBackbone.from_export(spec, **options)

@@ -18,15 +18,12 @@ import os
 import queue
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .onnx_runtime import DEFAULT_OPSET, ExportedGraphBackbone, ensure_onnx
+from .onnx_runtime import ExportedGraphBackbone
 from .spec import BackboneSpec
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .torch_base import TorchBackbone
 
 __all__ = ["OpenVinoBackbone", "load_openvino_backbone", "has_openvino"]
 
@@ -108,14 +105,7 @@ class OpenVinoBackbone(ExportedGraphBackbone):
         pinning: bool = False,
         verify: bool = True,
     ):
-        from ..devices import cpu_count
-
-        self.spec = spec
-        self.path = Path(path)
-        self.device = "cpu"
-        self.dtype = "float32"
-        self.batch_size = int(batch_size)
-        self.intra_op_num_threads = int(intra_op_num_threads or cpu_count())
+        self._setup(spec, path, intra_op_num_threads, batch_size, allow_download)
         self._compiled = _compile(self.path, self.intra_op_num_threads, pinning)
         inp = self._compiled.input(0)
         if inp.get_element_type().get_type_name() != "u8":
@@ -123,8 +113,6 @@ class OpenVinoBackbone(ExportedGraphBackbone):
                              "re-export with export_onnx")
         self.verified_min_cosine = _verify_once(self._compiled, self.path) if verify else None
         self._requests: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._allow_download = allow_download
-        self._torch = None
         out = self._compiled.output(0).get_partial_shape()
         self._adopt_embed_dim(out[-1].get_length() if out[-1].is_static else None)
 
@@ -140,19 +128,8 @@ class OpenVinoBackbone(ExportedGraphBackbone):
             self._requests.put(request)
 
 
-def load_openvino_backbone(
-    spec: BackboneSpec,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    intra_op_num_threads: int | None = None,
-    allow_download: bool = False,
-    torch_backbone: "TorchBackbone | None" = None,
-    opset: int = DEFAULT_OPSET,
-    batch_size: int = 64,
-    pinning: bool = False,
-) -> OpenVinoBackbone:
-    """The cached ONNX export for ``spec`` (made on first use), compiled by OpenVINO for the CPU."""
-    spec, path = ensure_onnx(spec, cache_dir=cache_dir, allow_download=allow_download,
-                             torch_backbone=torch_backbone, opset=opset)
-    return OpenVinoBackbone(spec, path, intra_op_num_threads=intra_op_num_threads, batch_size=batch_size,
-                            allow_download=allow_download, pinning=pinning)
+def load_openvino_backbone(spec: BackboneSpec, **options: Any) -> OpenVinoBackbone:
+    """The cached ONNX export for ``spec`` (made on first use) compiled by OpenVINO for the CPU.
+    Options: ``cache_dir``, ``allow_download``, ``torch_backbone``, ``opset`` and the
+    `OpenVinoBackbone` constructor's (``intra_op_num_threads``, ``batch_size``, ``pinning``)."""
+    return OpenVinoBackbone.from_export(spec, **options)

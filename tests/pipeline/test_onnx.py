@@ -114,7 +114,10 @@ def test_auto_engine_on_cpu_runs_the_exported_graph(onnx_cache):
         load_backbone(LITE0, engine="tensorrt")
 
 
-def test_tiny_vit_onnx_matches_torch(tmp_path):
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_tiny_vit_graph_engines_match_torch(tmp_path, engine):
+    if engine == "openvino":
+        pytest.importorskip("openvino")
     import torch
     import transformers as tf
 
@@ -124,7 +127,8 @@ def test_tiny_vit_onnx_matches_torch(tmp_path):
     tf.Dinov2Model(cfg).save_pretrained(tmp_path / "dino")
     spec = get_spec("dinov2/vit_small_patch14.lvd142m").replace(weights=str(tmp_path / "dino"), input_size=32)
     tb = load_backbone(spec, engine="torch")
-    ob = load_backbone(spec, engine="onnx", cache_dir=tmp_path / "cache")
+    ob = load_backbone(spec, engine=engine, cache_dir=tmp_path / "cache")
+    assert ob.engine == engine
     x = np.random.default_rng(1).integers(0, 256, (7, 3, 32, 32), dtype=np.uint8)
     a, b = tb.embed(x), ob.embed(x)
     assert b.shape == a.shape == (7, 32)
