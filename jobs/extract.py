@@ -191,8 +191,9 @@ def extract_features(
     embedded in this process with the model already loaded to resolve the engine: starting an
     actor would cost more than the work. Everything else runs on Ray (Ray starts only then): the
     fused layout on one CPU node on a plain Ray actor pool (`ray_executor="auto"`, see
-    `_run_actor_pool`), the rest on Ray Data (`ray_executor="data"` forces it). A Ray system failure that Ray's own retries did not absorb (a node lost mid-job) reruns
-    the images not stored yet, up to `max_attempts` times in all.
+    `_run_actor_pool`), the rest on Ray Data (`ray_executor="data"` forces it). A Ray system
+    failure that Ray's own retries did not absorb (a node lost mid-job) reruns the images not
+    stored yet, up to `max_attempts` times in all.
     """
     if layout not in ("fused", "tasks"):
         raise ValueError(f"layout must be 'fused' or 'tasks', got {layout!r}")
@@ -356,8 +357,9 @@ def _retryable(exc: BaseException) -> bool:
 
 def _extract_on_ray(spec, eng, missing, sink, cluster, *, layout, micro_batch, chunk_size,
                     num_workers, cpus_per_worker, max_pixels, max_attempts, ray_executor="auto"):
-    """Ray Data over the missing images; after a Ray system failure that Ray's own retries did
-    not absorb (e.g. a node lost mid-job), rerun on what is still missing, `max_attempts` in all."""
+    """The missing images on Ray (actor pool or Ray Data, see `extract_features`); after a Ray
+    system failure that Ray's own retries did not absorb (e.g. a node lost mid-job), rerun on what
+    is still missing, `max_attempts` in all."""
     import logging
 
     log = logging.getLogger(__name__)
@@ -408,6 +410,11 @@ def _largest_node_cpus() -> int:
     return max((int(n.get("Resources", {}).get("CPU", 0)) for n in _alive_nodes()), default=1) or 1
 
 
+def _rows_per_chunk(n: int, micro_batch: int, chunk_size: int, workers: int) -> int:
+    """Rows per actor call: at most `chunk_size`, fewer so every worker gets work, >= a micro-batch."""
+    return max(micro_batch, min(chunk_size, math.ceil(n / workers)))
+
+
 def _run_actor_pool(spec, engine, device, items, *, layout, micro_batch, chunk_size, workers,
                     cpus, use_gpu, max_pixels, in_flight: int = 2):
     """The fused layout on a Ray actor pool fed directly: same actor class, same result stream
@@ -424,7 +431,7 @@ def _run_actor_pool(spec, engine, device, items, *, layout, micro_batch, chunk_s
     import ray
 
     del layout, use_gpu  # fused, CPU: decided by the caller
-    chunk = max(micro_batch, min(chunk_size, math.ceil(len(items) / workers)))
+    chunk = _rows_per_chunk(len(items), micro_batch, chunk_size, workers)
     remote = ray.remote(_EmbedFilesActor).options(num_cpus=cpus, max_restarts=3, max_task_retries=3)
     actors = [remote.remote(spec, engine, device, micro_batch, cpus, max_pixels) for _ in range(workers)]
     chunks = iter(range(0, len(items), chunk))
@@ -459,7 +466,7 @@ def _run_pipeline(spec, engine, device, items, *, layout, micro_batch, chunk_siz
     import ray.data
 
     rows = [{"key": k, "path": p} for k, p in items]
-    chunk = max(micro_batch, min(chunk_size, math.ceil(len(rows) / workers)))
+    chunk = _rows_per_chunk(len(rows), micro_batch, chunk_size, workers)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / chunk)))
     gpu = {"num_gpus": 1} if use_gpu else {}
     if layout == "fused":
