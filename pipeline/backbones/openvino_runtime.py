@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,31 @@ def has_openvino() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def _compile(path: Path, threads: int, pinning: bool):
-    import openvino as ov
+_CORE: Any = None
+_CORE_LOCK = threading.Lock()
 
-    core = ov.Core()
+
+def _core():
+    """The process's one OpenVINO Core, made on first use and never dropped.
+
+    Not only to share the CPU plugin: each Core's CPU plugin installs its own alternate signal
+    stack on the thread that loads it and unmaps it when the plugin goes, restoring the previous
+    stack only if its own is still current. Two Cores dropped in the order they were made (a
+    replaced model, a second backbone) leave the thread's alternate stack pointing at unmapped
+    memory, and the next Python-handled signal there (SIGTERM, Ctrl-C) kills the process with
+    SIGSEGV instead of running the handler (OpenVINO 2025, `ov::intel_cpu::SigAltStackSetup`).
+    With one Core that lives as long as the process, the plugin and its stack are never freed."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            import openvino as ov
+
+            _CORE = ov.Core()
+        return _CORE
+
+
+def _compile(path: Path, threads: int, pinning: bool):
+    core = _core()
     config = {
         "PERFORMANCE_HINT": "LATENCY",  # one stream: one request uses every thread it is given
         "INFERENCE_NUM_THREADS": int(threads),

@@ -103,3 +103,49 @@ def test_a_runtime_that_disagrees_fails_loudly(lite0_torch, tmp_path, monkeypatc
     assert not _check_sidecar(ort_mod.onnx_path(spec, tmp_path)).exists()
     monkeypatch.setattr(ort_mod, "_session", real_session)
     assert load_openvino_backbone(spec, cache_dir=tmp_path).verified_min_cosine >= 0.999
+
+
+_SIGNALS_AFTER_MODELS_GO = r"""
+import gc, os, signal, sys
+from pathlib import Path
+from pipeline.backbones.openvino_runtime import _compile
+
+path = Path(sys.argv[1])
+a = _compile(path, 1, False)
+b = _compile(path, 1, False)
+del a; gc.collect()  # dropped in the order they were made, as a hot reload does
+del b; gc.collect()
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append("SIGTERM"))
+os.kill(os.getpid(), signal.SIGTERM)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):
+        pass
+except KeyboardInterrupt:
+    got.append("SIGINT")
+print("handled", *got, flush=True)
+"""
+
+
+def test_signals_still_reach_python_after_compiled_models_are_dropped(tmp_path):
+    """Each OpenVINO Core's CPU plugin swaps in its own alternate signal stack and unmaps it when
+    it goes; Cores dropped out of LIFO order left a dangling stack, so the next SIGTERM / Ctrl-C
+    was a SIGSEGV (found by the tracked-run SIGTERM test in the full suite). Run in a child process
+    so a regression kills the child, not pytest."""
+    import subprocess
+    import sys
+
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from tests.conftest import REPO
+
+    x = ops.parameter([1, 4], np.float32)
+    model_xml = tmp_path / "relu.xml"
+    ov.save_model(ov.Model([ops.relu(x)], [x]), str(model_xml))
+    proc = subprocess.run([sys.executable, "-c", _SIGNALS_AFTER_MODELS_GO, str(model_xml)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (
+        f"child exited {proc.returncode} (-11 is SIGSEGV):\n{proc.stdout}\n{proc.stderr[-2000:]}")
+    assert proc.stdout.split() == ["handled", "SIGTERM", "SIGINT"]
