@@ -10,10 +10,12 @@ Before a compiled graph is trusted on a machine it is checked once against ONNX 
 same exported file (row cosine >= 0.999 on random images at a batch size the export was not traced
 with); the result is kept in a sidecar named for the OpenVINO version, so the check runs once per
 (export, OpenVINO version) and a disagreeing runtime fails loudly instead of computing other numbers.
+The compiled model is cached beside the export too (`_compile`), so later processes import it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import tempfile
@@ -29,6 +31,7 @@ from .spec import BackboneSpec
 __all__ = ["OpenVinoBackbone", "load_openvino_backbone", "has_openvino"]
 
 MIN_COSINE = 0.999
+logger = logging.getLogger(__name__)
 
 
 def has_openvino() -> bool:
@@ -61,6 +64,9 @@ def _core():
 
 
 def _compile(path: Path, threads: int, pinning: bool):
+    """The compiled model for the export at `path`: imported from the compiled blob cached beside
+    it when one exists for this OpenVINO version, CPU and config (~0.06 s instead of ~0.25 s of
+    compiling, paid by every actor, replica and in-process run), else compiled and cached."""
     core = _core()
     config = {
         "PERFORMANCE_HINT": "LATENCY",  # one stream: one request uses every thread it is given
@@ -68,7 +74,49 @@ def _compile(path: Path, threads: int, pinning: bool):
         "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16 behind the user's back
         "ENABLE_CPU_PINNING": bool(pinning),
     }
-    return core.compile_model(core.read_model(str(path)), "CPU", config)
+    blob = _blob_path(core, path, config)
+    try:
+        return core.import_model(blob.read_bytes(), "CPU", config)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - a blob this OpenVINO cannot import: compile again
+        logger.warning("ignoring the compiled OpenVINO blob %s (%s); compiling %s again",
+                       blob, exc, path.name)
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    try:
+        _write_atomic(blob, compiled.export_model().getvalue())
+    except OSError as exc:  # a read-only cache (a bundled predictor) only costs the compile
+        logger.debug("could not cache the compiled model at %s: %s", blob, exc)
+    return compiled
+
+
+def _blob_path(core, path: Path, config: dict[str, Any]) -> Path:
+    """Where the compiled blob for (export file, OpenVINO version, CPU, config) lives. The export's
+    size and mtime are in the key, so a re-export never meets an old blob."""
+    import hashlib
+
+    import openvino as ov
+
+    st = path.stat()
+    key = json.dumps({
+        "openvino": ov.__version__, "export": [path.name, st.st_size, st.st_mtime_ns],
+        "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"),
+        "capabilities": sorted(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+        "config": config}, sort_keys=True)
+    return path.with_name(f"{path.stem}.openvino-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path` and rename it over: readers see all of it or nothing."""
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _check_sidecar(path: Path) -> Path:
@@ -99,11 +147,7 @@ def _verify_once(compiled, path: Path) -> float:
         raise RuntimeError(
             f"OpenVINO's compiled {path.name} disagrees with ONNX Runtime (min row cosine "
             f"{float(cos.min()):.5f} < {MIN_COSINE}); use engine='onnx' for this backbone")
-    fd, tmp = tempfile.mkstemp(prefix=side.stem + ".", suffix=".tmp", dir=side.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"onnx": path.name, "min_cosine": float(cos.min())}, f)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, side)
+    _write_atomic(side, json.dumps({"onnx": path.name, "min_cosine": float(cos.min())}).encode())
     return float(cos.min())
 
 

@@ -3,6 +3,7 @@ with torch and ORT, it is checked once per OpenVINO version, and it is safe to c
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import numpy as np
@@ -128,6 +129,75 @@ print("handled", *got, flush=True)
 """
 
 
+def _tiny_model(tmp_path):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([-1, 4], np.float32)
+    w = ops.constant(np.arange(16, dtype=np.float32).reshape(4, 4) / 10)
+    path = tmp_path / "tiny.xml"
+    ov.save_model(ov.Model([ops.relu(ops.matmul(x, w, False, False))], [x]), str(path))
+    return path
+
+
+def _run(compiled, x):
+    return np.array(compiled.create_infer_request().infer({0: x})[0])
+
+
+def test_compiled_model_is_cached_beside_the_export_and_bad_blobs_are_recompiled(tmp_path, caplog):
+    from pipeline.backbones import openvino_runtime as ovr
+
+    path = _tiny_model(tmp_path)
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    first = ovr._compile(path, 1, False)
+    blobs = list(tmp_path.glob("tiny.openvino-*.blob"))
+    assert len(blobs) == 1 and blobs[0].stat().st_size > 0
+    calls = []
+    real = ovr._core().compile_model
+    monkey = pytest.MonkeyPatch()
+    try:  # the next load imports the blob: nothing is compiled
+        monkey.setattr(ovr, "_core", lambda: _Spy(real.__self__, calls))
+        np.testing.assert_array_equal(_run(ovr._compile(path, 1, False), x), _run(first, x))
+        assert calls == []
+        # a different config is another blob
+        ovr._compile(path, 2, False)
+        assert calls == ["compile"] and len(list(tmp_path.glob("tiny.openvino-*.blob"))) == 2
+        # a blob this OpenVINO cannot read is compiled again (with a warning) and replaced
+        blobs[0].write_bytes(b"not a blob")
+        with caplog.at_level("WARNING", logger=ovr.__name__):
+            np.testing.assert_array_equal(_run(ovr._compile(path, 1, False), x), _run(first, x))
+        assert calls == ["compile"] * 2 and "ignoring the compiled OpenVINO blob" in caplog.text
+        assert blobs[0].stat().st_size > 100
+        # a re-export (new mtime) never meets the old blob
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+        ovr._compile(path, 1, False)
+        assert calls == ["compile"] * 3
+        # a read-only cache dir (a bundled predictor) only costs the compile
+        def read_only(*_):
+            raise PermissionError(13, "Read-only file system")
+
+        monkey.setattr(ovr, "_write_atomic", read_only)
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+        np.testing.assert_array_equal(_run(ovr._compile(path, 1, False), x), _run(first, x))
+        assert calls == ["compile"] * 4
+    finally:
+        monkey.undo()
+
+
+class _Spy:
+    """The real Core, counting compiles."""
+
+    def __init__(self, core, calls):
+        self._core, self._calls = core, calls
+
+    def compile_model(self, *a, **k):
+        self._calls.append("compile")
+        return self._core.compile_model(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+
 def test_signals_still_reach_python_after_compiled_models_are_dropped(tmp_path):
     """Each OpenVINO Core's CPU plugin swaps in its own alternate signal stack and unmaps it when
     it goes; Cores dropped out of LIFO order left a dangling stack, so the next SIGTERM / Ctrl-C
@@ -136,14 +206,9 @@ def test_signals_still_reach_python_after_compiled_models_are_dropped(tmp_path):
     import subprocess
     import sys
 
-    import openvino as ov
-    import openvino.opset13 as ops
-
     from tests.conftest import REPO
 
-    x = ops.parameter([1, 4], np.float32)
-    model_xml = tmp_path / "relu.xml"
-    ov.save_model(ov.Model([ops.relu(x)], [x]), str(model_xml))
+    model_xml = _tiny_model(tmp_path)
     proc = subprocess.run([sys.executable, "-c", _SIGNALS_AFTER_MODELS_GO, str(model_xml)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (
