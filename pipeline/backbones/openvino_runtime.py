@@ -52,7 +52,7 @@ def _core():
     stack only if its own is still current. Two Cores dropped in the order they were made (a
     replaced model, a second backbone) leave the thread's alternate stack pointing at unmapped
     memory, and the next Python-handled signal there (SIGTERM, Ctrl-C) kills the process with
-    SIGSEGV instead of running the handler (OpenVINO 2025, `ov::intel_cpu::SigAltStackSetup`).
+    SIGSEGV instead of running the handler (`ov::intel_cpu::SigAltStackSetup`, OpenVINO 2026.4).
     With one Core that lives as long as the process, the plugin and its stack are never freed."""
     global _CORE
     with _CORE_LOCK:
