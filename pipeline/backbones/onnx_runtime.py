@@ -81,6 +81,19 @@ def _verify(backbone: "TorchBackbone", path: Path, min_cosine: float = 0.999) ->
     return float(cos.min())
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path` and rename it over: readers see all of it or nothing."""
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def export_onnx(backbone: "TorchBackbone", path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 verify: bool = True) -> Path:
     """Export ``backbone`` (uint8 in, normalisation fused, dynamic batch) to ``path``; returns the path.
@@ -143,12 +156,7 @@ def export_onnx(backbone: "TorchBackbone", path: str | os.PathLike, *, opset: in
             "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", 3, size, size]},
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", backbone.spec.embed_dim]},
         }
-        side = _sidecar(path)
-        fd, tmp_meta = tempfile.mkstemp(prefix=side.stem + ".", suffix=".tmp", dir=side.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.chmod(tmp_meta, 0o644)  # mkstemp makes 0600; the cache may be shared
-        os.replace(tmp_meta, side)
+        _write_atomic(_sidecar(path), json.dumps(meta, indent=2).encode())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:

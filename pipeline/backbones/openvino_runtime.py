@@ -18,14 +18,13 @@ import json
 import logging
 import os
 import queue
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .onnx_runtime import ExportedGraphBackbone
+from .onnx_runtime import ExportedGraphBackbone, _write_atomic
 from .spec import BackboneSpec
 
 __all__ = ["OpenVinoBackbone", "load_openvino_backbone", "has_openvino"]
@@ -104,19 +103,6 @@ def _blob_path(core, path: Path, config: dict[str, Any]) -> Path:
         "capabilities": sorted(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
         "config": config}, sort_keys=True)
     return path.with_name(f"{path.stem}.openvino-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path` and rename it over: readers see all of it or nothing."""
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_sidecar(path: Path) -> Path:

@@ -144,7 +144,7 @@ def _run(compiled, x):
     return np.array(compiled.create_infer_request().infer({0: x})[0])
 
 
-def test_compiled_model_is_cached_beside_the_export_and_bad_blobs_are_recompiled(tmp_path, caplog):
+def test_compiled_model_is_cached_beside_the_export_and_bad_blobs_are_recompiled(tmp_path, caplog, monkeypatch):
     from pipeline.backbones import openvino_runtime as ovr
 
     path = _tiny_model(tmp_path)
@@ -153,35 +153,33 @@ def test_compiled_model_is_cached_beside_the_export_and_bad_blobs_are_recompiled
     blobs = list(tmp_path.glob("tiny.openvino-*.blob"))
     assert len(blobs) == 1 and blobs[0].stat().st_size > 0
     calls = []
-    real = ovr._core().compile_model
-    monkey = pytest.MonkeyPatch()
-    try:  # the next load imports the blob: nothing is compiled
-        monkey.setattr(ovr, "_core", lambda: _Spy(real.__self__, calls))
+    core = ovr._core()
+    # the next load imports the blob: nothing is compiled
+    monkeypatch.setattr(ovr, "_core", lambda: _Spy(core, calls))
+    np.testing.assert_array_equal(_run(ovr._compile(path, 1, False), x), _run(first, x))
+    assert calls == []
+    # a different config is another blob
+    ovr._compile(path, 2, False)
+    assert calls == ["compile"] and len(list(tmp_path.glob("tiny.openvino-*.blob"))) == 2
+    # a blob this OpenVINO cannot read is compiled again (with a warning) and replaced
+    blobs[0].write_bytes(b"not a blob")
+    with caplog.at_level("WARNING", logger=ovr.__name__):
         np.testing.assert_array_equal(_run(ovr._compile(path, 1, False), x), _run(first, x))
-        assert calls == []
-        # a different config is another blob
-        ovr._compile(path, 2, False)
-        assert calls == ["compile"] and len(list(tmp_path.glob("tiny.openvino-*.blob"))) == 2
-        # a blob this OpenVINO cannot read is compiled again (with a warning) and replaced
-        blobs[0].write_bytes(b"not a blob")
-        with caplog.at_level("WARNING", logger=ovr.__name__):
-            np.testing.assert_array_equal(_run(ovr._compile(path, 1, False), x), _run(first, x))
-        assert calls == ["compile"] * 2 and "ignoring the compiled OpenVINO blob" in caplog.text
-        assert blobs[0].stat().st_size > 100
-        # a re-export (new mtime) never meets the old blob
-        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
-        ovr._compile(path, 1, False)
-        assert calls == ["compile"] * 3
-        # a read-only cache dir (a bundled predictor) only costs the compile
-        def read_only(*_):
-            raise PermissionError(13, "Read-only file system")
+    assert calls == ["compile"] * 2 and "ignoring the compiled OpenVINO blob" in caplog.text
+    assert blobs[0].stat().st_size > 100
+    # a re-export (new mtime) never meets the old blob
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    ovr._compile(path, 1, False)
+    assert calls == ["compile"] * 3
 
-        monkey.setattr(ovr, "_write_atomic", read_only)
-        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
-        np.testing.assert_array_equal(_run(ovr._compile(path, 1, False), x), _run(first, x))
-        assert calls == ["compile"] * 4
-    finally:
-        monkey.undo()
+    # a read-only cache dir (a bundled predictor) only costs the compile
+    def read_only(*_):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(ovr, "_write_atomic", read_only)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    np.testing.assert_array_equal(_run(ovr._compile(path, 1, False), x), _run(first, x))
+    assert calls == ["compile"] * 4
 
 
 class _Spy:
