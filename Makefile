@@ -39,6 +39,7 @@ bench: venv
 	$(PY) -m bench.probe --cifar 500 --write
 	$(PY) -m bench.serve --write
 	$(PY) -m bench.soak --minutes 10 --write
+	$(PY) -m bench.accuracy --dataset both --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache

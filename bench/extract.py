@@ -122,7 +122,9 @@ def textbook_ray_data(paths: list[Path]) -> float:
 
     t0 = time.perf_counter()
     ds = ray.data.read_images([str(p) for p in paths], size=(spec.input_size, spec.input_size), mode="RGB")
-    ds = ds.map_batches(Embed, batch_size=32, concurrency=1, num_cpus=1, batch_format="numpy")
+    # compute=, not concurrency= (deprecated since Ray 2.51, and it logs a warning)
+    ds = ds.map_batches(Embed, batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+                        batch_format="numpy")
     n = sum(len(b["embedding"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
     return n / (time.perf_counter() - t0)
 

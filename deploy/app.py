@@ -37,7 +37,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from deploy.backbone import BackbonePool, EmbedResult
+from deploy.backbone import DEFAULT_CAPACITY, BackbonePool, EmbedResult
 
 BACKBONE_DEPLOYMENT = "Backbone"
 INGRESS_DEPLOYMENT = "Ingress"
@@ -173,7 +173,8 @@ class BatchedEmbedder:
 class Backbone:
     """Frozen backbone(s) behind `@serve.batch`: uint8 pixels in, embeddings out."""
 
-    def __init__(self, engine: str | None = None, intra_op_num_threads: int | None = None, capacity: int = 3):
+    def __init__(self, engine: str | None = None, intra_op_num_threads: int | None = None,
+                 capacity: int = DEFAULT_CAPACITY):
         if engine is None:
             from deploy.settings import load_settings
 

@@ -3,8 +3,9 @@
 `BackbonePool.embed_many` is the body of the Serve backbone deployment's `@serve.batch` method:
 each request brings ready uint8 pixels (n_i, 3, S, S) and the JSON of the spec they were prepared
 for; requests for the same spec are concatenated into ONE `embed` call and the result is split
-back. During a hot reload to a model with another backbone both specs can be in flight, so the
-pool keeps the `capacity` most recently used backbones.
+back. A model over several backbones sends one request per backbone, each with its own key, so
+they load side by side. During a hot reload to a model with other backbones both models' specs
+can be in flight, so the pool keeps the `capacity` most recently used backbones.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Sequence
 import numpy as np
 
 log = logging.getLogger("tlpipe.serve")
+# enough for two models of two backbones each (a hot reload between multi-backbone models)
+# without evicting one that is still in use
+DEFAULT_CAPACITY = 4
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class BackbonePool:
     cores the rest of the request path needs.
     """
 
-    def __init__(self, engine: str = "auto", *, device: str = "cpu", capacity: int = 3,
+    def __init__(self, engine: str = "auto", *, device: str = "cpu", capacity: int = DEFAULT_CAPACITY,
                  intra_op_num_threads: int | None = None):
         self.engine = engine
         self.device = device

@@ -55,7 +55,8 @@ class ModelInfo(_Model):
     reference: str = Field(..., description="what the server follows (e.g. NAME@champion)")
     source: str = Field(..., description="where the version was loaded from")
     loaded_at: str
-    backbone: str
+    backbone: str = Field(..., description="the first (or only) backbone")
+    backbones: list[str] = Field(..., description="every backbone, in the order their embeddings are concatenated")
     engine: str
     input_size: int
     embed_dim: int

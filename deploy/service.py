@@ -7,6 +7,9 @@ flight. Mutations of the support examples and model swaps are serialised by one 
 
 The backbone is reached through an *embedder*: ``await embedder(spec_key, uint8 pixels) ->
 EmbedResult`` — the Serve backbone deployment's handle in production, `LocalEmbedder` elsewhere.
+A predictor over several backbones (`Predictor.specs`) is served the same way: each image is
+decoded once per distinct preprocessing, the embedder is called once per backbone, and the
+embeddings are concatenated in spec order (`Backbones`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import base64
 import binascii
 import copy
 import hashlib
-import json
 import logging
 import time
 from collections import Counter
@@ -52,16 +54,38 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
+class Backbones:
+    """How a predictor's embedding is made: one embedder call per spec, concatenated in order."""
+
+    specs: tuple
+    keys: tuple[str, ...]  # spec JSON per spec: what the backbone deployment loads
+    groups: tuple[tuple[object, tuple[int, ...]], ...]  # (spec to decode with, specs sharing it)
+
+    @classmethod
+    def of(cls, specs: Sequence) -> "Backbones":
+        from pipeline.predictor import preprocessing_groups
+
+        return cls(tuple(specs), tuple(spec_key(s) for s in specs),
+                   tuple((g, tuple(idx)) for g, idx in preprocessing_groups(specs)))
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+
+@dataclass(frozen=True)
 class ServingState:
     resolved: ResolvedModel
     base: object  # the Predictor as loaded (its own support index untouched)
     predictor: object  # shallow copy of `base` searching base support + added examples
     added: object | None  # SupportIndex of the added examples' embeddings (or None)
-    key: str  # spec JSON: what the backbone deployment loads
+    key: str  # the first spec's JSON (the only one of a single-backbone model)
     fingerprint: str  # names the added-examples index on disk
     engine: str
     loaded_at: str
     store_token: tuple
+    backbones: Backbones  # the specs, their keys and decode groups
+    dims: tuple[int, ...]  # each backbone's embedding width, in spec order
     base_counts: dict = field(default_factory=dict)
 
     @property
@@ -80,6 +104,15 @@ def _fingerprint(spec, key: str) -> str:
         return spec.fingerprint[:32]
     except Exception:  # noqa: BLE001 - weights identity unavailable: key on the spec itself
         return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _fingerprint_all(backbones: Backbones) -> str:
+    """Names the added-examples index: a single backbone keeps its own fingerprint (so serving
+    state written before multi-backbone models stays valid); several hash theirs in order."""
+    if len(backbones.specs) == 1:
+        return _fingerprint(backbones.specs[0], backbones.keys[0])
+    parts = [_fingerprint(s, k) for s, k in zip(backbones.specs, backbones.keys)]
+    return hashlib.sha256(("multi:" + "|".join(parts)).encode()).hexdigest()[:32]
 
 
 def decode_base64(text: str, index: int) -> bytes:
@@ -155,28 +188,32 @@ class ServingService:
     async def _load_and_swap(self, resolved: ResolvedModel) -> ServingState:
         t0 = time.perf_counter()
         predictor = await asyncio.to_thread(self.source.load, resolved, engine=self.settings.engine)
-        key = spec_key(predictor.spec)
-        spec = predictor.spec
-        probe = await self.embedder(key, np.zeros((1, 3, spec.input_size, spec.input_size), np.uint8))
-        dim = probe.embeddings.shape[1]
+        bb = Backbones.of(getattr(predictor, "specs", None) or [predictor.spec])
+        probes = await asyncio.gather(*(
+            self.embedder(key, np.zeros((1, 3, s.input_size, s.input_size), np.uint8))
+            for key, s in zip(bb.keys, bb.specs)))
+        dims = tuple(int(p.embeddings.shape[1]) for p in probes)
         want = getattr(predictor.head, "n_features_in_", None)
-        if want is not None and int(want) != dim:
-            raise ModelSourceError(f"{resolved.label}: the backbone {spec.name} gives {dim}-d embeddings but the "
-                                   f"head expects {want}; the artifact is inconsistent")
+        if want is not None and int(want) != sum(dims):
+            gives = " + ".join(f"{n} ({d}-d)" for n, d in zip(bb.names, dims))
+            raise ModelSourceError(f"{resolved.label}: the backbone{'s' if len(dims) > 1 else ''} {gives} "
+                                   f"give{'' if len(dims) > 1 else 's'} {sum(dims)}-d embeddings but the head "
+                                   f"expects {want}; the artifact is inconsistent, re-save the predictor")
+        probe = probes[0]
         base_counts = {}
         if predictor.support is not None and len(predictor.support):
             labels, counts = np.unique(predictor.support.labels, return_counts=True)
             base_counts = {str(a): int(b) for a, b in zip(labels, counts)}
         async with self.lock:
-            fp = _fingerprint(spec, key)
-            added, token = await self._reconcile(key, fp, None)
-            state = ServingState(resolved=resolved, base=predictor, predictor=predictor, added=None, key=key,
+            fp = _fingerprint_all(bb)
+            added, token = await self._reconcile(bb, fp, None)
+            state = ServingState(resolved=resolved, base=predictor, predictor=predictor, added=None, key=bb.keys[0],
                                  fingerprint=fp, engine=probe.engine or self.settings.engine,
                                  loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 store_token=token, base_counts=base_counts)
+                                 store_token=token, base_counts=base_counts, backbones=bb, dims=dims)
             state = self._with_added(state, added, token)
             self._swap(state)
-        log.info("serving %s (%s) loaded in %.1fs", resolved.label, spec.name, time.perf_counter() - t0)
+        log.info("serving %s (%s) loaded in %.1fs", resolved.label, " + ".join(bb.names), time.perf_counter() - t0)
         return state
 
     async def refresh(self, *, force: bool = False) -> tuple[bool, str | None]:
@@ -202,7 +239,7 @@ class ServingService:
         if self.store.token() != current.store_token:
             async with self.lock:
                 cur = self.state
-                added, token = await self._reconcile(cur.key, cur.fingerprint, cur.added)
+                added, token = await self._reconcile(cur.backbones, cur.fingerprint, cur.added)
                 self._swap(self._with_added(cur, added, token))
         return False, current.label
 
@@ -254,36 +291,57 @@ class ServingService:
                 raise r
         return results[0][None] if len(results) == 1 else np.stack(results)
 
+    async def decode_all(self, items: Sequence[ImageInput], bb: Backbones) -> list[np.ndarray]:
+        """Pixels per preprocessing group of `bb` (each image decoded once per group)."""
+        if len(bb.groups) == 1:
+            return [await self.decode(items, bb.groups[0][0])]
+        return list(await asyncio.gather(*(self.decode(items, spec) for spec, _ in bb.groups)))
+
+    async def embed(self, bb: Backbones, pixels: Sequence[np.ndarray]) -> tuple[np.ndarray, list[EmbedResult]]:
+        """(N, D) embeddings for pixels from `decode_all`: one embedder call per backbone, all at
+        once, concatenated in spec order; and the embedder's results."""
+        if len(bb.keys) == 1:  # the common case: no gather, no copy
+            res = await self.embedder(bb.keys[0], pixels[0])
+            return res.embeddings, [res]
+        calls = [(i, px) for (_, idx), px in zip(bb.groups, pixels) for i in idx]
+        results = await asyncio.gather(*(self.embedder(bb.keys[i], px) for i, px in calls))
+        by_spec: list[EmbedResult] = [None] * len(bb.keys)  # type: ignore[list-item]
+        for (i, _), res in zip(calls, results):
+            by_spec[i] = res
+        return np.concatenate([r.embeddings for r in by_spec], axis=1), by_spec
+
     # ------------------------------------------------------------------ predict
     async def predict(self, items: Sequence[ImageInput], *, top_k: int | None = None):
         """(state, predictions, timings) for the images, with the model that answered."""
         state = self.state  # read once: a concurrent swap does not affect this request
         t0 = time.perf_counter()
-        pixels = await self.decode(items, state.predictor.spec)
+        pixels = await self.decode_all(items, state.backbones)
         t1 = time.perf_counter()
-        res = await self.embedder(state.key, pixels)
+        embeddings, results = await self.embed(state.backbones, pixels)
         t2 = time.perf_counter()
-        preds = state.predictor.predict_embeddings(res.embeddings, top_k=top_k or self.settings.top_k)
+        preds = state.predictor.predict_embeddings(embeddings, top_k=top_k or self.settings.top_k)
         t3 = time.perf_counter()
         m = self.metrics
         m.stage.labels(stage="decode").observe(t1 - t0)
         m.stage.labels(stage="embed").observe(t2 - t1)
         m.stage.labels(stage="head").observe(t3 - t2)
         m.images_per_request.observe(len(items))
-        if res.first:
-            m.batch_size.observe(res.batch_images)
-            m.batch_requests.observe(res.batch_requests)
+        for res in results:
+            if res.first:
+                m.batch_size.observe(res.batch_images)
+                m.batch_requests.observe(res.batch_requests)
         for p in preds:
             m.decisions.labels(decision=p.decision).inc()
         return state, preds
 
     # ------------------------------------------------------------------ support examples
-    async def _embed_chunks(self, key: str, pixels: np.ndarray) -> np.ndarray:
-        parts = [(await self.embedder(key, pixels[i:i + _EMBED_CHUNK])).embeddings
-                 for i in range(0, len(pixels), _EMBED_CHUNK)]
+    async def _embed_chunks(self, bb: Backbones, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        n = len(pixels[0])
+        parts = [(await self.embed(bb, [px[i:i + _EMBED_CHUNK] for px in pixels]))[0]
+                 for i in range(0, n, _EMBED_CHUNK)]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    async def _reconcile(self, key: str, fingerprint: str, current):
+    async def _reconcile(self, bb: Backbones, fingerprint: str, current):
         """Bring the added-examples index in line with the log: embed what is missing, drop what
         was deleted; save a new generation if anything changed. Call with the lock held."""
         from feature_store.index import SupportIndex
@@ -300,21 +358,21 @@ class ServingService:
             index = index.without(stale)
             changed = True
         if missing:
-            from pipeline.backbones.spec import BackboneSpec
-
-            spec = BackboneSpec.from_dict(json.loads(key))
+            loop = asyncio.get_running_loop()
             usable: list[Example] = []
-            arrays = []
+            arrays: list[list[np.ndarray]] = [[] for _ in bb.groups]
             for e in missing:
                 try:
                     data = self.store.image_path(e).read_bytes()
-                    arrays.append(await asyncio.get_running_loop().run_in_executor(
-                        self._pool, self._prepare, data, spec))
-                    usable.append(e)
+                    px = [await loop.run_in_executor(self._pool, self._prepare, data, spec) for spec, _ in bb.groups]
                 except (OSError, ImageValidationError) as exc:
                     log.warning("support example %s (%s) skipped: %s", e.id, e.path, exc)
+                    continue
+                for group, p in zip(arrays, px):
+                    group.append(p)
+                usable.append(e)
             if usable:
-                emb = await self._embed_chunks(key, np.stack(arrays))
+                emb = await self._embed_chunks(bb, [np.stack(group) for group in arrays])
                 if index is None:
                     index = SupportIndex(emb.shape[1])
                 index = index.with_added(emb, [e.label for e in usable], [e.id for e in usable])
@@ -333,8 +391,8 @@ class ServingService:
             raise ApiError(422, "bad_class_name", str(exc)) from None
         async with self.lock:
             cur = self.state
-            pixels = await self.decode(items, cur.predictor.spec)  # validate before keeping anything
-            emb = await self._embed_chunks(cur.key, pixels)
+            pixels = await self.decode_all(items, cur.backbones)  # validate before keeping anything
+            emb = await self._embed_chunks(cur.backbones, pixels)
             results = await asyncio.to_thread(self.store.add, label, [it.data for it in items], model=cur.label)
             have = set(cur.added.ids.tolist()) if cur.added is not None else set()
             rows = [i for i, (ex, dup) in enumerate(results) if not dup and ex.id not in have]
@@ -343,7 +401,7 @@ class ServingService:
                 index = (index if index is not None else SupportIndex(emb.shape[1])).with_added(
                     emb[rows], [label] * len(rows), [results[i][0].id for i in rows])
                 await asyncio.to_thread(self.store.save_index, cur.fingerprint, index)
-            index, token = await self._reconcile(cur.key, cur.fingerprint, index)
+            index, token = await self._reconcile(cur.backbones, cur.fingerprint, index)
             state = self._with_added(cur, index, token)
             self._swap(state)
         return state, results
@@ -364,7 +422,7 @@ class ServingService:
             index = cur.added.without([e.id for e in gone]) if cur.added is not None else None
             if index is not None:
                 await asyncio.to_thread(self.store.save_index, cur.fingerprint, index)
-            index, token = await self._reconcile(cur.key, cur.fingerprint, index)
+            index, token = await self._reconcile(cur.backbones, cur.fingerprint, index)
             state = self._with_added(cur, index, token)
             self._swap(state)
         return state, [e.id for e in gone]
@@ -389,8 +447,8 @@ class ServingService:
         return {
             "model": s.label, "name": s.resolved.name, "version": s.resolved.version,
             "reference": str(self.ref), "source": s.resolved.source, "loaded_at": s.loaded_at,
-            "backbone": p.spec.name, "engine": s.engine, "input_size": p.spec.input_size,
-            "embed_dim": int(p.spec.embed_dim or (s.added.dim if s.added is not None else 0)),
+            "backbone": p.spec.name, "backbones": s.backbones.names, "engine": s.engine,
+            "input_size": p.spec.input_size, "embed_dim": int(sum(s.dims)),
             "head": type(p.head).__name__, "classes": p.classes, "threshold": p.threshold,
             "knn_threshold": p.knn_threshold, "knn_k": p.knn_k, "top_k": p.top_k,
             "support_size": len(p.support) if p.support is not None else 0,

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.sweep.plan import DEFAULT_HEADS
+
 app = typer.Typer(
     name="tlpipe",
     help="Transfer-learning pipeline: validate a labelled image folder, extract embeddings with "
@@ -123,23 +125,12 @@ def extract(
 
 
 def _extract_with_progress(ds, backbones, store, **kw):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from jobs.extract import extract_features
+    from jobs.progress import StageProgress
 
     files = [(r.sha256, r.path) for r in ds.records]
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=False) as progress:
-        tasks: dict[str, int] = {}
-
-        def on_progress(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(f"extract {name}", total=max(total, 1))
-                if total == 0:
-                    progress.update(tasks[name], completed=1, description=f"cached  {name}")
-            progress.update(tasks[name], completed=done if total else 1)
-
-        return extract_features(files, backbones, store=store, on_progress=on_progress, **kw)
+    with StageProgress(console) as progress:  # bars on a terminal, plain lines in a log
+        return extract_features(files, backbones, store=store, on_progress=progress.extract, **kw)
 
 
 def stats_table(stats) -> Table:
@@ -254,11 +245,11 @@ def parse_head_params(items: List[str]) -> dict[str, dict]:
 def check_head_params(heads: list[str], head_params: dict[str, dict]) -> None:
     """Fail before any work when a --set names a head not in --heads or a parameter that head
     does not take (fine-tunes: `pipeline.finetune.FinetuneConfig` fields + the Ray Train job keys)."""
-    from jobs.finetune import FINETUNE_HEADS, JOB_PARAMS
-    from jobs.sweep import _init_params, resolve_head
+    from jobs.finetune import JOB_PARAMS
     from pipeline.fields import field_names
     from pipeline.finetune import FinetuneConfig
     from pipeline.heads import HEADS
+    from pipeline.sweep.plan import FINETUNE_HEADS, init_params, resolve_head
 
     for label, params in head_params.items():
         if label not in heads:
@@ -266,7 +257,7 @@ def check_head_params(heads: list[str], head_params: dict[str, dict]) -> None:
         if label.lower() in FINETUNE_HEADS:
             known = field_names(FinetuneConfig) | set(JOB_PARAMS)
         else:
-            known = _init_params(HEADS[resolve_head(label)])
+            known = init_params(HEADS[resolve_head(label)])
         unknown = sorted(set(params) - known)
         if unknown:
             raise typer.BadParameter(f"{label} takes no parameter {unknown}; it takes {sorted(known)}",
@@ -274,25 +265,85 @@ def check_head_params(heads: list[str], head_params: dict[str, dict]) -> None:
 
 
 def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
-    table = Table(title=title)
-    cols = [("rank", "#"), ("backbone", "backbone"), ("head", "head"), ("metric", "metric"),
-            ("ci", "95% CI"), ("accuracy", "acc"), ("macro_f1", "macro-F1"), ("ece", "ECE"),
-            ("latency_ms_b1", "ms/img b1"), ("latency_ms_b32", "ms/img b32"), ("params_m", "params M"),
-            ("status", "status")]
-    for _, label in cols:
-        table.add_column(label)
+    """The sweep's leaderboard: the selection score (what chose the winner) and the test score
+    (reported, never used for choosing) side by side, with cost. Keys a row lacks (sweeps logged
+    before cross-validation) show blank; such rows' ``metric`` stands in as the selection score."""
+    import math
+
+    from rich.text import Text
+
+    def num(v):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            return None
+        return None if math.isnan(x) or math.isinf(x) else x
 
     def fmt(v, spec=".3f"):
-        return "" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
+        x = num(v)
+        return "" if x is None else format(x, spec)
 
+    def selection(r):
+        s, std = fmt(r.get("selection_score", r.get("metric"))), fmt(r.get("selection_std"))
+        return f"{s} ± {std}" if s and std else s
+
+    def test(r):
+        s, lo, hi = fmt(r.get("test_score")), fmt(r.get("test_ci_low")), fmt(r.get("test_ci_high"))
+        return f"{s} [{lo}–{hi}]" if s and lo and hi else s
+
+    def rank(r):
+        return "" if r.get("rank") is None else str(r.get("rank"))
+
+    def params(v):
+        x = num(v)
+        return "" if x is None else (f"{x:.1f}" if abs(x) >= 1 else f"{x:.2f}")
+
+    on: list[str] = []
     for r in rows:
-        ci = f"{r['ci_low']:.3f}–{r['ci_high']:.3f}" if r.get("ci_low") is not None else ""
-        style = "bold green" if r.get("winner") else None
-        table.add_row(fmt(r.get("rank")), str(r.get("backbone")), str(r.get("head")),
-                      fmt(r.get("metric")), ci, fmt(r.get("accuracy")), fmt(r.get("macro_f1")),
-                      fmt(r.get("ece")), fmt(r.get("latency_ms_b1"), ".1f"),
-                      fmt(r.get("latency_ms_b32"), ".1f"), fmt(r.get("params_m"), ".1f"),
-                      str(r.get("status", "")), style=style)
+        if r.get("selection_on") and str(r["selection_on"]) not in on:
+            on.append(str(r["selection_on"]))
+    # "5-fold CV on train+val (3 409 images)" -> header "selection (5-fold CV)"; the full text
+    # goes in the caption.
+    short = on[0].split(" on ")[0].split(" (")[0].strip() if len(on) == 1 else ""
+    metric = next((str(r["selection_metric"]) for r in rows if r.get("selection_metric")), "")
+    caption = []
+    if on:
+        caption.append("selection: " + "; ".join(on) + " — chose the winner")
+    if any(r.get("test_score") is not None for r in rows):
+        caption.append("test: reported once, never used for choosing")
+    if metric:
+        caption.append(f"scores: {metric}")
+    table = Table(title=title, caption=" · ".join(caption) or None)
+    # Two-line headers keep the numeric columns as narrow as their numbers, "kind" only appears
+    # when rows have one and a run that did not finish says so after its name: the table fits
+    # a 100-column terminal. The other test-split metrics (accuracy, macro-F1, top-5) are in
+    # report.html.
+    show_kind = any(r.get("kind") for r in rows)
+
+    def name(r):
+        n = str(r.get("name") or f"{r.get('backbone') or ''}+{r.get('head') or ''}")
+        status = r.get("status")
+        return n if status in (None, "", "FINISHED") else f"{n} [{status}]"
+    cols = [("#", lambda r: (f"★ {rank(r)}" if r.get("winner") else rank(r))),
+            ("name", name),
+            *([("kind", lambda r: str(r.get("kind") or ""))] if show_kind else []),
+            (f"selection\n({short})" if short else "selection", selection),
+            ("test\n[95% CI]", test),
+            ("ECE", lambda r: fmt(r.get("ece"))),
+            ("ms/img\nb1", lambda r: fmt(r.get("latency_ms_b1"), ".1f")),
+            ("params\nM", lambda r: params(r.get("params_m")))]
+    for label, _ in cols:
+        if label == "name":  # the one long column: it folds rather than squeezing the numbers
+            table.add_column(label, overflow="fold", min_width=16)
+        elif label == "kind":
+            table.add_column(label, overflow="fold")
+        else:
+            table.add_column(label, justify="right", overflow="fold")
+    for r in rows:
+        failed = r.get("status") not in (None, "", "FINISHED")
+        # Text, not markup: names and statuses may hold brackets.
+        table.add_row(*(Text(cell(r)) for _, cell in cols),
+                      style="bold green" if r.get("winner") else ("red" if failed else None))
     return table
 
 
@@ -301,11 +352,14 @@ def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
 def run(
     data: str = typer.Argument(..., help="Dataset: folder, manifest, HF dataset dir or archive."),
     backbones: List[str] = typer.Option([], "--backbones", "-b", help="Backbones (comma list or repeat); default: all with weights here."),
-    heads: List[str] = typer.Option(["linear,knn,centroid,mlp"], "--heads", help="Heads: linear, knn, centroid, mlp, tip, zeroshot; lora / full fine-tune the backbone (Ray Train)."),
+    heads: List[str] = typer.Option([",".join(DEFAULT_HEADS)], "--heads", help="Heads: linear, knn, centroid, mlp, tip, zeroshot; lora / full fine-tune the backbone (Ray Train)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Latency budget per image (batch 1) on this machine."),
     max_params: Optional[float] = typer.Option(None, "--max-params", help="Size budget in millions of parameters."),
     set_params: List[str] = typer.Option([], "--set", help="Head / fine-tune parameter HEAD.PARAM=VALUE (repeat), e.g. --set lora.epochs=3 --set lora.lr=5e-4 --set lora.num_workers=2 --set linear.class_weight=balanced."),
     metric: str = typer.Option("balanced_accuracy", help="Selection metric."),
+    tolerance: float = typer.Option(0.005, help="Selection metric a cheaper candidate may lose and still win (paired test; 0.005 = half a point)."),
+    selection: str = typer.Option("auto", help="Score candidates by k-fold CV on train+val ('cv'), on the validation split ('val'), or 'auto' (CV up to 20k images)."),
+    ensembles: bool = typer.Option(True, "--ensembles/--no-ensembles", help="Also try a head on the concatenated backbones and a weighted ensemble of the best candidates."),
     target_precision: float = typer.Option(0.9, help="Precision the confidence threshold is calibrated for."),
     model_name: Optional[str] = typer.Option(None, help="Registered model name (default: the dataset's name)."),
     promote_after: bool = typer.Option(False, "--promote", help="Promote the challenger if it beats the champion."),
@@ -320,22 +374,16 @@ def run(
         check_head_params(_csv_list(heads), head_params)
     ds = _load(data, seed, None)
     console.print(ds.card.render())
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from jobs.progress import StageProgress
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=console) as progress:
-        tasks: dict[str, int] = {}
-
-        def on_progress(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(f"extract {name}", total=max(total, 1))
-            progress.update(tasks[name], completed=done if total else 1)
-
+    with StageProgress(console) as progress:  # bars on a terminal, plain lines in a log
         result = run_job(data, root=state_root(root), backbones=_csv_list(backbones) or None,
                          heads=_csv_list(heads), head_params=head_params or None,
                          max_latency_ms=max_latency_ms, max_params_m=max_params,
-                         selection_metric=metric, target_precision=target_precision,
-                         model_name=model_name, seed=seed, on_progress=on_progress, dataset=ds)
+                         selection_metric=metric, tolerance=tolerance, selection=selection,
+                         ensembles=ensembles, target_precision=target_precision,
+                         model_name=model_name, seed=seed, on_progress=progress.extract,
+                         on_sweep_progress=progress.sweep, dataset=ds)
     console.print(stats_table(result.extract_stats))
     for s in result.skipped_backbones:
         console.print(f"[yellow]skipped[/] {s['backbone']}: {s['reason']}")
@@ -349,6 +397,9 @@ def run(
         console.print(f"registered [bold]{result.model_name}[/] version {result.version} as @challenger")
         if promote_after:
             _print_promotion(result.model_name, None, False, root)
+        from jobs.next_steps import print_after_run
+
+        print_after_run(console, result, state_root(root))
     else:  # nothing to serve: say why and exit non-zero, so scripts and CI notice
         _fail(f"no model registered: {result.sweep.selection_error or 'no candidate finished'}", code=1)
 
@@ -364,6 +415,11 @@ def compare(sweep: Optional[str] = typer.Argument(None, help="Sweep (parent run)
     except (LookupError, ValueError) as exc:
         _fail(str(exc))
     console.print(leaderboard_table(rows, f"sweep {sweep or '(latest)'}"))
+    if not any(r.get("selection_score") is not None for r in rows) \
+            and any(r.get("status") == "FINISHED" for r in rows):
+        # Finished runs without a selection score come from sweeps that chose on the test split.
+        console.print("[dim]no selection scores in this sweep: it was logged before selection "
+                      "used cross-validation, and its winner was chosen on the test split[/]")
 
 
 def _print_promotion(model: str, version: Optional[str], force: bool, root: Optional[Path]) -> None:

@@ -28,9 +28,13 @@ def main(data: str, root: str = ".tlpipe", backbones: tuple[str, ...] = DEMO_BAC
     ds = _load(data, 0, None)
     console.print(ds.card.render())
     console.rule("[bold]extract → sweep → select → register")
-    result = run(data, root=root, backbones=list(backbones), dataset=ds)
+    from jobs.progress import StageProgress
+
+    with StageProgress(console) as progress:  # bars on a terminal, plain lines in a log
+        result = run(data, root=root, backbones=list(backbones), dataset=ds,
+                     on_progress=progress.extract, on_sweep_progress=progress.sweep)
     console.print(stats_table(result.extract_stats))
-    console.print(leaderboard_table(result.sweep.rows, "leaderboard (test split)"))
+    console.print(leaderboard_table(result.sweep.rows, "leaderboard"))
     knn = [r for r in result.sweep.rows if r.get("head") == "knn" and r.get("accuracy") is not None]
     for r in knn:
         console.print(f"k-NN sanity accuracy {r['backbone']}: {r['accuracy']:.3f} "
@@ -42,9 +46,10 @@ def main(data: str, root: str = ".tlpipe", backbones: tuple[str, ...] = DEMO_BAC
         console.rule("[bold]promote")
         console.print(f"registered {result.model_name} v{result.version} as @challenger")
         _print_promotion(result.model_name, None, False, Path(root))
-    console.print(f"demo finished in {time.perf_counter() - t0:.1f} s — state under {root}/; "
-                  f"`tlpipe ui --root {root}` opens MLflow, `tlpipe compare --root {root}` "
-                  "prints the leaderboard again")
+    console.print(f"demo finished in {time.perf_counter() - t0:.1f} s — state under {root}/")
+    from jobs.next_steps import print_after_run
+
+    print_after_run(console, result, root)
     return {"model": result.model_name, "version": result.version,
             "rows": result.sweep.rows}
 

@@ -37,7 +37,6 @@ from typing import Any, Mapping, Sequence
 logger = logging.getLogger(__name__)
 
 #: sweep head labels that schedule a fine-tune instead of a head on cached features
-FINETUNE_HEADS = {"lora": "lora", "full": "full"}
 #: keys of a fine-tune head's params that configure the job rather than `FinetuneConfig`
 JOB_PARAMS = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "data_workers")
 CURVE_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
@@ -332,28 +331,6 @@ def log_finetune(res: FinetuneJobResult, *, run_id: str, log_weights_mb: float =
 
 # ----------------------------------------------------------------------------- the sweep's side
 
-def split_finetune_heads(heads: Any, head_params: Mapping[str, Mapping[str, Any]] | None):
-    """(probe heads as given, [HeadConfig for each fine-tune head]) from a sweep's `heads`."""
-    from jobs.sweep import HeadConfig
-
-    if isinstance(heads, Mapping):
-        items = [HeadConfig(h, dict(p or {})) for h, p in heads.items()]
-    elif isinstance(heads, str):
-        items = [HeadConfig(heads)]
-    else:
-        items = [h if isinstance(h, HeadConfig) else HeadConfig(str(h)) for h in heads]
-    probes, ft = [], []
-    for hc in items:
-        key = str(hc.head).lower()
-        if key in FINETUNE_HEADS:
-            label = hc.label
-            params = {**dict(hc.params), **dict((head_params or {}).get(label, {}))}
-            ft.append(HeadConfig(FINETUNE_HEADS[key], params, label))
-        else:
-            probes.append(hc)
-    return probes, ft
-
-
 def _config_for(method: str, params: Mapping[str, Any], seed: int):
     from pipeline.finetune import FinetuneConfig
 
@@ -368,13 +345,14 @@ def finetune_candidate(dataset: Any, ref: Any, hc: Any, *, probe: Any, root: Pat
                        latency_device: str = "cpu", run_name: str | None = None
                        ) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Fine-tune one backbone for the sweep; returns (FeatureSetRef of the merged backbone,
-    its latency, the candidate result in `jobs.sweep.fit_evaluate`'s format + curves, the
+    its latency, the candidate result in `pipeline.sweep.candidate.fit_evaluate`'s format + curves, the
     feature info for `_log_candidate`). Never raises: a failure is a ``status: failed`` result."""
     from jobs.extract import extract_features
-    from jobs.sweep import (FeatureSetRef, _backbone_latency, _plan_features, _read_features,
-                            _split_records, evaluate_head)
     from pipeline.devices import default_dtype
     from pipeline.heads import load_head
+    from pipeline.sweep.candidate import evaluate_head
+    from pipeline.sweep.features import backbone_latency, plan_features, read_features, split_records
+    from pipeline.sweep.plan import FeatureSetRef
 
     info: dict[str, Any] = {"test_records": []}
     try:
@@ -392,16 +370,20 @@ def finetune_candidate(dataset: Any, ref: Any, hc: Any, *, probe: Any, root: Pat
         ft_ref = FeatureSetRef(backbone=ref.backbone, fingerprint=stats.fingerprint, family=ref.family,
                                params_m=merged.params_m, engine=stats.engine, text=False, spec=merged,
                                dtype=dtype)
-        splits = _split_records(dataset)
-        kept, reason = _plan_features(store, ft_ref, splits)
+        splits = split_records(dataset)
+        kept, reason = plan_features(store, ft_ref, splits)
         if reason:
             raise RuntimeError(f"after fine-tuning: {reason}")
-        data, info = _read_features(store, ft_ref, kept, splits)
+        if not kept["val"]:
+            raise RuntimeError("a fine-tune is scored on the validation split, and this dataset "
+                               "has none with embeddings; add val/ images")
+        data, info = read_features(store, ft_ref, kept, splits)
         head = load_head(Path(res.artifacts_dir) / "head")
         result = evaluate_head(head, data, classes, fit_seconds=res.train_seconds,
                                selection_metric=selection_metric, n_bootstrap=n_bootstrap,
                                seed=seed, hardest_k=hardest_k, latency_repeats=latency_repeats)
-        lat, lat_reason = _backbone_latency(ft_ref, None, latency_device, latency_repeats)
+        result["selection"] = _val_selection(head, data, classes, selection_metric)
+        lat, lat_reason = backbone_latency(ft_ref, None, latency_device, latency_repeats)
         if lat_reason:
             lat = {"error": lat_reason}
         result["finetune"] = res
@@ -414,6 +396,23 @@ def finetune_candidate(dataset: Any, ref: Any, hc: Any, *, probe: Any, root: Pat
                          "traceback": traceback.format_exc()}, info
 
 
+def _val_selection(head: Any, data: Mapping[str, Any], classes: Sequence[str],
+                   metric: str) -> dict[str, Any]:
+    """A fine-tune's selection score: its predictions on the validation rows (fine-tuning all
+    folds would cost k fine-tunes); the fine-tune trains on the train split only."""
+    import numpy as np
+
+    from pipeline.sweep.cv import align_proba, metric_from_proba
+
+    val = np.flatnonzero(np.asarray(data["folds"])[0] >= 0)
+    y = np.asarray(data["y"])[val]
+    proba = align_proba(np.asarray(head.predict_proba(np.asarray(data["X"])[val])), head.classes_,
+                        classes).astype(np.float32)
+    return {"ids": [data["ids"][i] for i in val], "y": [str(v) for v in y], "proba": proba,
+            "score": metric_from_proba(metric, y, proba, classes), "std": None,
+            "fold_scores": [], "chosen": {}}
+
+
 def sweep_finetunes(dataset: Any, refs: Sequence[Any], ft_cfgs: Sequence[Any],
                     probe_dirs: Mapping[str, str | None], *, root: Path, store: Any, sweep_dir: Path,
                     classes: Sequence[str], skipped: list[dict[str, str]], selection_metric: str,
@@ -423,7 +422,7 @@ def sweep_finetunes(dataset: Any, refs: Sequence[Any], ft_cfgs: Sequence[Any],
     backbone latency, result) per (backbone, fine-tune head), one fine-tune at a time. The head
     starts from the sweep's linear probe of that backbone (`probe_dirs`), else from a LinearProbe
     fitted here on its cached embeddings."""
-    from jobs.sweep import _slug, candidate_name
+    from pipeline.sweep.plan import candidate_name, slug
 
     for ref in refs:
         for hc in ft_cfgs:
@@ -440,30 +439,31 @@ def sweep_finetunes(dataset: Any, refs: Sequence[Any], ft_cfgs: Sequence[Any],
                     "status": "failed", "error": f"no linear probe to start from: {type(exc).__name__}: {exc}",
                     "traceback": traceback.format_exc()}
                 continue
-            out_dir = Path(sweep_dir) / "candidates" / _slug(name) / "finetune"
+            out_dir = Path(sweep_dir) / "candidates" / slug(name) / "finetune"
             ft_ref, lat, result, info = finetune_candidate(
                 dataset, ref, hc, probe=probe, root=root, store=store, out_dir=out_dir,
                 classes=classes, selection_metric=selection_metric, n_bootstrap=n_bootstrap,
                 seed=seed, hardest_k=hardest_k, latency_repeats=latency_repeats,
-                latency_device=latency_device, run_name=f"{Path(sweep_dir).name}-{_slug(name)}")
+                latency_device=latency_device, run_name=f"{Path(sweep_dir).name}-{slug(name)}")
             yield name, ft_ref, hc, info, lat, result
 
 
 def fit_probe_for(store: Any, ref: Any, dataset: Any, *, seed: int = 0):
     """A LinearProbe on the backbone's cached train embeddings (selected on val) — the head a
     fine-tune starts from when the sweep has no linear probe of its own for this backbone."""
-    from jobs.sweep import _plan_features, _read_features, _split_records
     from pipeline.heads import LinearProbe
+    from pipeline.sweep.features import plan_features, read_features, split_records
 
-    splits = _split_records(dataset)
-    kept, reason = _plan_features(store, ref, splits)
+    splits = split_records(dataset)
+    kept, reason = plan_features(store, ref, splits)
     if reason:
         raise RuntimeError(reason)
-    data, _ = _read_features(store, ref, kept, splits)
-    kw = {"X_val": data["X_val"], "y_val": data["y_val"]} if data.get("X_val") is not None else {}
-    return LinearProbe(seed=seed).fit(data["X_train"], data["y_train"], **kw)
+    data, _ = read_features(store, ref, kept, splits)
+    train = data["folds"][0] < 0
+    kw = {"X_val": data["X"][~train], "y_val": data["y"][~train]} if (~train).any() else {}
+    return LinearProbe(seed=seed).fit(data["X"][train], data["y"][train], **kw)
 
 
-__all__ = ["FINETUNE_HEADS", "FinetuneJobResult", "curves", "finetune", "finetune_candidate",
-           "fit_probe_for", "log_finetune", "split_finetune_heads", "sweep_finetunes",
+__all__ = ["FinetuneJobResult", "curves", "finetune", "finetune_candidate",
+           "fit_probe_for", "log_finetune", "sweep_finetunes",
            "train_loop_per_worker"]

@@ -27,6 +27,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> di
         if address != "local":
             ray.init(address=address, **common)
         else:
+            _quiet_token_auth_notice()
             ray.init(
                 address="local",
                 num_cpus=num_cpus or os.cpu_count(),
@@ -35,6 +36,32 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> di
             )
         _quiet_ray_data()
     return ray.cluster_resources()
+
+
+class _DropTokenAuthEnabledNotice(logging.Filter):
+    """Drops the one record "Token authentication is enabled for this Ray cluster. Set
+    RAY_AUTH_MODE=disabled to opt out" that Ray (2.60 here) logs at WARNING each time
+    `ray.init()` starts a new local cluster with RAY_AUTH_MODE unset.
+
+    Why it is filtered and not acted on: it is informational here. tlpipe's embedded Ray is
+    started by tlpipe, for this process, on this machine, and token authentication (Ray's default,
+    token in ~/.ray/auth_token) is what we want it to keep; the only action it suggests is turning
+    security off. Setting RAY_AUTH_MODE=token ourselves would also silence it, but only if done
+    before Ray first reads its config in this process, which tlpipe cannot guarantee (ray may be
+    imported earlier). Every other record of that logger passes, notably the warning that a
+    cluster starts *without* authentication."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_token_auth_notice() -> None:
+    log = logging.getLogger(_TOKEN_AUTH_LOGGER)
+    if not any(isinstance(f, _DropTokenAuthEnabledNotice) for f in log.filters):
+        log.addFilter(_DropTokenAuthEnabledNotice())
 
 
 def _quiet_ray_data() -> None:

@@ -7,6 +7,7 @@ same test split (same dataset hash), unless forced — and records why in the ve
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -15,6 +16,42 @@ from pathlib import Path
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 PREDICTOR_ARTIFACT = "predictor"
+#: the per-image test predictions `jobs.run` stores inside the predictor (the promotion gate's input)
+TEST_PREDICTIONS = "test_predictions.json"
+
+
+#: pip for the model's conda environment when this environment has none to pin (uv makes venvs
+#: without pip): a floor that installs the `==` pins below
+PIP_FALLBACK = "pip>=24.0"
+
+
+def _conda_env(pip_requirements: list[str]) -> dict:
+    """The model's environment, written by us rather than left to MLflow: MLflow pins the pip
+    of the logging environment and, when there is none (a uv venv), logs "Failed to resolve
+    installed pip version" at every registration and writes an unversioned `pip`. Here pip is
+    always declared: the installed version as MLflow would (`<=`, conda-forge lags PyPI), else
+    `PIP_FALLBACK`."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pip = f"pip<={version('pip')}"
+    except PackageNotFoundError:
+        pip = PIP_FALLBACK
+    return {"name": "mlflow-env", "channels": ["conda-forge"],
+            "dependencies": [f"python={platform.python_version()}", pip, {"pip": pip_requirements}]}
+
+
+class _DropNoSignatureNotice(logging.Filter):
+    """Drops MLflow's "Failed to infer model signature: Type hint ... cannot be used to infer
+    model signature" record (logger `mlflow.pyfunc`, WARNING, once per registration).
+
+    Informational: the model has no signature on purpose. Its input is a DataFrame, a dict or a
+    list of base64 strings or bytes (`jobs.pyfunc_model`); a signature would make MLflow reshape
+    the dict and reject the list. Installed only around `log_model`, for that one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to infer model signature: Type hint")
 
 
 def _pip_requirements() -> list[str]:
@@ -46,13 +83,18 @@ def register_predictor(predictor_dir: str | Path, model_name: str, *, run_id: st
         if predictor_dir.name != PREDICTOR_ARTIFACT:  # MLflow keeps the folder's own name
             shutil.copytree(predictor_dir, Path(tmp) / PREDICTOR_ARTIFACT)
             predictor_dir = Path(tmp) / PREDICTOR_ARTIFACT
-        with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(
-                run_name=f"register-{model_name}"):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PYFUNC_CODE),
-                artifacts={PREDICTOR_ARTIFACT: str(predictor_dir)},
-                registered_model_name=model_name, pip_requirements=_pip_requirements(),
-            )
+        no_signature = _DropNoSignatureNotice()
+        logging.getLogger("mlflow.pyfunc").addFilter(no_signature)
+        try:
+            with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(
+                    run_name=f"register-{model_name}"):
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(PYFUNC_CODE),
+                    artifacts={PREDICTOR_ARTIFACT: str(predictor_dir)},
+                    registered_model_name=model_name, conda_env=_conda_env(_pip_requirements()),
+                )
+        finally:
+            logging.getLogger("mlflow.pyfunc").removeFilter(no_signature)
     version = str(info.registered_model_version)
     client = MlflowClient()
     for key, value in (tags or {}).items():
@@ -92,8 +134,10 @@ class PromotionResult:
     reason: str
 
 
-def promote(model_name: str, *, version: str | None = None, force: bool = False) -> PromotionResult:
-    """Move `champion` to `version` (default: the `challenger`) if it beats the champion."""
+def promote(model_name: str, *, version: str | None = None, force: bool = False,
+            margin: float = 0.005) -> PromotionResult:
+    """Move `champion` to `version` (default: the `challenger`) when a paired comparison on the
+    same test split shows it is not worse than the champion (within `margin`) — or when forced."""
     from mlflow import MlflowClient
 
     from pipeline.select import promotion_decision
@@ -104,17 +148,23 @@ def promote(model_name: str, *, version: str | None = None, force: bool = False)
         raise ValueError(f"model {model_name!r} has no challenger; run `tlpipe run` first or pass --version")
     challenger = client.get_model_version(model_name, version)
     champ_version = alias_version(model_name, "champion")
-    champion = client.get_model_version(model_name, champ_version) if champ_version else None
-    metric_name = challenger.tags.get("selection_metric", "metric")
-    ok, reason = promotion_decision(
-        _metric(challenger), _metric(champion) if champion else None, force=force,
-        metric_name=metric_name, challenger_split=challenger.tags.get("test_split_hash"),
-        champion_split=champion.tags.get("test_split_hash") if champion else None,
-    )
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if ok and champ_version == version:
+    if champ_version == version:
         return PromotionResult(False, version, champ_version, f"version {version} is already champion")
-    if ok:
+    champion = client.get_model_version(model_name, champ_version) if champ_version else None
+    ch_pred, y_true = test_predictions(model_name, version)
+    # {} (not None) for a champion registered without predictions: the gate refuses, not promotes
+    cp_pred = (test_predictions(model_name, champ_version)[0] or {}) if champion else None
+    decision = promotion_decision(
+        ch_pred, cp_pred, y_true, force=force,
+        metric_name=challenger.tags.get("selection_metric", "balanced_accuracy"),
+        champion_metric_name=champion.tags.get("selection_metric") if champion else None,
+        margin=margin, challenger_split=challenger.tags.get("test_split_hash"),
+        champion_split=champion.tags.get("test_split_hash") if champion else None)
+    reason = decision.reason
+    for key, value in decision.to_tags().items():
+        client.set_model_version_tag(model_name, version, key, str(value))
+    if decision.promote:
         client.set_registered_model_alias(model_name, "champion", version)
         client.set_model_version_tag(model_name, version, "promotion_reason", reason)
         client.set_model_version_tag(model_name, version, "promoted_at", stamp)
@@ -122,9 +172,21 @@ def promote(model_name: str, *, version: str | None = None, force: bool = False)
             client.set_model_version_tag(model_name, champ_version, "replaced_by", version)
     else:
         client.set_model_version_tag(model_name, version, "promotion_refused", f"{stamp}: {reason}")
-    return PromotionResult(ok, version, champ_version, reason)
+    return PromotionResult(decision.promote, version, champ_version, reason)
 
 
-def _metric(mv) -> float | None:
-    value = mv.tags.get("metric_value") if mv is not None else None
-    return float(value) if value not in (None, "") else None
+def test_predictions(model_name: str, version: str) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+    """({test image id: predicted label}, {id: true label}) recorded with a registered version,
+    or (None, None) for a version registered without them."""
+    import json
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{model_name}/{version}/artifacts/{PREDICTOR_ARTIFACT}/{TEST_PREDICTIONS}")
+    except (MlflowException, OSError):
+        return None, None
+    data = json.loads(Path(path).read_text())
+    return dict(zip(data["ids"], data["y_pred"])), dict(zip(data["ids"], data["y_true"]))

@@ -11,17 +11,17 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.sweep.plan import DEFAULT_HEADS
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_HEADS = ("linear", "knn", "centroid", "mlp")
-#: heads that fine-tune the backbone instead (jobs.finetune): `heads=(..., "lora")` or "full"
-FINETUNE_HEADS = ("lora", "full")
 
 
 @dataclass
@@ -66,33 +66,50 @@ def default_backbones() -> tuple[list[str], list[dict]]:
 
 
 def build_predictor(dataset, store, winner: dict, head_dir: str, *, target_precision: float = 0.9):
-    """The winner's head + its backbone spec + a support index + thresholds calibrated on val."""
+    """The winner's head (refit on train+val) + its backbone spec(s) + a support index of every
+    labelled train+val embedding + thresholds calibrated on its out-of-fold predictions; what the
+    thresholds deliver is measured once on the test split and recorded in `info`."""
     from feature_store.index import SupportIndex
     from pipeline.backbones.spec import BackboneSpec
     from pipeline.heads import load_head
     from pipeline.predictor import Predictor
+    from pipeline.sweep.calibrate import calibrate_from_oof, decision_quality
 
-    meta = json.loads((Path(head_dir).parent / "candidate.json").read_text())
-    spec = BackboneSpec.from_dict(meta["spec"])
-    fp = meta["fingerprint"]
+    cdir = Path(head_dir).parent
+    meta = json.loads((cdir / "candidate.json").read_text())
+    specs = [BackboneSpec.from_dict(d) for d in (meta.get("specs") or [meta["spec"]])]
+    fps = meta.get("fingerprints") or [meta["fingerprint"]]
     head = load_head(head_dir)
-    present = {k for k, ok in zip((r.sha256 for r in dataset.records),
-                                  store.contains(fp, [r.sha256 for r in dataset.records])) if ok}
-    train = [r for r in dataset.split("train") if r.sha256 in present]
-    val = [r for r in dataset.split("val") if r.sha256 in present]
-    # exact search below 20k support vectors, HNSW above (≈0.7 ms vs ≈100 ms a query at 100k)
-    support = SupportIndex(int(spec.embed_dim) or store.get(fp, [train[0].sha256]).shape[1],
-                           hnsw_threshold=20_000)
-    support.add(store.get(fp, [r.sha256 for r in train]), [r.label for r in train])
-    predictor = Predictor(spec, head, support=support, info={
-        "backbone": spec.name, "head": winner.get("head"), "candidate": winner.get("name"),
-        "fingerprint": fp, "engine": meta.get("engine"), "classes": list(map(str, head.classes_)),
+
+    def embed(ids):
+        return np.concatenate([store.get(fp, ids) for fp in fps], axis=1)
+
+    present = np.ones(len(dataset.records), dtype=bool)
+    for fp in fps:
+        present &= store.contains(fp, [r.sha256 for r in dataset.records])
+    have = {r.sha256 for r, ok in zip(dataset.records, present) if ok}
+    trval = [r for r in dataset.split("train") + dataset.split("val") if r.sha256 in have]
+    test = [r for r in dataset.split("test") if r.sha256 in have]
+    x_trval = embed([r.sha256 for r in trval])
+    # exact search below 20k support vectors, HNSW above (see BENCHMARKS.md, serving fallback)
+    support = SupportIndex(x_trval.shape[1], hnsw_threshold=20_000)
+    support.add(x_trval, [r.label for r in trval])
+    predictor = Predictor(specs if len(specs) > 1 else specs[0], head, support=support, info={
+        "backbone": "+".join(s.name for s in specs), "backbones": [s.name for s in specs],
+        "head": winner.get("head"), "candidate": winner.get("name"), "kind": meta.get("kind"),
+        "fingerprint": fps[0], "fingerprints": fps, "engine": meta.get("engine"),
+        "classes": list(map(str, head.classes_)),
     })
-    if val:
-        x_val = store.get(fp, [r.sha256 for r in val])
-        predictor.calibrate(x_val, [r.label for r in val], target_precision=target_precision)
-        # after calibration the validation examples join the support set served as fallback
-        predictor.support = support.with_added(x_val, [r.label for r in val])
+    sel = json.loads((cdir / "selection.json").read_text())
+    proba = np.load(cdir / "selection_proba.npy", allow_pickle=False)
+    cal = calibrate_from_oof(proba, sel["y"], predictor.classes, X=embed(sel["ids"]),
+                             folds=np.asarray(sel.get("folds") or np.zeros(len(sel["ids"]))),
+                             knn_k=predictor.knn_k, target_precision=target_precision)
+    predictor.threshold, predictor.knn_threshold = cal["threshold"], cal["knn_threshold"]
+    if test:
+        cal["test"] = decision_quality(predictor.predict_embeddings(embed([r.sha256 for r in test])),
+                                       [r.label for r in test])
+    predictor.info["calibration"] = cal
     return predictor
 
 
@@ -106,16 +123,20 @@ def run(
     max_latency_ms: float | None = None,
     max_params_m: float | None = None,
     selection_metric: str = "balanced_accuracy",
+    tolerance: float = 0.005,
+    selection: str = "auto",
+    ensembles: bool = True,
     target_precision: float = 0.9,
     model_name: str | None = None,
     register: bool = True,
     seed: int = 0,
     on_progress: Callable[[str, int, int], None] | None = None,
+    on_sweep_progress: Callable[[int, int], None] | None = None,
     dataset=None,
 ) -> RunResult:
     from feature_store import FeatureStore
     from jobs.extract import extract_features
-    from jobs.registry import register_predictor
+    from jobs.registry import TEST_PREDICTIONS, register_predictor
     from jobs.sweep import feature_sets_from_stats, run_sweep
     from jobs.sweep import DEFAULT_EXPERIMENT
     from jobs.tracking import setup_mlflow
@@ -141,8 +162,10 @@ def run(
         if s.failed:
             logger.warning("%s: %d images failed to decode and are left out", s.backbone, len(s.failed))
     sweep = run_sweep(dataset, feature_sets_from_stats(stats), heads, root=root, store=store,
-                      head_params=head_params, selection_metric=selection_metric, max_latency_ms=max_latency_ms,
-                      max_params_m=max_params_m, seed=seed)
+                      head_params=head_params, selection_metric=selection_metric,
+                      tolerance=tolerance, selection=selection, ensembles=ensembles,
+                      max_latency_ms=max_latency_ms, max_params_m=max_params_m, seed=seed,
+                      on_progress=on_sweep_progress)
     result = RunResult(dataset, stats, sweep, skipped)
     setup_mlflow(root, DEFAULT_EXPERIMENT)
     if skipped:
@@ -157,16 +180,24 @@ def run(
     predictor = build_predictor(dataset, store, winner, head_dir, target_precision=target_precision)
     pdir = Path(sweep.sweep_dir) / "predictor"
     predictor.save(pdir)
+    shutil.copy2(Path(head_dir).parent / "test_predictions.json", pdir / TEST_PREDICTIONS)
     name = model_name or model_name_for(dataset)
+    test_q = predictor.info["calibration"].get("test", {})
     tags = {
-        "selection_metric": selection_metric, "metric_value": winner.get("metric"),
-        "ci_low": winner.get("ci_low"), "ci_high": winner.get("ci_high"),
+        "selection_metric": selection_metric, "selection_on": sweep.selection_plan.get("describe"),
+        "selection_score": winner.get("selection_score"), "selection_std": winner.get("selection_std"),
+        "metric_value": winner.get("test_score"), "ci_low": winner.get("test_ci_low"),
+        "ci_high": winner.get("test_ci_high"),
         "test_split_hash": split_hash(dataset.split("test")),
         "dataset_hash": dataset.card.dataset_hash, "backbone": winner.get("backbone"),
-        "head": winner.get("head"), "sweep_run_id": sweep.parent_run_id,
+        "head": winner.get("head"), "kind": winner.get("kind"), "sweep_run_id": sweep.parent_run_id,
         "threshold": predictor.threshold, "knn_threshold": predictor.knn_threshold,
+        "target_precision": target_precision,
+        "test_classifier_precision": test_q.get("classifier_precision"),
+        "test_classifier_rate": test_q.get("classifier_rate"),
         "why": (sweep.selection or {}).get("why", ""),
     }
-    result.version = register_predictor(pdir, name, run_id=sweep.parent_run_id, tags=tags)
+    result.version = register_predictor(pdir, name, run_id=sweep.parent_run_id,
+                                        tags={k: v for k, v in tags.items() if v is not None})
     result.model_name, result.predictor_dir = name, str(pdir)
     return result

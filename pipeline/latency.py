@@ -12,6 +12,8 @@ import statistics
 import time
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 
 def machine_info() -> dict[str, Any]:
     """Short description of the machine the measurement runs on."""
@@ -30,7 +32,8 @@ def measure_latency(fn: Callable[[Any], Any], make_batch: Callable[[int], Any],
     asynchronous engines (CUDA) pass ``sync`` (e.g. ``torch.cuda.synchronize``); it is called
     before the clock starts and before it stops.
 
-    Returns ``{"latency_ms_b<bs>": median ms per image, ..., "batches": [per batch size details],
+    Returns ``{"latency_ms_b<bs>": median ms per image, "latency_noise_ms_b<bs>": interquartile
+    range of the repeats per image, ..., "batches": [per batch size details],
     "warmup", "repeats", "machine"}``.
     """
     sizes = [int(b) for b in batch_sizes]
@@ -58,6 +61,9 @@ def measure_latency(fn: Callable[[Any], Any], make_batch: Callable[[int], Any],
             times_ms.append((time.perf_counter() - t0) * 1000.0)
         med = statistics.median(times_ms)
         result[f"latency_ms_b{bs}"] = med / bs
+        # the spread of the repeats: a cost gap smaller than this is measurement noise
+        q75, q25 = np.percentile(times_ms, [75, 25])
+        result[f"latency_noise_ms_b{bs}"] = float(q75 - q25) / bs
         details.append({"batch_size": bs, "median_ms_per_image": med / bs,
                         "median_ms_per_batch": med, "min_ms_per_batch": min(times_ms),
                         "max_ms_per_batch": max(times_ms),

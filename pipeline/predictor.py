@@ -1,4 +1,9 @@
-"""The predictor artifact: backbone spec + head + labels + calibrated thresholds + support index.
+"""The predictor artifact: backbone spec(s) + head + labels + calibrated thresholds + support index.
+
+The embedding a predictor classifies is the concatenation, in spec order, of each backbone's
+embedding exactly as `load_backbone(spec).embed` returns it (the vectors the feature store
+caches); with one spec it is that backbone's embedding. Heads across backbones (a probe on the
+concatenation, or an `Ensemble` of per-backbone heads on its slices) are ordinary predictors.
 
 Decision per image:
 1. the head's top probability ≥ `threshold` (calibrated on validation for a target precision)
@@ -9,7 +14,8 @@ Decision per image:
 3. else `abstain` (label None).
 
 `save(dir)` / `load(dir)` mirror each other: `predictor.json` + `head/` (JSON + safetensors) +
-`support/` (FAISS + npy + JSON). No pickle anywhere.
+`support/` (FAISS + npy + JSON) + `backbone/` (local weights, when a spec has them). No pickle
+anywhere. predictor.json v2 lists `specs`; v1 files (one `spec`) still load.
 """
 
 from __future__ import annotations
@@ -27,8 +33,23 @@ import numpy as np
 from pipeline.calibration import knn_vote, precision_threshold
 
 FORMAT = "tlpipe.predictor"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: one "spec"; v2: "specs", a list
 DECISIONS = ("classifier", "fallback", "abstain")
+
+
+def preprocessing_key(spec) -> tuple:
+    """What `pipeline.preprocess` reads from a spec: specs with equal keys get identical pixels."""
+    return (spec.input_size, spec.crop_pct, spec.crop_mode, spec.interpolation)
+
+
+def preprocessing_groups(specs: Sequence[Any]) -> list[tuple[Any, list[int]]]:
+    """[(spec to prepare pixels with, indices of the specs sharing its preprocessing)], in order
+    of first appearance: each image is decoded once per group, not once per backbone."""
+    groups: dict[tuple, tuple[Any, list[int]]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(preprocessing_key(spec), (spec, []))[1].append(i)
+    return list(groups.values())
 
 
 @dataclass
@@ -48,7 +69,8 @@ class Predictor:
     """Classify images or embeddings with abstention and a k-NN fallback.
 
     Args:
-        spec: the BackboneSpec the head's features come from.
+        spec: the BackboneSpec the head's features come from, or a list of them: the head then
+            reads their embeddings concatenated in that order.
         head: a fitted head (sklearn contract, `save`/`load`).
         threshold: minimum top probability for a `classifier` decision.
         support: a `feature_store.SupportIndex` of labelled embeddings, or None (no fallback).
@@ -61,7 +83,11 @@ class Predictor:
                  knn_threshold: float = 0.6, top_k: int = 5, info: dict | None = None) -> None:
         if getattr(head, "classes_", None) is None:
             raise ValueError("the predictor needs a fitted head (head.classes_ is missing)")
-        self.spec = spec
+        specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+        if not specs:
+            raise ValueError("the predictor needs at least one backbone spec; pass spec=BackboneSpec "
+                             "or a non-empty list of them")
+        self.specs = specs
         self.head = head
         self.threshold = float(threshold)
         self.support = support
@@ -69,7 +95,7 @@ class Predictor:
         self.knn_threshold = float(knn_threshold)
         self.top_k = int(top_k)
         self.info = dict(info or {})
-        self._backbone = None
+        self._backbones: list = [None] * len(specs)
         self.engine = "auto"
         self.device = "cpu"
 
@@ -143,25 +169,45 @@ class Predictor:
         return out
 
     @property
-    def backbone(self):
-        if self._backbone is None:
+    def spec(self):
+        """The first backbone spec (the only one of a single-backbone predictor)."""
+        return self.specs[0]
+
+    def _backbone_at(self, i: int):
+        if self._backbones[i] is None:
             from pipeline.backbones import load_backbone
 
-            self._backbone = load_backbone(self.spec, engine=self.engine, device=self.device)
-        return self._backbone
+            self._backbones[i] = load_backbone(self.specs[i], engine=self.engine, device=self.device)
+        return self._backbones[i]
+
+    @property
+    def backbone(self):
+        """The first spec's backbone (loaded on first use)."""
+        return self._backbone_at(0)
+
+    @property
+    def backbones(self) -> list:
+        """Every spec's backbone, in spec order (loaded on first use)."""
+        return [self._backbone_at(i) for i in range(len(self.specs))]
 
     def embed_images(self, images: Sequence[Any], *, max_pixels: int | None = None) -> np.ndarray:
-        """Images (bytes, paths or PIL images) → embeddings with the spec's preprocessing."""
+        """Images (bytes, paths or PIL images) → (N, D) embeddings: each backbone's embedding of
+        the image with its spec's preprocessing, concatenated in spec order."""
         from pipeline.images import DEFAULT_MAX_PIXELS, open_image
         from pipeline.preprocess import prepare
 
-        pixels = []
-        for img in images:
-            if not hasattr(img, "convert"):
-                img = open_image(img, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                                 draft_size=(self.spec.resize_size, self.spec.resize_size))
-            pixels.append(prepare(img, self.spec))
-        return self.backbone.embed(np.stack(pixels))
+        parts: list[np.ndarray | None] = [None] * len(self.specs)
+        for spec, members in preprocessing_groups(self.specs):
+            pixels = []
+            for img in images:
+                if not hasattr(img, "convert"):
+                    img = open_image(img, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                                     draft_size=(spec.resize_size, spec.resize_size))
+                pixels.append(prepare(img, spec))
+            batch = np.stack(pixels)
+            for i in members:
+                parts[i] = self._backbone_at(i).embed(batch)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def predict_images(self, images: Sequence[Any], *, top_k: int | None = None) -> list[Prediction]:
         return self.predict_embeddings(self.embed_images(images), top_k=top_k)
@@ -173,20 +219,22 @@ class Predictor:
         self.head.save(d / "head")
         if self.support is not None:
             self.support.save(d / "support")
-        spec = self.spec.to_dict()
-        local = Path(str(self.spec.weights))
-        if not str(self.spec.weights).startswith(("pypi:", "hf-hub:")) and local.exists():
-            # local weights (a fine-tuned backbone) travel inside the artifact, path kept relative
-            dest = d / "backbone" / local.name
-            if local.resolve() != dest.resolve():
-                if local.is_dir():
-                    shutil.copytree(local, dest, dirs_exist_ok=True)
-                else:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(local, dest)
-            spec["weights"] = str(dest.relative_to(d))
+        specs, bundled = [], {}
+        for i, s in enumerate(self.specs):
+            spec = s.to_dict()
+            local = Path(str(s.weights))
+            if not str(s.weights).startswith(("pypi:", "hf-hub:")) and local.exists():
+                # local weights (a fine-tuned backbone) travel inside the artifact, path kept
+                # relative; one folder per spec so equal file names cannot collide
+                src = local.resolve()
+                if src not in bundled:
+                    sub = d / "backbone" if len(self.specs) == 1 else d / "backbone" / str(i)
+                    dest = src if src.is_relative_to(sub.resolve()) else sub / local.name
+                    bundled[src] = self._bundle(local, dest)
+                spec["weights"] = bundled[src].relative_to(d.resolve()).as_posix()
+            specs.append(spec)
         config = {
-            "format": FORMAT, "version": FORMAT_VERSION, "spec": spec,
+            "format": FORMAT, "version": FORMAT_VERSION, "specs": specs,
             "classes": self.classes, "threshold": self.threshold, "knn_k": self.knn_k,
             "knn_threshold": self.knn_threshold, "top_k": self.top_k,
             "has_support": self.support is not None, "info": self.info,
@@ -194,6 +242,16 @@ class Predictor:
         }
         (d / "predictor.json").write_text(json.dumps(config, indent=2, default=str))
         return d
+
+    @staticmethod
+    def _bundle(local: Path, dest: Path) -> Path:
+        if local.resolve() != dest.resolve():
+            if local.is_dir():
+                shutil.copytree(local, dest, dirs_exist_ok=True)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(local, dest)
+        return dest.resolve()
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, engine: str = "auto",
@@ -208,15 +266,21 @@ class Predictor:
             raise FileNotFoundError(f"{d} is not a saved predictor (no predictor.json); "
                                     "create one with Predictor.save(dir)")
         cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format") != FORMAT or cfg.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: format {cfg.get('format')} v{cfg.get('version')} is not "
-                             f"{FORMAT} v{FORMAT_VERSION}")
+        version = cfg.get("version")
+        if cfg.get("format") != FORMAT or version not in READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > FORMAT_VERSION and cfg.get("format") == FORMAT
+            raise ValueError(f"{cfg_path}: format {cfg.get('format')} v{version} is not {FORMAT} "
+                             f"v{'/'.join(map(str, READABLE_VERSIONS))}"
+                             + ("; it was written by a newer tlpipe, upgrade to load it" if newer else ""))
         head = load_head(d / "head")
         support = SupportIndex.load(d / "support") if cfg.get("has_support") else None
-        spec = dict(cfg["spec"])
-        if str(spec["weights"]).startswith("backbone/"):  # bundled local weights, relative to d
-            spec["weights"] = str(d / spec["weights"])
-        pred = cls(BackboneSpec.from_dict(spec), head, threshold=cfg["threshold"],
+        specs = []
+        for raw in (cfg["specs"] if version >= 2 else [cfg["spec"]]):
+            spec = dict(raw)
+            if str(spec["weights"]).startswith("backbone/"):  # bundled local weights, relative to d
+                spec["weights"] = str(d / spec["weights"])
+            specs.append(BackboneSpec.from_dict(spec))
+        pred = cls(specs, head, threshold=cfg["threshold"],
                    support=support, knn_k=cfg["knn_k"], knn_threshold=cfg["knn_threshold"],
                    top_k=cfg["top_k"], info=cfg.get("info"))
         if pred.classes != cfg["classes"]:

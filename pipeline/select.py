@@ -1,24 +1,41 @@
 """Winner selection across (backbone, head) candidates, Pareto front and the promotion gate.
 
 Rule (`select_winner`):
-1. Drop candidates that break a budget (latency, parameter count) or lack a metric, each with a
-   reason.
-2. The best eligible candidate has the highest selection metric.
-3. Every eligible candidate whose confidence interval overlaps the best one's is statistically
-   tied with it; among the tied, the cheapest wins: lowest latency, then fewest parameters, then
-   the best metric (then name, for determinism). Costs within `cost_tolerance` (10 %) of the
-   cheapest count as equal — a head 0.01 M parameters smaller is not "cheaper" than a better one
-   on the same backbone. A candidate without a CI is treated as the point interval
-   [metric, metric].
+1. Drop candidates that break a budget (latency, parameter count) or lack a selection metric,
+   each with a reason.
+2. `best` is the eligible candidate with the highest selection metric (cross-validation mean or
+   validation score; never the test split). Ties: cheaper, then name.
+3. A candidate is dominated when another eligible candidate has a strictly higher metric at no
+   higher cost (latency within noise or lower, parameters not higher). Dominated candidates never
+   win.
+4. A non-dominated candidate may replace `best` only when it is
+   (a) cheaper beyond noise: its latency is lower by more than both candidates' measurement
+       noise together and by at least `min_cost_gap` of best's latency — or, with latency equal
+       within noise, it has at least `min_cost_gap` fewer parameters (relative); and
+   (b) equivalent: a one-sided paired bootstrap on the images both were scored on bounds
+       metric(best) - metric(c) by at most `tolerance` at `confidence`. Overlapping intervals
+       are not evidence of equivalence; a paired bound is. Without predictions it cannot be shown.
+5. Among the candidates that qualify, the fastest wins; those within latency noise of it are
+   narrowed to the fewest parameters (within `min_cost_gap`), then the higher metric, fewer
+   parameters and name decide.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
+
+from pipeline.paired import (METRICS, PairedDifference, check_bootstrap, check_metric,
+                             bootstrap_scores, encode, metric_from_labels, paired_bootstrap,
+                             summarise)
+
+__all__ = ["Candidate", "Exclusion", "Selection", "NoEligibleCandidateError", "PairedDifference",
+           "PromotionDecision", "metric_from_labels", "paired_bootstrap", "pareto_front",
+           "promotion_decision", "select_winner", "LATENCY_KEYS", "METRICS"]
 
 LATENCY_KEYS = ("latency_ms_b1", "latency_ms_b32")
+_NOISE_KEYS = {"latency_ms_b1": "latency_noise_ms_b1", "latency_ms_b32": "latency_noise_ms_b32"}
 
 
 def _num(x: Any) -> float | None:
@@ -37,18 +54,14 @@ class Candidate:
     backbone: str
     head: str
     family: str
-    metric: float | None            # selection metric on the test split
-    ci_low: float | None = None
-    ci_high: float | None = None
-    latency_ms_b1: float | None = None    # median ms per image at batch size 1
-    latency_ms_b32: float | None = None   # median ms per image at batch size 32
-    params_m: float | None = None         # millions of parameters (backbone + head)
+    metric: float | None            # selection score (CV mean or validation); never the test split
+    metric_std: float | None = None           # spread of the score across folds
+    latency_ms_b1: float | None = None        # median ms per image at batch size 1
+    latency_ms_b32: float | None = None       # median ms per image at batch size 32
+    latency_noise_ms_b1: float | None = None  # measurement noise of latency_ms_b1 (None: unknown)
+    latency_noise_ms_b32: float | None = None
+    params_m: float | None = None             # millions of parameters (backbone + head)
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def interval(self) -> tuple[float, float]:
-        m = _num(self.metric)
-        lo, hi = _num(self.ci_low), _num(self.ci_high)
-        return (m if lo is None else lo, m if hi is None else hi)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -56,7 +69,7 @@ class Candidate:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Candidate":
+    def from_dict(cls, d: Mapping[str, Any]) -> "Candidate":
         known = {f.name for f in fields(cls)}
         for key in ("name", "backbone", "head", "family", "metric"):
             if key not in d:
@@ -76,21 +89,31 @@ class Exclusion:
 @dataclass(frozen=True)
 class Selection:
     winner: Candidate
-    ranked: list[Candidate]          # eligible, best metric first (cheaper first on equal metric)
-    tied: list[Candidate]            # eligible whose CI overlaps the best one's, cheapest first
+    ranked: list[Candidate]          # eligible, best selection metric first (cheaper on ties)
     excluded: list[Exclusion]
     why: str
     latency_key: str = "latency_ms_b1"
     max_latency_ms: float | None = None
     max_params_m: float | None = None
+    tolerance: float = 0.005
+    metric_name: str = "balanced_accuracy"
+    # One per eligible candidate, in `ranked` order, each against ranked[0] (the best):
+    # name, diff (best - c on shared images), upper (one-sided bound), n_images,
+    # cheaper_beyond_noise, equivalent, dominated_by.
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    confidence: float = 0.95
+    min_cost_gap: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         return {"winner": self.winner.to_dict(),
+                "best": self.ranked[0].name if self.ranked else None,
                 "ranked": [c.to_dict() for c in self.ranked],
-                "tied": [c.to_dict() for c in self.tied],
                 "excluded": [e.to_dict() for e in self.excluded],
                 "why": self.why, "latency_key": self.latency_key,
-                "max_latency_ms": self.max_latency_ms, "max_params_m": self.max_params_m}
+                "max_latency_ms": self.max_latency_ms, "max_params_m": self.max_params_m,
+                "tolerance": self.tolerance, "metric_name": self.metric_name,
+                "confidence": self.confidence, "min_cost_gap": self.min_cost_gap,
+                "comparisons": [dict(c) for c in self.comparisons]}
 
 
 class NoEligibleCandidateError(ValueError):
@@ -105,27 +128,31 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _pts(x: float) -> str:
+    """Metric units as points (0.0123 -> '1.23')."""
+    return f"{100 * x:.2f}"
+
+
+def _lat(c: Candidate, key: str) -> float | None:
+    return _num(getattr(c, key))
+
+
+def _noise(c: Candidate, key: str) -> float:
+    v = _num(getattr(c, _NOISE_KEYS[key]))
+    return 0.0 if v is None else abs(v)
+
+
 def _cost_key(c: Candidate, latency_key: str) -> tuple:
-    return (_inf(_num(getattr(c, latency_key))), _inf(_num(c.params_m)),
-            -_num(c.metric), c.name)
-
-
-def _cheapest(tied: list[Candidate], latency_key: str, tol: float) -> Candidate:
-    """Lowest latency, then fewest params — each up to a relative tolerance — then best metric."""
-    pool = tied
-    for cost in (lambda c: _num(getattr(c, latency_key)), lambda c: _num(c.params_m)):
-        known = [cost(c) for c in pool if cost(c) is not None]
-        if known:
-            limit = min(known) * (1 + tol)
-            pool = [c for c in pool if cost(c) is not None and cost(c) <= limit]
-    return min(pool, key=lambda c: (-_num(c.metric),) + _cost_key(c, latency_key))
+    return (_inf(_lat(c, latency_key)), _inf(_num(c.params_m)), -_num(c.metric), c.name)
 
 
 def _describe(c: Candidate, latency_key: str) -> str:
-    lo, hi = c.interval()
-    ci = "" if _num(c.ci_low) is None or _num(c.ci_high) is None else f" [{lo:.4f}, {hi:.4f}]"
-    return (f"{c.name} (metric {_num(c.metric):.4f}{ci}, "
-            f"{_fmt(_num(getattr(c, latency_key)))} ms/img, {_fmt(_num(c.params_m))} M params)")
+    std = _num(c.metric_std)
+    spread = "" if std is None else f" ± {std:.4f}"
+    noise = _num(getattr(c, _NOISE_KEYS[latency_key]))
+    lat_noise = "" if noise is None else f" ± {noise:.2g}"
+    return (f"{c.name} (metric {_num(c.metric):.4f}{spread}, "
+            f"{_fmt(_lat(c, latency_key))}{lat_noise} ms/img, {_fmt(_num(c.params_m))} M params)")
 
 
 def _check_latency_key(latency_key: str) -> None:
@@ -133,11 +160,155 @@ def _check_latency_key(latency_key: str) -> None:
         raise ValueError(f"latency_key must be one of {LATENCY_KEYS}, got {latency_key!r}")
 
 
-def select_winner(candidates: Iterable[Candidate], *, max_latency_ms: float | None = None,
-                  max_params_m: float | None = None,
-                  latency_key: str = "latency_ms_b1", cost_tolerance: float = 0.1) -> Selection:
-    """Pick the cheapest candidate statistically tied with the best one within the budgets."""
+# ----------------------------------------------------------------------------- costs
+
+def _latency_relation(c: Candidate, ref: Candidate, key: str) -> str | None:
+    """'lower' / 'equal' / 'higher' latency of c vs ref beyond both noises; None if unknown.
+
+    Two unknown latencies count as equal (nothing distinguishes them); one unknown is not
+    comparable.
+    """
+    lc, lr = _lat(c, key), _lat(ref, key)
+    if lc is None and lr is None:
+        return "equal"
+    if lc is None or lr is None:
+        return None
+    gap = lr - lc
+    noise = _noise(c, key) + _noise(ref, key)
+    if abs(gap) <= noise:
+        return "equal"
+    return "lower" if gap > 0 else "higher"
+
+
+def _dominates(d: Candidate, c: Candidate, key: str) -> bool:
+    """d has a strictly higher metric at no higher cost than c."""
+    if not _num(d.metric) > _num(c.metric):
+        return False
+    if _latency_relation(d, c, key) not in ("lower", "equal"):
+        return False
+    pd, pc = _num(d.params_m), _num(c.params_m)
+    if pd is None or pc is None:
+        return pd is None and pc is None
+    return pd <= pc
+
+
+@dataclass(frozen=True)
+class _CostGap:
+    cheaper: bool
+    text: str        # "38 % faster (13.2 vs 21.4 ms/img, noise 0.4 ms)" or why it is not cheaper
+
+
+def _cost_gap(c: Candidate, best: Candidate, key: str, min_cost_gap: float) -> _CostGap:
+    rel = _latency_relation(c, best, key)
+    lc, lb = _lat(c, key), _lat(best, key)
+    noise = _noise(c, key) + _noise(best, key)
+    if rel is None:
+        return _CostGap(False, f"latency not measured for both ({_fmt(lc)} vs {_fmt(lb)} ms/img)")
+    if rel == "higher":
+        return _CostGap(False, f"not faster ({lc:.3g} vs {lb:.3g} ms/img)")
+    if rel == "lower":
+        frac = (lb - lc) / lb if lb > 0 else 0.0
+        detail = f"{lc:.3g} vs {lb:.3g} ms/img, noise {noise:.2g} ms"
+        if frac >= min_cost_gap:
+            return _CostGap(True, f"{100 * frac:.0f} % faster ({detail})")
+        return _CostGap(False, f"only {100 * frac:.1f} % faster ({detail}), below the "
+                               f"{100 * min_cost_gap:.0f} % minimum cost gap")
+    pc, pb = _num(c.params_m), _num(best.params_m)
+    same = ("latency equal within noise" if lc is not None
+            else "latency not measured")
+    if lc is not None:
+        same += f" ({lc:.3g} vs {lb:.3g} ms/img, noise {noise:.2g} ms)"
+    if pc is None or pb is None:
+        return _CostGap(False, f"{same} and parameter count unknown")
+    frac = (pb - pc) / pb if pb > 0 else 0.0
+    if frac >= min_cost_gap and pc < pb:
+        return _CostGap(True, f"{100 * frac:.0f} % smaller ({pc:.3g} vs {pb:.3g} M params, "
+                              f"{same})")
+    return _CostGap(False, f"cost gap within noise: {same} and {pc:.3g} vs {pb:.3g} M params "
+                           f"(under the {100 * min_cost_gap:.0f} % minimum gap)")
+
+
+def _pick_cheapest(pool: list[Candidate], key: str, min_cost_gap: float) -> Candidate:
+    """Fastest; those within latency noise of it narrow to the fewest parameters (within
+    `min_cost_gap`), then higher metric, fewer parameters, name."""
+    fastest = min(pool, key=lambda c: _cost_key(c, key))
+    near = [c for c in pool if _latency_relation(c, fastest, key) == "equal"]
+    known = [_num(c.params_m) for c in near if _num(c.params_m) is not None]
+    if known:
+        limit = min(known) * (1 + min_cost_gap)
+        near = [c for c in near if _num(c.params_m) is not None and _num(c.params_m) <= limit]
+    return min(near, key=lambda c: (-_num(c.metric), _inf(_num(c.params_m)), c.name))
+
+
+# ----------------------------------------------------------------------------- paired tests
+
+def _paired_vs_best(best: Candidate, others: Sequence[Candidate],
+                    y_true: Mapping[str, str] | None,
+                    predictions: Mapping[str, Mapping[str, str]] | None, metric_name: str,
+                    n_bootstrap: int, confidence: float,
+                    seed: int) -> dict[str, PairedDifference | None]:
+    """best - c for every c with predictions on images shared with best (None otherwise).
+
+    Candidates sharing the same image set are scored on one set of resamples; the resamples
+    depend only on (seed, images), so this equals calling paired_bootstrap pair by pair.
+    """
+    out: dict[str, PairedDifference | None] = {c.name: None for c in others}
+    if not y_true or not predictions or not predictions.get(best.name):
+        return out
+    pb = predictions[best.name]
+    base = set(pb).intersection(y_true)
+    groups: dict[tuple[str, ...], list[Candidate]] = {}
+    for c in others:
+        pc = predictions.get(c.name)
+        if not pc:
+            continue
+        ids = tuple(sorted(base.intersection(pc)))
+        if ids:
+            groups.setdefault(ids, []).append(c)
+    for ids, group in groups.items():
+        y, preds, k = encode([y_true[i] for i in ids],
+                             [[pb[i] for i in ids]] + [[predictions[c.name][i] for i in ids]
+                                                       for c in group])
+        point, boot = bootstrap_scores(metric_name, y, preds, k, n_bootstrap=n_bootstrap,
+                                       seed=seed)
+        for j, c in enumerate(group, start=1):
+            out[c.name] = summarise(metric_name, point[0] - point[j], boot[:, 0] - boot[:, j],
+                                    len(ids), confidence)
+    return out
+
+
+def _equivalence_text(c: Candidate, best: Candidate, pd: PairedDifference | None,
+                      tolerance: float, confidence: float) -> str:
+    if pd is None:
+        return (f"no paired predictions of {c.name} and {best.name} on shared images, so "
+                "equivalence cannot be shown")
+    d = pd.diff
+    return (f"paired difference d = {_pts(d)} point ({100 * confidence:g} % upper bound"
+            f" {_pts(pd.upper_one_sided)} {'≤' if pd.upper_one_sided <= tolerance else '>'} "
+            f"{_pts(tolerance)}) on {pd.n} images")
+
+
+# ----------------------------------------------------------------------------- selection
+
+def select_winner(candidates: Iterable[Candidate], *,
+                  y_true: Mapping[str, str] | None = None,
+                  predictions: Mapping[str, Mapping[str, str]] | None = None,
+                  metric_name: str = "balanced_accuracy", tolerance: float = 0.005,
+                  max_latency_ms: float | None = None, max_params_m: float | None = None,
+                  latency_key: str = "latency_ms_b1", n_bootstrap: int = 2000,
+                  confidence: float = 0.95, seed: int = 0,
+                  min_cost_gap: float = 0.05) -> Selection:
+    """The best candidate within the budgets, or a cheaper one proven equivalent to it.
+
+    ``y_true``: image id -> true label of every selection image; ``predictions[name]``: image
+    id -> that candidate's predicted label. Each comparison uses the images shared by the two
+    candidates (and labelled in ``y_true``). See the module docstring for the rule.
+    """
     _check_latency_key(latency_key)
+    check_metric(metric_name)
+    check_bootstrap(n_bootstrap, confidence)
+    if tolerance < 0 or min_cost_gap < 0:
+        raise ValueError("tolerance and min_cost_gap must be >= 0")
     cands = list(candidates)
     if not cands:
         raise NoEligibleCandidateError("no candidates to select from: train at least one head "
@@ -153,7 +324,7 @@ def select_winner(candidates: Iterable[Candidate], *, max_latency_ms: float | No
         reasons = []
         if _num(c.metric) is None:
             reasons.append("no selection metric (evaluation missing or failed)")
-        lat = _num(getattr(c, latency_key))
+        lat = _lat(c, latency_key)
         if max_latency_ms is not None:
             if lat is None:
                 reasons.append(f"latency not measured ({latency_key}) but a latency budget of "
@@ -178,31 +349,89 @@ def select_winner(candidates: Iterable[Candidate], *, max_latency_ms: float | No
 
     ranked = sorted(eligible, key=lambda c: (-_num(c.metric),) + _cost_key(c, latency_key))
     best = ranked[0]
-    b_lo, b_hi = best.interval()
-    tied = [c for c in ranked if c.interval()[1] >= b_lo and c.interval()[0] <= b_hi]
-    tied.sort(key=lambda c: _cost_key(c, latency_key))
-    winner = _cheapest(tied, latency_key, cost_tolerance)
+    others = ranked[1:]
+    # `ranked` is best metric first, so this names the strongest dominating candidate.
+    dominated_by = {c.name: next((d.name for d in ranked
+                                  if d is not c and _dominates(d, c, latency_key)), None)
+                    for c in ranked}
+    gaps = {c.name: _cost_gap(c, best, latency_key, min_cost_gap) for c in others}
+    paired = _paired_vs_best(best, others, y_true, predictions, metric_name, n_bootstrap,
+                             confidence, seed)
 
+    comparisons: list[dict[str, Any]] = []
+    qualified: list[Candidate] = []
+    for c in ranked:
+        if c is best:
+            n_best = len(set(predictions.get(best.name) or {}).intersection(y_true or {})) \
+                if predictions else 0
+            comparisons.append({"name": c.name, "diff": 0.0, "upper": 0.0, "n_images": n_best,
+                                "cheaper_beyond_noise": False, "equivalent": True,
+                                "dominated_by": None})
+            continue
+        pd = paired[c.name]
+        equivalent = pd is not None and pd.upper_one_sided <= tolerance
+        cheaper = gaps[c.name].cheaper
+        comparisons.append({"name": c.name, "diff": None if pd is None else pd.diff,
+                            "upper": None if pd is None else pd.upper_one_sided,
+                            "n_images": 0 if pd is None else pd.n,
+                            "cheaper_beyond_noise": cheaper, "equivalent": equivalent,
+                            "dominated_by": dominated_by[c.name]})
+        if cheaper and equivalent and dominated_by[c.name] is None:
+            qualified.append(c)
+
+    winner = _pick_cheapest(qualified, latency_key, min_cost_gap) if qualified else best
     why = [f"Winner: {_describe(winner, latency_key)}."]
     if winner is best:
-        if len(tied) > 1:
-            why.append(f"It has the best metric and is also the cheapest of the {len(tied)} "
-                       "candidates whose confidence intervals overlap.")
-        else:
-            why.append("It has the best metric and no other candidate's confidence interval "
-                       "overlaps its own.")
+        why.append(f"It has the best selection {metric_name}.")
+        why.append(_why_not_cheaper(best, others, gaps, paired, dominated_by, latency_key,
+                                    tolerance, confidence))
     else:
-        why.append(f"Best metric: {_describe(best, latency_key)}; {len(tied)} candidates have "
-                   "confidence intervals overlapping the best one's (statistically tied), and the "
-                   "winner is the cheapest of them (lowest latency, then fewest parameters).")
+        why.append(f"Best selection {metric_name}: {_describe(best, latency_key)}.")
+        why.append(f"{winner.name} is within the tolerance of {best.name}: "
+                   f"{_equivalence_text(winner, best, paired[winner.name], tolerance, confidence)}"
+                   f", and {gaps[winner.name].text}.")
+        if len(qualified) > 1:
+            why.append(f"{len(qualified)} cheaper candidates qualified; the cheapest wins "
+                       "(ties within latency noise: fewer parameters, then higher metric).")
     budgets = _budget_text(max_latency_ms, max_params_m, latency_key)
     if excluded:
         why.append(f"{len(excluded)} of {len(cands)} candidates excluded ({budgets}).")
     else:
         why.append(f"All {len(cands)} candidates eligible ({budgets}).")
-    return Selection(winner=winner, ranked=ranked, tied=tied, excluded=excluded,
-                     why=" ".join(why), latency_key=latency_key,
-                     max_latency_ms=max_latency_ms, max_params_m=max_params_m)
+    return Selection(winner=winner, ranked=ranked, excluded=excluded, why=" ".join(why),
+                     latency_key=latency_key, max_latency_ms=max_latency_ms,
+                     max_params_m=max_params_m, tolerance=tolerance, metric_name=metric_name,
+                     comparisons=comparisons, confidence=confidence, min_cost_gap=min_cost_gap)
+
+
+def _why_not_cheaper(best: Candidate, others: Sequence[Candidate], gaps: dict[str, _CostGap],
+                     paired: dict[str, PairedDifference | None],
+                     dominated_by: dict[str, str | None], key: str, tolerance: float,
+                     confidence: float) -> str:
+    """Why the nearest cheaper alternative (highest metric among the cheaper) was not taken."""
+    def cheaper_at_all(c: Candidate) -> bool:
+        rel = _latency_relation(c, best, key)
+        lc, lb = _lat(c, key), _lat(best, key)
+        if lc is not None and lb is not None and lc < lb:
+            return True
+        pc, pb = _num(c.params_m), _num(best.params_m)
+        return rel == "equal" and pc is not None and pb is not None and pc < pb
+
+    alts = [c for c in others if cheaper_at_all(c)]
+    if not alts:
+        return "No eligible candidate is cheaper."
+    alt = alts[0]   # `others` is in ranked order: the highest metric among the cheaper ones
+    gap, pd = gaps[alt.name], paired[alt.name]
+    head = f"Nearest cheaper alternative: {_describe(alt, key)}, not taken: "
+    if dominated_by[alt.name] is not None:
+        return head + (f"dominated by {dominated_by[alt.name]} (a higher metric at no higher "
+                       f"cost; {gap.text}).")
+    if not gap.cheaper:
+        return head + f"{gap.text}."
+    if pd is None:
+        return head + _equivalence_text(alt, best, pd, tolerance, confidence) + "."
+    return head + (f"not equivalent: {_equivalence_text(alt, best, pd, tolerance, confidence)}"
+                   f", although {gap.text}.")
 
 
 def _budget_text(max_latency_ms: float | None, max_params_m: float | None,
@@ -223,18 +452,18 @@ def _no_eligible_message(cands: Sequence[Candidate], max_latency_ms: float | Non
         msg.append(f"None of the {len(cands)} candidates has a selection metric: run evaluation "
                    "first.")
         return " ".join(msg)
-    timed = [c for c in with_metric if _num(getattr(c, latency_key)) is not None]
+    timed = [c for c in with_metric if _lat(c, latency_key) is not None]
     sized = [c for c in with_metric if _num(c.params_m) is not None]
     if timed:
         f = min(timed, key=lambda c: _cost_key(c, latency_key))
-        msg.append(f"Fastest candidate: {f.name} at {_num(getattr(f, latency_key)):.3g} ms/img "
+        msg.append(f"Fastest candidate: {f.name} at {_lat(f, latency_key):.3g} ms/img "
                    f"({_fmt(_num(f.params_m))} M params).")
     elif max_latency_ms is not None:
         msg.append("No candidate has a measured latency: run latency measurement first.")
     if sized:
-        s = min(sized, key=lambda c: (_num(c.params_m), _inf(_num(getattr(c, latency_key)))))
+        s = min(sized, key=lambda c: (_num(c.params_m), _inf(_lat(c, latency_key))))
         msg.append(f"Smallest candidate: {s.name} with {_num(s.params_m):.3g} M params "
-                   f"({_fmt(_num(getattr(s, latency_key)))} ms/img).")
+                   f"({_fmt(_lat(s, latency_key))} ms/img).")
     elif max_params_m is not None:
         msg.append("No candidate has a known parameter count.")
     msg.append("Relax --max-latency-ms / --max-params-m or add cheaper backbones.")
@@ -262,38 +491,137 @@ def pareto_front(candidates: Iterable[Candidate], *,
     return front
 
 
-def promotion_decision(challenger_metric: float | None, champion_metric: float | None,
-                       force: bool = False, *, metric_name: str = "metric",
-                       challenger_split: str | None = None,
-                       champion_split: str | None = None) -> tuple[bool, str]:
-    """Gate for `tlpipe promote`: (promote?, reason to record in tags).
+# ----------------------------------------------------------------------------- promotion
 
-    Promote when there is no champion, when the challenger is strictly better on the same test
-    split, or when forced. ``challenger_split`` / ``champion_split`` are optional identifiers of
-    the test split (e.g. dataset hash); when both are given and differ the metrics are not
-    comparable and promotion needs ``force``.
+@dataclass(frozen=True)
+class PromotionDecision:
+    """Outcome of the promotion gate; diff/low/high/n are challenger - champion (metric units)
+    on the shared test images, None when not computed."""
+
+    promote: bool
+    reason: str
+    diff: float | None = None
+    low: float | None = None             # two-sided interval at `confidence`
+    high: float | None = None
+    n: int | None = None
+    lower_one_sided: float | None = None
+    margin: float = 0.005
+    metric_name: str = "balanced_accuracy"
+    confidence: float = 0.95
+
+    def to_tags(self) -> dict[str, str]:
+        """MLflow model-version tags (strings). The reason is left to the caller's own tag."""
+        tags = {"promotion_decision": "promote" if self.promote else "refuse",
+                "promotion_metric": self.metric_name,
+                "promotion_margin": f"{self.margin:.6g}",
+                "promotion_confidence": f"{self.confidence:.6g}"}
+        for key, value in (("promotion_diff", self.diff), ("promotion_diff_low", self.low),
+                           ("promotion_diff_high", self.high),
+                           ("promotion_diff_lower_bound", self.lower_one_sided)):
+            if value is not None:
+                tags[key] = repr(float(value))
+        if self.n is not None:
+            tags["promotion_n_images"] = str(self.n)
+        return tags
+
+
+def _signed_pts(x: float) -> str:
+    s = f"{100 * x:.1f}"
+    if s.lstrip("-") == "0.0":
+        s = "0.0"
+    return s.replace("-", "−") if s.startswith("-") else "+" + s
+
+
+def promotion_decision(challenger: Mapping[str, str] | None,
+                       champion: Mapping[str, str] | None,
+                       y_true: Mapping[str, str] | None, *, force: bool = False,
+                       metric_name: str = "balanced_accuracy",
+                       champion_metric_name: str | None = None, margin: float = 0.005,
+                       challenger_split: str | None = None, champion_split: str | None = None,
+                       n_bootstrap: int = 2000, confidence: float = 0.95,
+                       seed: int = 0) -> PromotionDecision:
+    """Gate for `tlpipe promote`: move @champion only if the challenger is not worse.
+
+    ``challenger`` / ``champion``: test image id -> predicted label of each model. ``champion``
+    None means there is no champion — unless ``champion_metric_name`` or ``champion_split`` is
+    given, which only a champion has; a champion without recorded predictions is ``{}`` (or None
+    with one of those two set) and is never replaced without ``force``.
+    ``y_true``: test image id -> true label. Promote when forced, when there is no champion, or
+    when, on the shared test images, challenger - champion >= 0 (point) and its one-sided lower
+    bound at ``confidence`` is above -``margin``.
     """
-    ch = _num(challenger_metric)
-    cp = _num(champion_metric)
+    check_metric(metric_name)
+    check_bootstrap(n_bootstrap, confidence)
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    common = dict(margin=float(margin), metric_name=metric_name, confidence=float(confidence))
+    has_champion = (champion is not None or champion_metric_name is not None
+                    or champion_split is not None)
+
+    def compare() -> tuple[PairedDifference | None, str | None]:
+        if not challenger or not champion or not y_true:
+            return None, None
+        ids = sorted(set(challenger).intersection(champion).intersection(y_true))
+        if not ids:
+            return None, ("the challenger's and the champion's predictions share no labelled "
+                          "test image")
+        pd = paired_bootstrap(metric_name, [y_true[i] for i in ids],
+                              [challenger[i] for i in ids], [champion[i] for i in ids],
+                              n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
+        return pd, None
+
+    def decision(promote: bool, reason: str, pd: PairedDifference | None = None):
+        if pd is None:
+            return PromotionDecision(promote, reason, **common)
+        return PromotionDecision(promote, reason, diff=pd.diff, low=pd.low, high=pd.high,
+                                 n=pd.n, lower_one_sided=pd.lower_one_sided, **common)
+
+    def summary(pd: PairedDifference) -> str:
+        return (f"challenger − champion = {_signed_pts(pd.diff)} point "
+                f"[{_signed_pts(pd.low)}, {_signed_pts(pd.high)}] ({metric_name}, "
+                f"{100 * confidence:g} % interval) on {pd.n} test images, "
+                f"margin {100 * margin:.1f}")
+
     if force:
-        base = f"forced promotion (challenger {metric_name}={_fmt(ch, '.4f')}"
-        return True, base + (f", champion {_fmt(cp, '.4f')})" if champion_metric is not None
-                             else ", no champion)")
-    if ch is None:
-        return False, (f"challenger has no {metric_name}: evaluate it on the test split before "
-                       "promoting (or use --force)")
-    if champion_metric is None:
-        return True, f"no current champion; promoting challenger ({metric_name}={ch:.4f})"
-    if cp is None:
-        return True, (f"current champion has no recorded {metric_name}; promoting challenger "
-                      f"({metric_name}={ch:.4f})")
+        pd = None
+        if champion_metric_name in (None, metric_name) and (
+                challenger_split is None or champion_split is None
+                or challenger_split == champion_split):
+            pd, _ = compare()
+        if not has_champion:
+            return decision(True, "forced promotion (no current champion)")
+        return decision(True, "forced promotion" + (f": {summary(pd)}" if pd else ""), pd)
+    if not has_champion:
+        return decision(True, "no current champion; promoting the challenger")
+    if not challenger:
+        return decision(False, "the challenger has no recorded test predictions: evaluate it on "
+                               "the test split before promoting (or use --force)")
+    if not champion:
+        return decision(False, "the current champion has no recorded test predictions (it was "
+                               "registered by an older version), so the two cannot be compared "
+                               "on the same images; promote with --force")
+    if champion_metric_name is not None and champion_metric_name != metric_name:
+        return decision(False, f"metrics differ: {metric_name} vs {champion_metric_name}; "
+                               "promote with --force")
     if challenger_split is not None and champion_split is not None \
             and challenger_split != champion_split:
-        return False, (f"champion was evaluated on a different test split ({champion_split}) than "
-                       f"the challenger ({challenger_split}); the {metric_name} values are not "
-                       "comparable: re-evaluate on the same split or use --force")
-    if ch > cp:
-        return True, (f"challenger {metric_name} {ch:.4f} > champion {cp:.4f} on the same test "
-                      "split")
-    return False, (f"challenger {metric_name} {ch:.4f} is not strictly better than champion "
-                   f"{cp:.4f}; keeping the champion (use --force to override)")
+        return decision(False, f"the champion was evaluated on a different test split "
+                               f"({champion_split}) than the challenger ({challenger_split}); "
+                               "re-evaluate on the same split or promote with --force")
+    if not y_true:
+        return decision(False, "no test labels to compare the predictions with; promote with "
+                               "--force")
+    pd, problem = compare()
+    if pd is None:
+        return decision(False, f"{problem}; promote with --force")
+    lower = (f"one-sided {100 * confidence:g} % lower bound "
+             f"{_signed_pts(pd.lower_one_sided)}")
+    if pd.diff < 0:
+        return decision(False, f"{summary(pd)}: the challenger is worse on the point estimate; "
+                               "keeping the champion (use --force to override)", pd)
+    if pd.lower_one_sided <= -margin:
+        return decision(False, f"{summary(pd)}: {lower} ≤ −{100 * margin:.1f}, so the "
+                               "challenger may be worse by more than the margin; keeping the "
+                               "champion (use --force to override)", pd)
+    return decision(True, f"{summary(pd)}: not worse on the point estimate and {lower} > "
+                          f"−{100 * margin:.1f}", pd)

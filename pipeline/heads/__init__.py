@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from pipeline.heads.base import Head, HeadInputError, NotFittedError, read_config
+from pipeline.heads.ensemble import Ensemble
 from pipeline.heads.knn import KNN
 from pipeline.heads.linear_probe import LinearProbe
 from pipeline.heads.mlp import MLP
@@ -19,7 +20,8 @@ from pipeline.heads.zero_shot import ZeroShot
 
 #: registry name -> class (the name is also the class name written to config.json)
 HEADS: dict[str, type[Head]] = {
-    cls.__name__: cls for cls in (LinearProbe, KNN, NearestCentroid, ZeroShot, TipAdapter, MLP)
+    cls.__name__: cls
+    for cls in (LinearProbe, KNN, NearestCentroid, ZeroShot, TipAdapter, MLP, Ensemble)
 }
 
 
@@ -34,6 +36,7 @@ def load_head(path: str | os.PathLike) -> Head:
 __all__ = [
     "HEADS",
     "KNN",
+    "Ensemble",
     "MLP",
     "Head",
     "HeadInputError",

@@ -41,6 +41,7 @@ import numpy as np
 from pipeline.heads.base import (
     Head,
     HeadInputError,
+    NotFittedError,
     Standardizer,
     codes_for,
     log_loss,
@@ -260,6 +261,9 @@ class LinearProbe(Head):
                 coef, intercept, results = self._sweep(X_fit, c_fit, C, lams, sw_fit, Xv, cv, basis, kw)
                 best = self._ranking(results)[0] if Xv is not None else 0
 
+            # every member's solution, for cross-validation over the weight decays
+            # (`member_proba`); large only while fitting, never saved
+            self._members = (coef.copy(), intercept.copy(), lams.copy()) if val is not None else None
             coef, intercept = coef[best], intercept[best]
             refitted = False
             if val is None and len(lams) > 1 and self.refit:
@@ -328,6 +332,19 @@ class LinearProbe(Head):
         return sweep.coef, sweep.intercept, results  # fresh arrays: the caller may overwrite members
 
     # ------------------------------------------------------------------ prediction
+    def member_proba(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """(weight decays (S,), probabilities (S, N, C)) of every swept member on X.
+
+        Available after ``fit(X, y, X_val, y_val)`` in the fitting process (not saved): it lets
+        k-fold cross-validation choose the weight decay on all folds at once, as scikit-learn's
+        GridSearchCV would, from one batched fit per fold."""
+        members = getattr(self, "_members", None)
+        if members is None:
+            raise NotFittedError("member_proba needs a LinearProbe fitted with X_val / y_val")
+        coef, intercept, lams = members
+        Xs = self.scaler_.transform(self._validate_predict(X))
+        return lams, np.stack([softmax(Xs @ coef[s] + intercept[s]) for s in range(len(lams))])
+
     def _logits(self, X: np.ndarray) -> np.ndarray:
         return self.scaler_.transform(X) @ self.coef_ + self.intercept_
 

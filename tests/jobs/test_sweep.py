@@ -99,7 +99,7 @@ def main_sweep(world, ray_local):
                      store=world["store"], experiment="main", run_name="main-sweep",
                      head_params={"linear": {"weight_decays": [1e-4, 1e-2], "max_iter": 100}},
                      max_latency_ms=BUDGET_MS, backbone_latency=LATENCY, n_bootstrap=200,
-                     hardest_k=6, latency_repeats=3)
+                     hardest_k=6, latency_repeats=3, ensembles=False)
 
 
 def _client():
@@ -140,7 +140,8 @@ def test_parent_and_child_runs_with_metrics_and_artifacts(main_sweep, world):
         m = run.data.metrics
         for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece", "metric_value", "ci_low",
                     "ci_high", "latency_ms_b1", "latency_ms_b32", "head_latency_ms_b1",
-                    "params_m", "fit_seconds", "class/cat/f1"):
+                    "params_m", "fit_seconds", "class/cat/f1", "selection_score",
+                    "selection_std", "n_selection"):
             assert key in m, (run.info.run_name, key)
         b = run.data.params["backbone"]
         assert m["backbone_latency_ms_b1"] == LATENCY[b]["latency_ms_b1"]
@@ -149,10 +150,12 @@ def test_parent_and_child_runs_with_metrics_and_artifacts(main_sweep, world):
         assert m["params_m"] >= LATENCY[b]["params_m"]
         assert m["ci_low"] <= m["metric_value"] <= m["ci_high"]
         assert int(run.data.params["n_test"]) == 60
+        # selection: 5-fold CV on all 120 train+val images, never the test split
+        assert m["n_selection"] == 120 and run.data.params["selection_on"].startswith("5-fold CV")
         arts = _artifacts(run.info.run_id)
         assert {"eval/confusion_matrix.png", "eval/per_class.csv", "eval/reliability.png",
                 "eval/hardest_examples.png", "eval/report.json", "dataset/dataset_card.json",
-                "head/config.json", "candidate.json"} <= arts
+                "head/config.json", "candidate.json", "selection.json"} <= arts
     sharp = [r for r in children if r.data.params["backbone"] == SHARP]
     assert all(r.data.metrics["accuracy"] == 1.0 for r in sharp)
     noisy = [r for r in children if r.data.params["backbone"] == NOISY]
@@ -166,12 +169,13 @@ def test_report_html_contains_the_leaderboard(main_sweep):
         assert row["name"] in html
         assert row["run_id"] in html
     assert html.count("data:image/png;base64,") >= 2      # Pareto plot + winner's figures
+    assert "never used for choosing" in html and "<div class='scroll'>" in html
     assert main_sweep.selection["why"].split(".")[0] in html
 
 
 def test_selection_respects_the_latency_budget(main_sweep):
-    from jobs.sweep import _candidates
     from pipeline.select import select_winner
+    from pipeline.sweep.leaderboard import candidates_from_rows
 
     sel = main_sweep.selection
     assert sel is not None and main_sweep.selection_error is None
@@ -181,7 +185,7 @@ def test_selection_respects_the_latency_budget(main_sweep):
     assert excluded == {SHARP}
     assert all("budget" in e["reason"] for e in sel["excluded"])
     # without the budget the (better, untied) sharp backbone would have won
-    unconstrained = select_winner(_candidates(main_sweep.rows))
+    unconstrained = select_winner(candidates_from_rows(main_sweep.rows))
     assert unconstrained.winner.backbone == SHARP
     # the winner is tagged on the parent and flagged in exactly one row
     parent = _client().get_run(main_sweep.parent_run_id)
@@ -191,13 +195,14 @@ def test_selection_respects_the_latency_budget(main_sweep):
 
 
 def test_compare_reads_back_the_same_rows(main_sweep, world):
-    from jobs.sweep import ROW_KEYS, compare
+    from jobs.sweep import compare
+    from pipeline.sweep.leaderboard import ROW_KEYS
 
     rows = compare(world["root"], experiment="main")
     assert rows == main_sweep.rows
     assert compare(world["root"], main_sweep.parent_run_id) == main_sweep.rows
     assert all(tuple(r) == ROW_KEYS for r in rows)
-    ranked = [r["metric"] for r in rows]
+    ranked = [r["selection_score"] for r in rows]
     assert ranked == sorted(ranked, reverse=True)
     assert [r["rank"] for r in rows] == list(range(1, 7))
 
@@ -215,10 +220,10 @@ def test_saved_heads_load_and_predict(main_sweep, world):
     assert meta["fingerprint"] == world["fps"][SHARP] and meta["classes"] == CLASSES
 
 
-def test_failed_head_is_a_failed_child_and_ties_go_to_the_cheaper(world, ray_local):
+def test_failed_head_is_a_failed_child_and_equivalent_goes_to_the_cheaper(world, ray_local):
     from jobs.sweep import HeadConfig, compare, run_sweep
 
-    # two perfectly separable backbones: statistically tied, so the faster one must win
+    # two perfectly separable backbones: a paired test shows them equivalent, so the faster wins
     slow, fast = "fakenet/sharp.slow", "tinynet/sharp.fast"
     fps = {slow: put_blobs(world["store"], world["ds"], slow, separation=10.0, noise=1.0, seed=3),
            fast: put_blobs(world["store"], world["ds"], fast, separation=10.0, noise=1.0, seed=4)}
@@ -230,7 +235,8 @@ def test_failed_head_is_a_failed_child_and_ties_go_to_the_cheaper(world, ray_loc
     result = run_sweep(world["ds"], [ref(slow, fps[slow], "fakenet", 20.0),
                                      ref(fast, fps[fast], "tinynet", 5.0)],
                        heads, root=world["root"], store=world["store"], experiment="ties",
-                       backbone_latency=lat, n_bootstrap=100, hardest_k=4, latency_repeats=2)
+                       backbone_latency=lat, n_bootstrap=100, hardest_k=4, latency_repeats=2,
+                       ensembles=False)
     c = _client()
     assert c.get_run(result.parent_run_id).info.status == "FINISHED"
     by_status = {}
@@ -238,7 +244,7 @@ def test_failed_head_is_a_failed_child_and_ties_go_to_the_cheaper(world, ray_loc
         by_status.setdefault(r["status"], []).append(r)
     assert len(by_status["FINISHED"]) == 2 and len(by_status["FAILED"]) == 2
     for r in by_status["FAILED"]:
-        assert r["head"] == "linear-bad" and r["metric"] is None and r["rank"] is None
+        assert r["head"] == "linear-bad" and r["selection_score"] is None and r["rank"] is None
         assert r["error"].startswith("ValueError: ") and "no-such-scoring" in r["error"]
         run = c.get_run(r["run_id"])
         assert run.info.status == "FAILED"
@@ -251,9 +257,10 @@ def test_failed_head_is_a_failed_child_and_ties_go_to_the_cheaper(world, ray_loc
     assert {(s["backbone"], s["head"]) for s in result.skipped} == {(slow, "zeroshot"),
                                                                   (fast, "zeroshot")}
     assert all("text tower" in s["reason"] for s in result.skipped)
-    # the tie goes to the cheaper backbone
+    # the equivalent, cheaper backbone wins, with the paired comparison recorded
     assert result.selection["winner"]["backbone"] == fast
-    assert len(result.selection["tied"]) == 2
+    comp = {c["name"]: c for c in result.selection["comparisons"]}
+    assert comp[f"{fast}+centroid"]["equivalent"] and comp[f"{fast}+centroid"]["n_images"] == 120
     assert math.isclose(result.selection["winner"]["metric"], 1.0)
     assert compare(world["root"], experiment="ties") == result.rows
 
@@ -277,3 +284,75 @@ def test_missing_features_skip_the_backbone(world, ray_local):
     assert [r["backbone"] for r in result.rows] == [NOISY]
     assert result.skipped[0]["backbone"] == "ghostnet/none.v1"
     assert "tlpipe extract" in result.skipped[0]["reason"]
+
+
+def _relabel_test(ds: Dataset, seed: int) -> Dataset:
+    """The same dataset with the test split's labels shuffled (train and val untouched)."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(seed)
+    test = [i for i, r in enumerate(ds.records) if r.split == "test"]
+    labels = [ds.records[i].label for i in test]
+    rng.shuffle(labels)
+    records = list(ds.records)
+    for i, lab in zip(test, labels):
+        records[i] = replace(records[i], label=lab)
+    return Dataset(records=records, card=ds.card)
+
+
+def test_the_test_split_never_chooses(world, ray_local):
+    """Shuffling the test labels changes every test score and no selection score or winner."""
+    from jobs.sweep import run_sweep
+
+    refs = [ref(SHARP, world["fps"][SHARP], "fakenet", 20.0),
+            ref(NOISY, world["fps"][NOISY], "tinynet", 5.0)]
+    kw = dict(root=world["root"], store=world["store"], backbone_latency=LATENCY,
+              n_bootstrap=0, hardest_k=2, latency_repeats=2, max_latency_ms=BUDGET_MS)
+    a = run_sweep(world["ds"], refs, ["linear", "knn", "centroid"], experiment="shuffle-a", **kw)
+    b = run_sweep(_relabel_test(world["ds"], 7), refs, ["linear", "knn", "centroid"],
+                  experiment="shuffle-b", **kw)
+    assert a.selection["winner"]["name"] == b.selection["winner"]["name"]
+    sa = {r["name"]: r["selection_score"] for r in a.rows}
+    sb = {r["name"]: r["selection_score"] for r in b.rows}
+    assert sa == pytest.approx(sb)
+    ta = {r["name"]: r["test_score"] for r in a.rows}
+    tb = {r["name"]: r["test_score"] for r in b.rows}
+    assert ta[f"{SHARP}+linear"] == 1.0 and tb[f"{SHARP}+linear"] < 0.7
+
+
+def test_ensembles_across_backbones_are_candidates(tmp_path_factory, ray_local):
+    """Two noisy, independent views of the classes: the concatenation and the Caruana ensemble
+    beat either backbone alone out of fold, and both are registered-ready candidates."""
+    from jobs.sweep import run_sweep
+    from pipeline.heads import Ensemble, load_head
+
+    root = tmp_path_factory.mktemp("ens")
+    ds = make_dataset(tmp_path_factory.mktemp("ens-images"))
+    store = FeatureStore(root / "features")
+    a, b = "viewnet/a.v1", "viewnet/b.v1"
+    fps = {a: put_blobs(store, ds, a, separation=0.9, noise=1.0, seed=11),
+           b: put_blobs(store, ds, b, separation=0.9, noise=1.0, seed=12)}
+    lat = {a: {"latency_ms_b1": 2.0, "latency_ms_b32": 1.0, "params_m": 3.0},
+           b: {"latency_ms_b1": 3.0, "latency_ms_b32": 1.5, "params_m": 4.0}}
+    res = run_sweep(ds, [ref(a, fps[a], "viewnet", 3.0), ref(b, fps[b], "viewnet", 4.0)],
+                    ["linear", "centroid"], root=root, store=store, experiment="ens",
+                    head_params={"linear": {"weight_decays": [1e-3, 1e-1, 1.0]}},
+                    backbone_latency=lat, n_bootstrap=0, hardest_k=2, latency_repeats=2)
+    rows = {r["name"]: r for r in res.rows}
+    concat = [r for r in res.rows if r["kind"] == "concat"]
+    ensemble = [r for r in res.rows if r["kind"] == "ensemble"]
+    assert len(concat) == 1 and concat[0]["status"] == "FINISHED"
+    singles = [r["selection_score"] for r in res.rows if r["kind"] == "probe"]
+    assert concat[0]["selection_score"] > max(singles)
+    # its cost is both backbones' plus its head
+    assert concat[0]["latency_ms_b1"] >= 5.0 and concat[0]["params_m"] >= 7.0
+    if ensemble:  # Caruana may keep one member only; then it is skipped with the reason
+        e = ensemble[0]
+        assert e["status"] == "FINISHED" and e["latency_ms_b1"] >= 5.0
+        head = load_head(res.head_dirs[e["name"]])
+        assert isinstance(head, Ensemble) and len(head.heads) >= 2
+    else:
+        assert any(s["head"] == "ensemble" for s in res.skipped)
+    assert set(res.head_dirs) == {n for n, r in rows.items() if r["status"] == "FINISHED"}
+    meta = json.loads((Path(res.head_dirs[concat[0]["name"]]).parent / "candidate.json").read_text())
+    assert meta["backbones"] == [a, b] and meta["fingerprints"] == [fps[a], fps[b]]

@@ -223,13 +223,104 @@ def test_figures_render_png(tmp_path):
     with pytest.raises(ValueError, match="captions"):
         hardest_examples_figure(imgs, [])
 
-    cands = [Candidate(f"m{i}", f"bb{i}", "logreg", fam, 0.6 + 0.05 * i, 0.58 + 0.05 * i,
-                       0.62 + 0.05 * i, latency_ms_b1=1.5 * (i + 1), params_m=5.0 * (i + 1))
+    cands = [Candidate(f"m{i}", f"bb{i}", "logreg", fam, 0.6 + 0.05 * i, metric_std=0.02,
+                       latency_ms_b1=1.5 * (i + 1), params_m=5.0 * (i + 1))
              for i, fam in enumerate(["efficientnet", "efficientnet", "clip", "dino"])]
     cands.append(Candidate("nolat", "x", "knn", "clip", 0.7))
     fig = pareto_figure(cands, winner="m2")
     assert _is_png(png_bytes(fig))
     assert "not shown" in fig.axes[0].get_title()
+
+
+def _sweep_candidates():
+    """Mixed families and heads, a tied cheap winner off the frontier, a slow ensemble."""
+    spec = [("efficientnet", "efficientnet/tf_efficientnet_lite0.in1k", 4.0),
+            ("efficientnet", "efficientnet/tf_efficientnet_lite2.in1k", 8.0),
+            ("clip", "clip/ViT-B-32.openai", 22.0),
+            ("dinov2", "dinov2/vit_small_patch14_dinov2.lvd142m", 30.0)]
+    rng = np.random.default_rng(3)
+    out = []
+    for fam, bb, lat in spec:
+        for j, head in enumerate(["linear", "knn", "centroid", "mlp"]):
+            out.append(Candidate(f"{bb}+{head}", bb, head, fam, float(0.7 + 0.2 * rng.random()),
+                                 metric_std=float(0.03 * rng.random()),
+                                 latency_ms_b1=lat + 0.3 * j, latency_noise_ms_b1=0.2,
+                                 params_m=5.0, extra={"kind": "probe"}))
+    ens = "+".join(bb for _, bb, _ in spec[:3]) + "+linear"
+    out.append(Candidate(ens, ens.rsplit("+", 1)[0], "linear", "ensemble", 0.97, metric_std=0.01,
+                         latency_ms_b1=34.0, params_m=40.0, extra={"kind": "ensemble"}))
+    return out
+
+
+def test_pareto_labels_only_the_frontier_and_the_winner():
+    from pipeline.plots import short_label
+    from pipeline.select import pareto_front
+
+    cands = _sweep_candidates()
+    winner = next(c for c in cands if c not in pareto_front(cands))  # labelled though dominated
+    fig = pareto_figure(cands, metric_name="balanced_accuracy", latency_key="latency_ms_b1",
+                        winner=winner.name)
+    ax = fig.axes[0]
+    expected = {short_label(c.name) for c in pareto_front(cands)} | {short_label(winner.name)}
+    texts = [t.get_text() for t in ax.texts]
+    assert sorted(texts) == sorted(expected)
+    assert all(len(t) <= 28 and not t.startswith("efficientnet/") for t in texts)
+    assert "lite0+lite2+ViT-B-32+linear" in texts  # the ensemble: fastest to its score
+    assert ax.get_ylabel() == "balanced_accuracy (selection: cross-validation)"
+    assert _is_png(png_bytes(fig))
+
+    # The labels do not overlap one another and stay inside the axes.
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    inside = ax.get_window_extent(renderer)
+    for i, a in enumerate(boxes):
+        assert inside.x0 - 1 <= a.x0 and a.x1 <= inside.x1 + 1
+        assert inside.y0 - 1 <= a.y0 and a.y1 <= inside.y1 + 1
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+
+    # Families by colour and heads by marker in one legend, beside the axes.
+    legend = ax.get_legend()
+    entries = {t.get_text() for t in legend.get_texts()}
+    assert {"efficientnet", "clip", "dinov2", "ensemble", "linear", "knn", "centroid", "mlp",
+            "Pareto frontier", "winner"} <= entries
+    assert legend.get_window_extent(renderer).x0 >= inside.x1
+
+    # Error bars: the spread across folds (y) and the latency noise (x).
+    assert ax.collections and any(len(c.get_segments()) for c in ax.collections
+                                  if hasattr(c, "get_segments"))
+
+
+def test_pareto_x_axis_is_plain_linear_milliseconds():
+    fig = pareto_figure(_sweep_candidates(), winner=None, score_label="macro_f1 (validation)")
+    ax = fig.axes[0]
+    png_bytes(fig)
+    assert ax.get_xscale() == "linear"
+    assert ax.get_xlim()[0] == 0
+    ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert len(ticks) >= 3
+    assert all(re.fullmatch(r"[0-9][0-9,]*(\.[0-9]+)?", t) for t in ticks), ticks
+    assert ax.xaxis.get_offset_text().get_text() == ""
+    assert "ms" in ax.get_xlabel()
+    assert ax.get_ylabel() == "macro_f1 (validation)"
+    # no winner, no star: only the frontier is labelled
+    assert 0 < len(ax.texts) < len(_sweep_candidates())
+
+
+def test_pareto_handles_nothing_to_plot():
+    fig = pareto_figure([Candidate("a", "b", "linear", "f", None)], winner="a")
+    assert _is_png(png_bytes(fig))
+    assert len(fig.axes[0].texts) == 0 and "1 without" in fig.axes[0].get_title()
+
+
+def test_short_label():
+    from pipeline.plots import short_label
+
+    assert short_label("clip/ViT-B-32.openai+knn") == "ViT-B-32.openai+knn"
+    assert short_label("efficientnet/tf_efficientnet_lite0.in1k+linear") == "lite0.in1k+linear"
+    assert short_label("plain") == "plain"
+    long = short_label("x" * 80)
+    assert len(long) == 28 and "\u2026" in long
 
 
 def test_no_pyplot_state_leaks():
@@ -258,9 +349,9 @@ def test_report_html_self_contained():
     r = evaluate(y, p, CLASSES, n_bootstrap=50)
     figs = {"confusion matrix": png_bytes(confusion_matrix_figure(r)),
             "reliability": png_bytes(reliability_figure(r))}
-    rows = [{"rank": 1, "name": "effnet-lite0/logreg", "balanced_accuracy": 0.91234,
+    rows = [{"rank": 1, "name": "effnet-lite0/logreg", "selection_score": 0.91234,
              "latency_ms_b1": 3.2},
-            {"rank": 2, "name": "clip-b32/<knn>", "balanced_accuracy": 0.9, "latency_ms_b1": 9.0}]
+            {"rank": 2, "name": "clip-b32/<knn>", "selection_score": 0.9, "latency_ms_b1": 9.0}]
     card = {"name": "clothing-small", "source": "/data/clothing", "classes": ["a", "b"],
             "counts": {"train": {"a": 80, "b": 20}, "val": {"a": 10, "b": 2},
                        "test": {"a": 10, "b": 3}},
@@ -271,7 +362,7 @@ def test_report_html_self_contained():
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert page.count("<html") == 1
     assert page.count("data:image/png;base64,") == 2
-    assert "effnet-lite0/logreg" in page and "0.9123" in page
+    assert "effnet-lite0/logreg" in page and "0.912" in page
     assert "clip-b32/&lt;knn&gt;" in page  # escaped
     assert "a/broken.jpg" in page and "truncated" in page and "abc123" in page
     assert "<td>125</td>" in page  # grand total of the counts table
@@ -280,6 +371,63 @@ def test_report_html_self_contained():
     assert "<link" not in page and "<script" not in page
     with pytest.raises(ValueError, match="PNG"):
         report_html(rows, card, {"bad": b"not a png"})
+
+
+_NEW_ROW = {"rank": 1, "name": "efficientnet/tf_efficientnet_lite0.in1k+linear",
+            "backbone": "efficientnet/tf_efficientnet_lite0.in1k", "head": "linear",
+            "family": "efficientnet", "kind": "probe", "status": "FINISHED", "winner": True,
+            "selection_metric": "balanced_accuracy",
+            "selection_on": "5-fold CV on train+val (3 409 images)",
+            "selection_score": 0.87312, "selection_std": 0.0121, "test_score": 0.86104,
+            "test_ci_low": 0.8302, "test_ci_high": 0.8891, "accuracy": 0.8755,
+            "balanced_accuracy": 0.86104, "macro_f1": 0.8601, "top5": 0.99, "ece": 0.0312,
+            "latency_ms_b1": 4.234, "latency_ms_b32": 1.12, "latency_noise_ms_b1": 0.1,
+            "params_m": 3.41, "fit_seconds": 2.0, "n_selection": 3409, "n_train": 3068,
+            "n_test": 341, "run_id": "run-abc123", "head_dir": "/tmp/h", "error": None}
+
+
+def test_report_leaderboard_fits_the_page():
+    failed = {"rank": None, "name": "clip/ViT-B-32.openai+knn", "status": "FAILED",
+              "error": "CUDA out of memory", "winner": False, "run_id": "run-def"}
+    old = {"rank": 2, "name": "x+knn", "metric": 0.8, "ci_low": 0.7, "ci_high": 0.9,
+           "status": "FINISHED"}  # a row of an older sweep: no new keys
+    page = report_html([_NEW_ROW, old, failed], None, {})
+    head = page.split("<thead>")[1].split("</thead>")[0]
+    headers = re.findall(r"<th[^>]*>(.*?)</th>", head)
+    assert headers == ["#", "name", "kind", "selection score ± std", "test score [95% CI]",
+                       "accuracy", "macro-F1", "ECE", "latency ms", "params M", "winner",
+                       "status"]
+    assert "<div class='scroll'><table class='leaderboard'>" in page
+    assert "overflow-x:auto" in page and "max-width:1200px" in page
+    assert "overflow-wrap:anywhere" in page and "word-break:break-word" in page
+    assert ("selection score = what chose the winner (cross-validation / validation); test "
+            "score = reported once, never used for choosing") in page
+    assert "5-fold CV on train+val (3 409 images)" in page
+    winner_row = page.split("<tr class='winner'>")[1].split("</tr>")[0]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", winner_row)
+    assert cells == ["1", "efficientnet/tf_efficientnet_lite0.in1k+linear", "probe",
+                     "0.873 ± 0.012", "0.861 [0.830–0.889]", "0.875", "0.860", "0.031", "4.2",
+                     "3.4", "★", "FINISHED"]
+    assert "title='backbone: efficientnet/tf_efficientnet_lite0.in1k | head: linear | " \
+           "run_id: run-abc123'" in page  # traceable without a run-id column
+    assert "FAILED: CUDA out of memory" in page
+    old_cells = re.findall(r"<td[^>]*>(.*?)</td>", page.split("<td class='name'>x+knn</td>")[1]
+                           .split("</tr>")[0])
+    assert old_cells[:2] == ["", "0.800"]  # older rows: blanks, their metric as the selection
+    assert "None" not in page.split("</style>")[1]
+
+
+def test_report_sections_and_notes():
+    sections = [("Selection: paired differences",
+                 "a − b = +0.012 [−0.004, 0.028] (5 folds)\n<tie> & cheaper wins"),
+                ("Budgets", "max latency 20 ms")]
+    page = report_html([_NEW_ROW], None, {}, notes="Winner: a", sections=sections)
+    assert "<h2>Selection: paired differences</h2>" in page and "<h2>Budgets</h2>" in page
+    assert "<pre class='section'>a − b = +0.012 [−0.004, 0.028] (5 folds)\n&lt;tie&gt; &amp; " \
+           "cheaper wins</pre>" in page
+    assert page.index("Leaderboard") < page.index("paired differences") < page.index("Dataset")
+    assert "<div class='note'>Winner: a</div>" in page
+    assert report_html([], None, {}).count("<h2>") == 2  # leaderboard + dataset, nothing else
 
 
 # ----------------------------------------------------------------------------- latency

@@ -11,6 +11,7 @@ import pytest
 from pipeline.heads import (
     HEADS,
     KNN,
+    Ensemble,
     MLP,
     Head,
     HeadInputError,
@@ -52,6 +53,8 @@ def make_head(name: str) -> Head:
         return ZeroShot(text_embedder=fake_text_embedder)
     if name == "MLP":
         return MLP(hidden=64, max_epochs=30, patience=5)
+    if name == "Ensemble":  # overlapping slices, a member without logits, unequal weights
+        return Ensemble([LinearProbe(), KNN(k=5)], [(0, 40), (24, DIM)], weights=[2.0, 1.0])
     return HEADS[name]()
 
 
@@ -76,7 +79,8 @@ ALL = sorted(HEADS)
 
 
 def test_registry_lists_every_head():
-    assert set(HEADS) == {"LinearProbe", "KNN", "NearestCentroid", "ZeroShot", "TipAdapter", "MLP"}
+    assert set(HEADS) == {"LinearProbe", "KNN", "NearestCentroid", "ZeroShot", "TipAdapter", "MLP",
+                          "Ensemble"}
     for name, cls in HEADS.items():
         assert cls.__name__ == name and issubclass(cls, Head)
 
@@ -155,7 +159,8 @@ def test_save_load_round_trip_is_exact(name, fitted, data, tmp_path):
         np.testing.assert_array_equal(loaded.classes_, head.classes_)
         np.testing.assert_array_equal(loaded.predict_proba(Xte), head.predict_proba(Xte))
         np.testing.assert_array_equal(loaded.predict(Xte), head.predict(Xte))
-        saved = {k: v for k, v in head.get_params(deep=False).items() if k not in ("text_embedder", "base")}
+        nested = ("text_embedder", "base", "heads")  # callables / nested heads: checked per head
+        saved = {k: v for k, v in head.get_params(deep=False).items() if k not in nested}
         got = {k: v for k, v in loaded.get_params(deep=False).items() if k in saved}
         assert got == saved
 
@@ -385,3 +390,136 @@ def test_mlp_early_stopping_and_validation_set(data):
         MLP().fit(Xtr, ytr, X_val=Xte[:3], y_val=["cat", "dog", "cat"])
     with pytest.raises(HeadInputError, match="both X_val and y_val"):
         MLP().fit(Xtr, ytr, X_val=Xte)
+
+
+# ----------------------------------------------------------------------------- Ensemble
+
+
+def _subset(X, y, keep):
+    mask = np.isin(y, keep)
+    return X[mask], y[mask]
+
+
+@pytest.fixture(scope="module")
+def partial_members(data):
+    """Two members fitted on different class subsets and different halves of the features."""
+    Xtr, ytr, _, _ = data
+    half = DIM // 2
+    Xa, ya = _subset(Xtr[:, :half], ytr, ["apple", "cat", "zebra"])
+    Xb, yb = _subset(Xtr[:, half:], ytr, ["bus", "cat", "moth"])
+    a = LinearProbe(weight_decays=[0.1]).fit(Xa, ya)
+    b = NearestCentroid().fit(Xb, yb)
+    return a, b, [(0, half), (half, DIM)]
+
+
+def test_ensemble_aligns_members_that_saw_different_classes(partial_members, data):
+    _, _, Xte, _ = data
+    a, b, slices = partial_members
+    ens = Ensemble.from_fitted([a, b], slices, weights=[3.0, 1.0])
+    assert ens.classes_.tolist() == sorted(NAMES) and ens.n_features_in_ == DIM
+    assert ens.heads_[0] is a and ens.heads_[1] is b  # used as they are, not refitted
+    proba = ens.predict_proba(Xte)
+    cols = {c: j for j, c in enumerate(ens.classes_)}
+    want = np.zeros_like(proba)
+    for head, (lo, hi), w in ((a, slices[0], 3.0), (b, slices[1], 1.0)):
+        p = head.predict_proba(Xte[:, lo:hi])
+        for k, c in enumerate(head.classes_):
+            want[:, cols[c]] += w * p[:, k]
+    np.testing.assert_allclose(proba, want / 4.0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
+    # a class only b knows gets exactly b's share; the shared class gets both
+    np.testing.assert_allclose(proba[:, cols["bus"]],
+                               b.predict_proba(Xte[:, slices[1][0]:])[:, 0] / 4.0, atol=1e-12)
+    logits = ens.decision_function(Xte)
+    np.testing.assert_allclose(np.exp(logits - logits.max(1, keepdims=True)).argmax(1), proba.argmax(1))
+    np.testing.assert_array_equal(ens.predict(Xte), ens.classes_[proba.argmax(1)])
+
+
+def test_ensemble_fit_equals_from_fitted_and_refits_fitted_members(data, partial_members):
+    Xtr, ytr, Xte, yte = data
+    prefitted, _, _ = partial_members  # fitted on 3 classes: fit() must refit a clone on all 5
+    slices = [(0, DIM // 2), (16, DIM), (0, DIM)]  # per-backbone slices and the whole vector
+    members = [prefitted, NearestCentroid(temperature=0.2), LinearProbe(weight_decays=[0.1])]
+    ens = Ensemble(members, slices, weights=[1.0, 2.0, 1.0]).fit(Xtr, ytr)
+    assert ens.heads == members and all(m is not h for m, h in zip(ens.heads_, members))
+    assert prefitted.classes_.tolist() == ["apple", "cat", "zebra"]  # the param is untouched
+    assert all(m.classes_.tolist() == sorted(NAMES) for m in ens.heads_)
+    assert [m.n_features_in_ for m in ens.heads_] == [DIM // 2, DIM - 16, DIM]
+
+    by_hand = [type(m)(**m.get_params(deep=False)).fit(Xtr[:, lo:hi], ytr)
+               for m, (lo, hi) in zip(members, slices)]
+    same = Ensemble.from_fitted(by_hand, slices, weights=[1.0, 2.0, 1.0])
+    np.testing.assert_array_equal(same.predict_proba(Xte), ens.predict_proba(Xte))
+    assert ens.score(Xte, yte) >= 0.95
+    # sklearn-style params: clone and set_params work, and an equal-weight ensemble is the mean
+    clone = type(ens)(**ens.get_params())
+    assert clone.get_params() == ens.get_params() and not hasattr(clone, "classes_")
+    clone.set_params(weights=None).fit(Xtr, ytr)
+    mean = np.mean([m.predict_proba(Xte[:, lo:hi]) for m, (lo, hi) in zip(clone.heads_, slices)], axis=0)
+    np.testing.assert_allclose(clone.predict_proba(Xte), mean, atol=1e-12)
+
+
+def test_ensemble_save_load_round_trip_nests_any_head(data, partial_members, tmp_path):
+    Xtr, ytr, Xte, _ = data
+    a, b, slices = partial_members
+    ens = Ensemble.from_fitted([a, b], slices, weights=[3.0, 1.0])
+    path = ens.save(tmp_path / "partial")
+    assert (path / "member_0" / "config.json").exists() and (path / "member_1" / "config.json").exists()
+    assert not any(p.suffix in (".pkl", ".pickle") for p in path.rglob("*"))
+    for loaded in (load_head(path), Ensemble.load(path), Head.load(path)):
+        assert isinstance(loaded, Ensemble)
+        assert [type(m) for m in loaded.heads_] == [LinearProbe, NearestCentroid]
+        assert loaded.feature_slices == slices and loaded.weights == [3.0, 1.0]
+        np.testing.assert_array_equal(loaded.classes_, ens.classes_)
+        np.testing.assert_array_equal(loaded.predict_proba(Xte), ens.predict_proba(Xte))
+
+    # every other head type as a member, nested saves included (TipAdapter keeps its base inside)
+    members = [KNN(k=7), TipAdapter(base=NearestCentroid()), MLP(hidden=16, max_epochs=10),
+               ZeroShot(text_embedder=fake_text_embedder)]
+    full = Ensemble(members, [(0, 40), (8, DIM), (0, DIM), (0, DIM)]).fit(Xtr, ytr)
+    loaded = load_head(full.save(tmp_path / "all"))
+    assert (tmp_path / "all" / "member_1" / "base" / "config.json").exists()
+    assert [type(m) for m in loaded.heads_] == [KNN, TipAdapter, MLP, ZeroShot] and loaded.weights is None
+    np.testing.assert_array_equal(loaded.predict_proba(Xte), full.predict_proba(Xte))
+    # a loaded ensemble refits like the original (ZeroShot needs its text tower back)
+    loaded.heads[3].set_params(text_embedder=fake_text_embedder)
+    np.testing.assert_allclose(loaded.fit(Xtr, ytr).predict_proba(Xte), full.predict_proba(Xte), atol=1e-6)
+
+
+def test_ensemble_with_integer_labels_round_trip(tmp_path):
+    Xtr, ytr, _ = _blobs(300, seed=21, labels=INT_LABELS)
+    a = KNN(k=5).fit(*_subset(Xtr[:, :32], ytr, [0, 3, 7]))
+    b = NearestCentroid().fit(*_subset(Xtr[:, 32:], ytr, [5, 7, 11]))
+    ens = Ensemble.from_fitted([a, b], [(0, 32), (32, DIM)])
+    assert ens.classes_.dtype.kind == "i" and ens.classes_.tolist() == sorted(INT_LABELS)
+    loaded = load_head(ens.save(tmp_path / "e"))
+    assert loaded.classes_.dtype.kind == "i"
+    np.testing.assert_array_equal(loaded.predict_proba(Xtr[:20]), ens.predict_proba(Xtr[:20]))
+
+
+def test_ensemble_rejects_bad_slices_members_and_weights(data, partial_members):
+    Xtr, ytr, _, _ = data
+    a, b, slices = partial_members
+    two = [LinearProbe(), NearestCentroid()]
+    with pytest.raises(HeadInputError, match=r"feature_slices\[1\] = \(32, 80\) reaches past the 64 features"):
+        Ensemble(two, [(0, 32), (32, 80)]).fit(Xtr, ytr)
+    with pytest.raises(HeadInputError, match=r"feature_slices\[0\] = \(10, 5\) is not a valid column range"):
+        Ensemble(two, [(10, 5), (0, 8)]).fit(Xtr, ytr)
+    with pytest.raises(HeadInputError, match=r"is not a \(start, stop\) pair"):
+        Ensemble(two, [(0, 32), 7]).fit(Xtr, ytr)
+    with pytest.raises(HeadInputError, match="got 1 feature_slices for 2 heads"):
+        Ensemble(two, [(0, 32)]).fit(Xtr, ytr)
+    with pytest.raises(HeadInputError, match="fitted on 32 features but feature_slices"):
+        Ensemble.from_fitted([a, b], [(0, 40), slices[1]])
+    with pytest.raises(NotFittedError, match="heads\\[1\\] \\(NearestCentroid\\) is not fitted"):
+        Ensemble.from_fitted([a, NearestCentroid()], slices)
+    with pytest.raises(ValueError, match="ensembles do not nest"):
+        Ensemble([Ensemble.from_fitted([a, b], slices), NearestCentroid()], [(0, DIM), (0, 8)]).fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="non-empty list of tlpipe heads"):
+        Ensemble([], []).fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="got 3 weights for 2 heads"):
+        Ensemble(two, slices, weights=[1, 2, 3]).fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="not all 0"):
+        Ensemble.from_fitted([a, b], slices, weights=[0, 0])
+    with pytest.raises(HeadInputError, match="has 65 features but this head was fitted on 64"):
+        Ensemble.from_fitted([a, b], slices).predict_proba(np.zeros((2, DIM + 1), np.float32))

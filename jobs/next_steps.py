@@ -1,0 +1,110 @@
+"""The commands to run next, printed at the end of `tlpipe run` and `make demo`: this run's model,
+state root, a real test image and the report, each command runnable as printed from the
+directory the run was started in."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """A path as the user can type it here: relative when under the working directory."""
+    p = Path(path)
+    if p.is_absolute() and Path.cwd() != Path("/"):
+        try:
+            rel = p.relative_to(Path.cwd())
+        except ValueError:
+            return str(p)
+        return str(rel) if rel.parts else "."
+    return str(p)
+
+
+def tlpipe_command() -> str:
+    """How this shell reaches this install of tlpipe: `tlpipe` when that is on the PATH (an
+    activated venv, an installed package), else this environment's script (`.venv/bin/tlpipe`
+    after `make demo`), else `python -m jobs.cli`."""
+    script = Path(sys.prefix) / "bin" / "tlpipe"
+    found = shutil.which("tlpipe")
+    if found and (not script.exists() or os.path.samefile(found, script)):
+        return "tlpipe"
+    if script.exists():
+        shown = _shown(script)
+        return shlex.quote(shown if "/" in shown else f"./{shown}")
+    return f"{shlex.quote(sys.executable)} -m jobs.cli"
+
+
+def _opener() -> str | None:
+    if sys.platform == "darwin":
+        return "open"
+    return "xdg-open" if shutil.which("xdg-open") else None
+
+
+def next_commands(model: str, root: str | os.PathLike, *, image: str | os.PathLike | None = None,
+                  report: str | os.PathLike | None = None, champion: str | None = None,
+                  challenger: str | None = None) -> list[tuple[str, str]]:
+    """[(command, what it does)] after a run that registered `model` (version `challenger`,
+    `champion` the version @champion points at, None when there is none)."""
+    t, q = tlpipe_command(), shlex.quote
+    r = f" --root {q(_shown(root))}"
+    out: list[tuple[str, str]] = []
+    if challenger and champion != challenger:
+        out.append((f"{t} promote {q(model)}{r}",
+                    "moves @champion to the challenger if it beats the champion"
+                    if champion else "makes the challenger @champion (there is none yet)"))
+    out.append((f"{t} serve --model {q(model + '@champion')}{r}",
+                "serve the champion: http://127.0.0.1:8000/v1/predict, OpenAPI at /docs"))
+    if image:
+        out.append((f"{t} predict {q(_shown(image))} --model {q(model + '@challenger')}{r}",
+                    "classify a test image in process"))
+    out.append((f"{t} ui{r}", "MLflow UI on http://127.0.0.1:5000"))
+    if report:
+        opener = _opener()
+        out.append((f"{opener} {q(_shown(report))}" if opener else _shown(report),
+                    "the sweep's report" + ("" if opener else " (open it in a browser)")))
+    return out
+
+
+def print_next_steps(console, model: str, root: str | os.PathLike, **kw) -> list[tuple[str, str]]:
+    """Print `next_commands` on `console` (a rich Console), one unwrapped line each, so they can
+    be copied as printed; returns them."""
+    from rich.text import Text
+
+    cmds = next_commands(model, root, **kw)
+    width = max(len(c) for c, _ in cmds)
+    console.print(Text("next:", style="bold"))
+    for cmd, why in cmds:
+        console.print(Text.assemble("  ", cmd.ljust(width), ("  # " + why, "dim")),
+                      soft_wrap=True, highlight=False)
+    if tlpipe_command() != "tlpipe" and (Path(sys.prefix) / "bin" / "activate").exists():
+        activate = _shown(Path(sys.prefix) / "bin" / "activate")
+        console.print(Text(f"  (`source {activate}` puts tlpipe on this shell's PATH)", style="dim"),
+                      soft_wrap=True, highlight=False)
+    return cmds
+
+
+def example_image(dataset) -> str | None:
+    """A real image of the dataset's test split (else any split), for the `predict` example."""
+    for split in ("test", "val", "train"):
+        records = dataset.split(split)
+        if records:
+            return str(records[0].path)
+    return None
+
+
+def print_after_run(console, result, root: str | os.PathLike) -> list[tuple[str, str]]:
+    """The next commands after `jobs.run.run` registered `result.version` (nothing when it did
+    not): reads where @champion points now, so a run that promoted says serve, not promote."""
+    if not result.version:
+        return []
+    from jobs.registry import alias_version
+    from jobs.sweep import DEFAULT_EXPERIMENT
+    from jobs.tracking import setup_mlflow
+
+    setup_mlflow(Path(root), DEFAULT_EXPERIMENT)
+    return print_next_steps(console, result.model_name, root, image=example_image(result.dataset),
+                            report=result.sweep.report_path, challenger=str(result.version),
+                            champion=alias_version(result.model_name, "champion"))

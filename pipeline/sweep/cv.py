@@ -1,0 +1,182 @@
+"""Out-of-fold scoring of one head on one feature matrix, and its refit on all labelled rows.
+
+`cross_validate` fits the head once per fold on the rows not held out and predicts the held-out
+rows, so every train+val image gets a prediction from a model that never saw it (averaged over
+repeats on tiny sets). The LinearProbe is tuned inside the same folds: one batched fit of all
+its weight decays per fold, scored on the held-out fold, and the weight decay with the best
+out-of-fold selection metric is kept (what GridSearchCV does with `C`); its refit keeps the
+chosen C, i.e. the weight decay rescaled to the larger row count. Other heads tune themselves on
+their own inner hold-out of each fold's training rows, so their out-of-fold scores are nested.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.evaluate import SELECTION_METRICS
+from pipeline.heads import HEADS
+
+
+@dataclass
+class CVResult:
+    """Out-of-fold probabilities (rows = the held-out rows, columns = `classes`) and scores."""
+
+    rows: np.ndarray                 # indices into the input rows that were held out
+    proba: np.ndarray                # (len(rows), C) float32
+    score: float                     # selection metric on the out-of-fold predictions
+    fold_scores: list[float]         # per fold (first repeat), for the spread
+    refit_params: dict[str, Any]     # head params for the final fit on all rows
+    fit_seconds: float
+    chosen: dict[str, Any] = field(default_factory=dict)  # e.g. {"weight_decay": ..., "C": ...}
+
+    @property
+    def std(self) -> float | None:
+        return float(np.std(self.fold_scores, ddof=1)) if len(self.fold_scores) > 1 else None
+
+
+def align_proba(proba: np.ndarray, head_classes: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
+    """Reorder a head's columns to `classes` (classes the head never saw get probability 0)."""
+    index = {str(c): i for i, c in enumerate(classes)}
+    out = np.zeros((proba.shape[0], len(classes)), dtype=np.float64)
+    for j, c in enumerate(head_classes):
+        out[:, index[str(c)]] = proba[:, j]
+    return out
+
+
+def metric_from_proba(metric: str, y: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> float:
+    """One selection metric of (N, C) probabilities against string labels (no bootstrap)."""
+    if metric not in SELECTION_METRICS:
+        raise ValueError(f"unknown selection metric {metric!r}; choose one of {SELECTION_METRICS}")
+    classes = np.asarray([str(c) for c in classes])
+    index = {c: i for i, c in enumerate(classes)}
+    yi = np.asarray([index[str(v)] for v in y])
+    pred = proba.argmax(axis=1)
+    if metric == "accuracy":
+        return float(np.mean(pred == yi))
+    if metric == "top5":
+        k = min(5, proba.shape[1])
+        topk = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+        return float(np.mean((topk == yi[:, None]).any(axis=1)))
+    c = len(classes)
+    cm = np.bincount(yi * c + pred, minlength=c * c).reshape(c, c)
+    support, n_pred, tp = cm.sum(1), cm.sum(0), np.diag(cm)
+    present = support > 0
+    if metric == "balanced_accuracy":
+        return float(np.mean(tp[present] / support[present]))
+    denom = support + n_pred
+    f1 = np.divide(2.0 * tp, denom, out=np.zeros(c), where=denom > 0)
+    return float(np.mean(f1[denom > 0]))
+
+
+def predicted_labels(metric: str, y: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Per-row labels for paired comparisons: the argmax class; for top-5, the true label when it
+    is among the top 5 (a hit) and a marker otherwise, so accuracy on them is top-5 accuracy."""
+    classes = np.asarray([str(c) for c in classes])
+    if metric != "top5":
+        return classes[proba.argmax(axis=1)]
+    k = min(5, proba.shape[1])
+    topk = classes[np.argsort(-proba, axis=1, kind="stable")[:, :k]]
+    y = np.asarray(y, dtype=str)
+    return np.where((topk == y[:, None]).any(axis=1), y, "\u2205miss")
+
+
+def _fit(head_name: str, params: Mapping[str, Any], X, y, **kw):
+    return HEADS[head_name](**dict(params)).fit(X, y, **kw)
+
+
+def cross_validate(head_name: str, params: Mapping[str, Any], X: np.ndarray, y: np.ndarray,
+                   folds: np.ndarray, classes: Sequence[str], *, metric: str) -> CVResult:
+    """Out-of-fold predictions of `head_name(**params)` on the rows that `folds` holds out."""
+    folds = np.atleast_2d(np.asarray(folds))
+    y = np.asarray(y, dtype=str)
+    t0 = time.perf_counter()
+    held = np.flatnonzero((folds >= 0).any(axis=0))
+    if head_name == "LinearProbe" and _tunes_weight_decay(params):
+        res = _cv_linear(params, X, y, folds, classes, metric, held)
+    else:
+        res = _cv_plain(head_name, params, X, y, folds, classes, metric, held)
+    res.fit_seconds = time.perf_counter() - t0
+    return res
+
+
+def _tunes_weight_decay(params: Mapping[str, Any]) -> bool:
+    wd = params.get("weight_decays")
+    return wd is None or len(np.atleast_1d(wd)) > 1
+
+
+def _fold_ids(folds: np.ndarray, r: int) -> list[int]:
+    return sorted(int(f) for f in np.unique(folds[r]) if f >= 0)
+
+
+def _cv_plain(head_name, params, X, y, folds, classes, metric, held) -> CVResult:
+    C = len(classes)
+    total = np.zeros((X.shape[0], C), dtype=np.float64)
+    count = np.zeros(X.shape[0], dtype=np.int64)
+    fold_scores: list[float] = []
+    for r in range(folds.shape[0]):
+        for f in _fold_ids(folds, r):
+            test = folds[r] == f
+            head = _fit(head_name, params, X[~test], y[~test])
+            p = align_proba(np.asarray(head.predict_proba(X[test])), head.classes_, classes)
+            total[test] += p
+            count[test] += 1
+            if r == 0:
+                fold_scores.append(metric_from_proba(metric, y[test], p, classes))
+    proba = (total[held] / count[held, None]).astype(np.float32)
+    return CVResult(rows=held, proba=proba, score=metric_from_proba(metric, y[held], proba, classes),
+                    fold_scores=fold_scores, refit_params=dict(params), fit_seconds=0.0)
+
+
+def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
+    C = len(classes)
+    totals = None       # (S, N, C) summed member probabilities
+    count = np.zeros(X.shape[0], dtype=np.int64)
+    per_fold: list[tuple[np.ndarray, int]] = []  # (test mask, n_fit) of the first repeat
+    lams = None
+    n_fit_sum, n_folds = 0, 0
+    for r in range(folds.shape[0]):
+        for f in _fold_ids(folds, r):
+            test = folds[r] == f
+            probe = _fit("LinearProbe", params, X[~test], y[~test], X_val=X[test], y_val=y[test])
+            lams, member = probe.member_proba(X[test])
+            if totals is None:
+                totals = np.zeros((len(lams), X.shape[0], C), dtype=np.float64)
+            for s in range(len(lams)):
+                totals[s][test] += align_proba(member[s], probe.classes_, classes)
+            count[test] += 1
+            n_fit_sum += int((~test).sum())
+            n_folds += 1
+            if r == 0:
+                per_fold.append(test)
+    probas = totals[:, held] / count[held, None]
+    scores = [metric_from_proba(metric, y[held], probas[s], classes) for s in range(len(lams))]
+    eps = 1e-12
+    losses = [float(-np.mean(np.log(np.clip(
+        probas[s][np.arange(len(held)), _codes(y[held], classes)], eps, None)))) for s in range(len(lams))]
+    best = min(range(len(lams)), key=lambda s: (-scores[s], losses[s]))
+    proba = probas[best].astype(np.float32)
+    full = totals[best] / np.maximum(count, 1)[:, None]
+    fold_scores = [metric_from_proba(metric, y[m], full[m], classes) for m in per_fold]
+    # the same C on all rows: the mean-loss weight decay scales with 1 / rows
+    n_fit_mean = n_fit_sum / max(n_folds, 1)
+    lam_refit = float(lams[best]) * n_fit_mean / X.shape[0]
+    refit = {**dict(params), "weight_decays": [lam_refit]}
+    chosen = {"weight_decay_cv": float(lams[best]), "weight_decay": lam_refit,
+              "C": (1.0 / (lam_refit * X.shape[0])) if lam_refit > 0 else None,
+              "cv_score": float(scores[best])}
+    return CVResult(rows=held, proba=proba, score=float(scores[best]), fold_scores=fold_scores,
+                    refit_params=refit, fit_seconds=0.0, chosen=chosen)
+
+
+def _codes(y: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    index = {str(c): i for i, c in enumerate(classes)}
+    return np.asarray([index[str(v)] for v in y])
+
+
+def refit(head_name: str, params: Mapping[str, Any], X: np.ndarray, y: np.ndarray):
+    """The final head: fitted on every labelled row with the chosen hyper-parameters."""
+    return _fit(head_name, params, X, y)
