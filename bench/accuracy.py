@@ -201,6 +201,19 @@ def cifar_data(n_train: int, n_val: int, n_test: int, seed: int, quick: bool) ->
                      sub, {"train": "train", "val": "val", "test": "test"}, flags)
 
 
+def display_path(path: Path) -> str:
+    """The path with the cache dir / home written as a variable, for BENCHMARKS.md."""
+    from pipeline.archives import default_cache_dir
+
+    path = Path(path)
+    for base, name in ((default_cache_dir(), "$TLPIPE_CACHE_DIR"), (Path.home(), "~")):
+        try:
+            return f"{name}/{path.relative_to(base)}"
+        except ValueError:
+            continue
+    return str(path)
+
+
 def list_images(root: Path, folder: str) -> tuple[list[Path], list[str]]:
     paths, labels = [], []
     for cls_dir in sorted(p for p in (root / folder).iterdir() if p.is_dir()):
@@ -355,7 +368,8 @@ def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, 
         cmd += ["-b", b]
     exports_cached = [onnx_path(get_spec(b)).is_file() for b in backbones]
     logfile = bench_cache() / f"accuracy-{data.key}-tlpipe.log"
-    out = {"command": " ".join(["tlpipe"] + cmd[len(tlpipe_command()):]), "root": str(root),
+    shown = ["DATA" if c == str(data.root) else c for c in cmd[len(tlpipe_command()):]]
+    out = {"command": " ".join(["tlpipe"] + shown), "root": str(root),
            "log": str(logfile), "exports_cached": exports_cached, "load_before": load_average()}
     log(f"tlpipe: {' '.join(cmd)}  (log: {logfile})")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -392,8 +406,7 @@ def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, 
     out["reported_test_score"] = _float(tags.get("metric_value"))  # tlpipe's own test number
     out["why"] = tags.get("why", "")
     out["version"] = mv.version
-    out["extract_table"] = [ln for ln in text.splitlines() if any(short(b) in ln for b in backbones)
-                            and ("openvino" in ln or "onnx" in ln or "torch" in ln)][:len(backbones)]
+    out["extract_table"] = parse_extract_table(text, backbones)
 
     model = mlflow.pyfunc.load_model(f"models:/{model_name}@challenger")
     paths, y = list_images(data.root, data.splits["test"])
@@ -417,6 +430,20 @@ def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, 
         f"decisions {out['decisions']}")
     if not keep_root:
         shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def parse_extract_table(text: str, backbones) -> dict:
+    """{backbone: (engine, seconds)} from the CLI's "feature extraction" table (rich box rows)."""
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.replace("┃", "│").split("│")]
+        cells = [c for c in cells if c]
+        if len(cells) >= 8 and cells[0] in backbones and cells[0] not in out:
+            try:
+                out[cells[0]] = (cells[1], float(cells[6]))
+            except ValueError:
+                continue
     return out
 
 
@@ -476,7 +503,8 @@ def render(data: BenchData, s: dict, t: dict, cpu: dict, command: str) -> tuple[
     v = verdicts(s, t)
     best = s["backbones"][s["best_by_cv"]]
     lines = [
-        f"Data: {data.label}; train+val {s['n_trval']} photos, test {s['n_test']}.",
+        f"Data: {data.label}; train+val {s['n_trval']} photos, test {s['n_test']} "
+        f"(DATA = `{display_path(data.root)}`).",
         "",
         table,
         "",
@@ -491,7 +519,9 @@ def render(data: BenchData, s: dict, t: dict, cpu: dict, command: str) -> tuple[
         f"tlpipe: `{t['command'].replace(t['root'], 'ROOT')}` (fresh state root), wall time of the whole command; "
         f"extraction = start to the sweep's MLflow parent run (imports, validation, Ray start, extraction), "
         f"selection+fit = the rest (latency, CV of every head, concat / ensemble candidates, "
-        f"predictor, registration). Winner `{t['winner']}` (kind {t['winner_kind']}), selected on "
+        f"predictor, registration); its own extraction table: "
+        + (", ".join(f"{short(b)} {sec_} s ({eng})" for b, (eng, sec_) in t.get("extract_table", {}).items()) or "n/a")
+        + f". Winner `{t['winner']}` (kind {t['winner_kind']}), selected on "
         f"{t['selection_on']}; tlpipe's own test {t['selection_metric']} in the registry tags: "
         f"{pct(t['reported_test_score'])}. Test numbers above come from "
         f"`mlflow.pyfunc.load_model(\"models:/NAME@challenger\")` on the test photos "
@@ -523,7 +553,7 @@ def run_dataset(data: BenchData, args, cpu: dict) -> tuple[str, str, str]:
     t = tlpipe_arm(data, args.backbones, model_name=f"bench-{data.key}", keep_root=args.keep_root)
     s = script_arm(data, args.backbones, n_jobs=args.n_jobs, max_iter=args.max_iter)
     cmd = f"python -m bench.accuracy {data.command_flags}"
-    if tuple(args.backbones) != BACKBONES:
+    if list(args.backbones) != default_backbones(args.quick):
         cmd += "".join(f" -b {b}" for b in args.backbones)
     if args.n_jobs != -1:
         cmd += f" --n-jobs {args.n_jobs}"
@@ -534,6 +564,10 @@ def run_dataset(data: BenchData, args, cpu: dict) -> tuple[str, str, str]:
     raw.write_text(json.dumps({"script": s, "tlpipe": t, "cpu": cpu}, indent=2, default=str))
     log(f"raw results: {raw}")
     return title, body, cmd
+
+
+def default_backbones(quick: bool) -> list[str]:
+    return list(BACKBONES[:2] if quick else BACKBONES)
 
 
 def main(argv=None) -> None:
@@ -554,7 +588,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.write and args.quick:
         parser.error("--quick is a smoke run; it does not write BENCHMARKS.md")
-    args.backbones = args.backbones or list(BACKBONES[:2] if args.quick else BACKBONES)
+    args.backbones = args.backbones or default_backbones(args.quick)
     cpu = cpu_facts()
     log(describe_cpu(cpu))
     datasets = []

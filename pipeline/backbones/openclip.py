@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from .base import WeightsUnavailableError, find_checkpoint
-from .spec import BackboneSpec, is_local_path, local_path
+from .hashing import is_local_path, local_path
+from .spec import BackboneSpec
 from .torch_base import TorchBackbone, count_params_m
 
-__all__ = ["load", "OpenClipImageFeatures"]
+__all__ = ["load", "resolve_pretrained", "OpenClipImageFeatures"]
 
 _log = logging.getLogger(__name__)
 _CKPT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -56,7 +57,7 @@ def _find_ckpt(folder: Path) -> Path | None:
     return find_checkpoint(folder, _CKPT_NAMES, _CKPT_SUFFIXES)
 
 
-def _resolve(spec: BackboneSpec, allow_download: bool) -> tuple[str, str | None, dict[str, Any]]:
+def resolve_pretrained(spec: BackboneSpec, allow_download: bool) -> tuple[str, str | None, dict[str, Any]]:
     """(model_name for create_model, pretrained file or None, extra create_model kwargs)."""
     w = spec.weights
     if is_local_path(w):
@@ -79,7 +80,8 @@ def _resolve(spec: BackboneSpec, allow_download: bool) -> tuple[str, str | None,
                        f"checkpoint file or folder"
         )
 
-    from .hub_cache import hub_files_for, not_cached_error, resolve_cached, snapshot_dir
+    from .adapters import hub_files_for, not_cached_error
+    from .hub_cache import resolve_cached, snapshot_dir
 
     files = hub_files_for(spec)
     found, missing = resolve_cached(files)
@@ -114,10 +116,13 @@ def _check_preprocess(spec: BackboneSpec, model: nn.Module) -> None:
                          spec.name, key, cfg[key], getattr(spec, key))
 
 
+
+_resolve = resolve_pretrained  # TODO(issue 12): pipeline/finetune/artifacts.py still imports the old name
+
 def load(spec: BackboneSpec, *, device: str = "cpu", dtype: str | None = None, allow_download: bool = False) -> TorchBackbone:
     import open_clip
 
-    model_name, pretrained, extra = _resolve(spec, allow_download)
+    model_name, pretrained, extra = resolve_pretrained(spec, allow_download)
     kwargs = {**extra, **spec.kwargs}
     try:
         model = open_clip.create_model(

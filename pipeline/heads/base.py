@@ -26,18 +26,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-FORMAT = "tlpipe.head"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-ARRAYS_FILE = "arrays.safetensors"
+from pipeline.heads.errors import HeadInputError, NotFittedError
+from pipeline.heads.extmath import Standardizer, softmax  # Standardizer re-exported: pipeline/finetune/model.py uses it
+from pipeline.heads.registry import ARRAYS_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, HEADS, read_config
 
-
-class NotFittedError(ValueError, AttributeError):
-    """Raised when a head is used before ``fit`` (same bases as sklearn's NotFittedError)."""
-
-
-class HeadInputError(ValueError):
-    """Bad X / y handed to a head: wrong shape, non-finite values, too few classes, ..."""
+__all__ = [
+    "ARRAYS_FILE", "CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "Head", "HeadInputError", "NotFittedError",
+    "Standardizer", "check_features", "check_labels", "codes_for", "encode_labels", "read_config", "torch_threads",
+]
 
 
 # --------------------------------------------------------------------------- validation
@@ -142,41 +138,6 @@ def codes_for(classes: np.ndarray, y: np.ndarray, *, name: str = "y") -> np.ndar
     return idx.astype(np.int64)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (rows sum to 1 to ~1e-15), returned as float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
-def l2_normalize(X: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return (X / np.maximum(norms, eps)).astype(np.float32, copy=False)
-
-
-def stratified_split(
-    codes: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified (train_idx, holdout_idx): ~fraction of each class held out.
-
-    A class with a single sample stays entirely in train; every class with >= 2 samples keeps
-    at least one sample on each side. Indices are returned sorted.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise HeadInputError(f"validation fraction must be in (0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
-    train, hold = [], []
-    for c in np.unique(codes):
-        idx = np.flatnonzero(codes == c)
-        idx = idx[rng.permutation(len(idx))]
-        n_hold = 0 if len(idx) < 2 else min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
-        hold.append(idx[:n_hold])
-        train.append(idx[n_hold:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(hold))
-
-
 @contextlib.contextmanager
 def torch_threads(n: int | None):
     """Temporarily set torch's intra-op thread count (None leaves it alone)."""
@@ -191,25 +152,6 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(old)
-
-
-class Standardizer:
-    """Per-feature mean / std, std floored so constant features do not explode."""
-
-    def __init__(self, mean: np.ndarray, std: np.ndarray):
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = np.asarray(std, dtype=np.float32)
-
-    @classmethod
-    def fit(cls, X: np.ndarray, eps: float = 1e-6) -> "Standardizer":
-        mean = X.mean(axis=0, dtype=np.float64)
-        std = X.std(axis=0, dtype=np.float64)  # float64 accumulators, no float64 copy of X
-        scale = max(float(np.median(std)), 1.0) * eps
-        std = np.where(std > scale, std, 1.0)
-        return cls(mean.astype(np.float32), std.astype(np.float32))
-
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        return ((X - self.mean) / self.std).astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------- base class
@@ -426,8 +368,6 @@ class Head:
         config = read_config(path)
         name = config["class"]
         if cls is Head:
-            from pipeline.heads import HEADS
-
             if name not in HEADS:
                 raise ValueError(f"{path}: unknown head class {name!r}; known: {sorted(HEADS)}")
             return HEADS[name].load(path)
@@ -446,27 +386,3 @@ class Head:
         head.n_features_in_ = int(config["n_features_in"])
         head._set_state(arrays, config.get("state", {}), path)
         return head
-
-
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    cfg_path = path / CONFIG_FILE
-    if not cfg_path.exists():
-        raise FileNotFoundError(
-            f"no {CONFIG_FILE} in {path}: not a saved tlpipe head (or the save did not finish)"
-        )
-    config = json.loads(cfg_path.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path} is not a tlpipe head config (format={config.get('format')!r})")
-    version = int(config.get("version", 0))
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{cfg_path} was written by a newer tlpipe (head format v{version}, this reads "
-            f"up to v{FORMAT_VERSION}); upgrade tlpipe to load it"
-        )
-    return config
-
-
-def log_loss(proba: np.ndarray, codes: np.ndarray) -> float:
-    p = proba[np.arange(len(codes)), codes]
-    return float(-np.mean(np.log(np.clip(p, 1e-15, 1.0))))

@@ -29,7 +29,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.heads.base import Head, HeadInputError, NotFittedError
+from pipeline.heads.base import Head
+from pipeline.heads.errors import HeadInputError, NotFittedError
+from pipeline.heads.registry import load_head, register
 
 MEMBER_DIR = "member_{}"
 # log(p) floor for classes with zero probability: finite, and far below any real log-probability
@@ -57,6 +59,7 @@ def _as_slice(value: Any, i: int) -> tuple[int, int]:
     return int(start), int(stop)
 
 
+@register
 class Ensemble(Head):
     """Weighted probability average of heads, each over its own columns of X.
 
@@ -210,8 +213,6 @@ class Ensemble(Head):
 
     @classmethod
     def _params_from_saved(cls, params, path):
-        from pipeline.heads import load_head
-
         params = dict(params)
         slices = [tuple(int(v) for v in s) for s in params.pop("feature_slices")]
         weights = params.pop("weights", None)

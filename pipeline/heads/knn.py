@@ -19,12 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.heads.base import Head, check_labels, l2_normalize
+from pipeline.heads.base import Head, check_labels
+from pipeline.heads.extmath import l2_normalize
+from pipeline.heads.registry import register
 
 INDEX_FILE = "index.faiss"
 _WEIGHTINGS = ("softmax", "distance", "uniform")
 
 
+@register
 class KNN(Head):
     """Cosine k-NN with distance-weighted voting.
 

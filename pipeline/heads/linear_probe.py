@@ -38,17 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.heads.base import (
-    Head,
-    HeadInputError,
-    NotFittedError,
-    Standardizer,
-    codes_for,
-    log_loss,
-    softmax,
-    stratified_split,
-    torch_threads,
-)
+from pipeline.heads.base import Head, codes_for, torch_threads
+from pipeline.heads.errors import HeadInputError, NotFittedError
+from pipeline.heads.extmath import Standardizer, log_loss, softmax, stratified_split
+from pipeline.heads.registry import register
 
 #: 20 log-spaced weight decays, strong to weak enough for ~100 .. ~100k training rows
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = tuple(float(v) for v in np.logspace(-6, 1, 20))
@@ -126,6 +119,7 @@ class ValidationPruner:
         return stop
 
 
+@register
 class LinearProbe(Head):
     """Multinomial logistic regression with a batched weight-decay sweep.
 

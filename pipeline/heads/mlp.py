@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.heads.base import (
-    Head,
-    HeadInputError,
-    Standardizer,
-    stratified_split,
-    torch_threads,
-)
+from pipeline.heads.base import Head, torch_threads
+from pipeline.heads.errors import HeadInputError
+from pipeline.heads.extmath import Standardizer, stratified_split
 from pipeline.heads.linear_probe import per_class_weights
+from pipeline.heads.registry import register
 
 
+@register
 class MLP(Head):
     """Parameters
     ----------

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.heads.base import Head, l2_normalize
+from pipeline.heads.base import Head
+from pipeline.heads.extmath import l2_normalize
+from pipeline.heads.registry import register
 
 
+@register
 class NearestCentroid(Head):
     """Cosine nearest-class-mean classifier.
 

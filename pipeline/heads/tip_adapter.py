@@ -27,14 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.heads.base import (
-    Head,
-    HeadInputError,
-    l2_normalize,
-    log_loss,
-    softmax,
-    stratified_split,
-)
+from pipeline.heads.base import Head
+from pipeline.heads.errors import HeadInputError
+from pipeline.heads.extmath import l2_normalize, log_loss, softmax, stratified_split
+from pipeline.heads.linear_probe import LinearProbe
+from pipeline.heads.registry import HEADS, load_head, register
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 DEFAULT_BETAS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
@@ -45,6 +42,7 @@ def _clone(head: Head) -> Head:
     return type(head)(**head.get_params(deep=False))
 
 
+@register
 class TipAdapter(Head):
     """Cache-model adapter over a base head (see module docstring).
 
@@ -80,8 +78,6 @@ class TipAdapter(Head):
 
     # ------------------------------------------------------------------ helpers
     def _fit_base(self, X, y):
-        from pipeline.heads.linear_probe import LinearProbe
-
         if self.base is None:
             return LinearProbe().fit(X, y), False
         if not isinstance(self.base, Head):
@@ -180,8 +176,6 @@ class TipAdapter(Head):
 
     @classmethod
     def _params_from_saved(cls, params, path):
-        from pipeline.heads import HEADS
-
         params = dict(params)
         spec = params.pop("base", None)
         out = super()._params_from_saved(params, path)
@@ -206,8 +200,6 @@ class TipAdapter(Head):
         self.base_.save(Path(path) / BASE_DIR)
 
     def _set_state(self, arrays, state, path):
-        from pipeline.heads import load_head
-
         self.keys_ = arrays["keys"]
         self.labels_ = arrays["labels"].astype(np.int64)
         self.alpha_ = float(state["alpha"])

@@ -18,8 +18,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from pipeline.heads.base import Head, HeadInputError, check_features, check_labels, encode_labels
-from pipeline.heads.base import l2_normalize
+from pipeline.heads.base import Head, check_features, check_labels, encode_labels
+from pipeline.heads.errors import HeadInputError
+from pipeline.heads.extmath import l2_normalize
+from pipeline.heads.registry import register
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -36,6 +38,7 @@ def default_class_name(label) -> str:
     return str(label).replace("_", " ").replace("-", " ").strip().lower()
 
 
+@register
 class ZeroShot(Head):
     """Zero-shot classifier from class-name prompts.
 

@@ -140,7 +140,7 @@ def ensemble_candidate(done: Sequence[Outcome], order: Sequence[FeatureSetRef], 
     from pipeline.heads import Ensemble, load_head
     from pipeline.sweep.candidate import evaluate_head
     from pipeline.sweep.outcome import Outcome, combined_latency, subset_info
-    from pipeline.sweep.plan import short_backbone
+    from pipeline.sweep.plan import short_backbones
 
     pool = sorted((d for d in done if d.ok and d.kind == "probe" and d.name in head_dirs),
                   key=lambda d: -d.result["selection"]["score"])[:POOL_SIZE]
@@ -170,7 +170,7 @@ def ensemble_candidate(done: Sequence[Outcome], order: Sequence[FeatureSetRef], 
                            "chosen": {"members": er.names, "weights": er.weights}}
     result["fitted"] = {**result["fitted"], "members": ", ".join(
         f"{n} x{w:.2f}" for n, w in zip(er.names, er.weights))}
-    name = "ensemble(" + ", ".join(short_backbone(n) for n in er.names) + ")"
+    name = "ensemble(" + ", ".join(short_backbones(er.names)) + ")"
     info = subset_info(members[0].info, data["ids_test"], len(data["ids"]))
     return Outcome(name, refs, "Ensemble", "ensemble", {"members": er.names, "weights": er.weights},
                 "ensemble", info, combined_latency([lat_by_backbone[r.backbone] for r in refs]),

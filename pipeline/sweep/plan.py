@@ -4,6 +4,7 @@ per-candidate parameters and skip reasons."""
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -73,6 +74,17 @@ def candidate_name(backbone: str, head_label: str) -> str:
 def short_backbone(name: str) -> str:
     """'efficientnet/tf_efficientnet_lite0.in1k' -> 'tf_efficientnet_lite0.in1k'."""
     return name.rsplit("/", 1)[-1]
+
+
+def short_backbones(names: Sequence[str]) -> list[str]:
+    """Backbone names without their family and without the part every one of them shares
+    ('tf_efficientnet_lite0.in1k', 'tf_efficientnet_lite1.in1k' -> 'lite0.in1k', 'lite1.in1k')."""
+    shorts = [short_backbone(n) for n in names]
+    if len(shorts) < 2:
+        return shorts
+    common = os.path.commonprefix(shorts)
+    cut = common.rfind("_") + 1  # only whole name parts
+    return [s[cut:] or s for s in shorts]
 
 
 def resolve_head(name: str) -> str:

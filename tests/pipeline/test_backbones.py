@@ -200,7 +200,7 @@ def test_fingerprint_changes_with_everything_that_changes_numbers(tmp_path):
 
 
 def test_big_weight_hashes_are_remembered_on_disk(tmp_path, monkeypatch):
-    from pipeline.backbones import spec as spec_mod
+    from pipeline.backbones import hashing as spec_mod
 
     monkeypatch.setenv("TLPIPE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(spec_mod, "_PERSIST_MIN_BYTES", 1)

@@ -79,12 +79,12 @@ def test_lite0_onnx_matches_torch_and_is_cached(lite0_torch, onnx_cache, monkeyp
         assert _cos_rows(lite0_torch.embed(x[:n]), ob.embed(x[:n])).min() >= 0.999
 
     # a second load reuses the cached file without touching torch
-    import pipeline.backbones.registry as registry
+    import pipeline.backbones.loader as loader
 
     def boom(*a, **k):
         raise AssertionError("torch backbone loaded although the ONNX file is cached")
 
-    monkeypatch.setattr(registry, "load_torch_backbone", boom)
+    monkeypatch.setattr(loader, "load_torch_backbone", boom)
     again = load_backbone(LITE0, engine="onnx", cache_dir=tmp_path, intra_op_num_threads=1)
     assert isinstance(again, OnnxBackbone) and again.path == ob.path and again.spec.embed_dim == 1280
     np.testing.assert_array_equal(again.embed(x[:2]), ob.embed(x[:2]))

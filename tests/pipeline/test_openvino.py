@@ -89,7 +89,7 @@ def test_a_runtime_that_disagrees_fails_loudly(lite0_torch, tmp_path, monkeypatc
 
     spec = lite0_torch.spec
     load_backbone(LITE0, engine="onnx", cache_dir=tmp_path)  # export, no OpenVINO check yet
-    real_session = ort_mod._session
+    real_session = ort_mod.session
 
     class Negated:
         def __init__(self, *a, **k):
@@ -98,11 +98,11 @@ def test_a_runtime_that_disagrees_fails_loudly(lite0_torch, tmp_path, monkeypatc
         def run(self, names, feeds):
             return [-o for o in self.s.run(names, feeds)]
 
-    monkeypatch.setattr(ort_mod, "_session", Negated)
+    monkeypatch.setattr(ort_mod, "session", Negated)
     with pytest.raises(RuntimeError, match="disagrees with ONNX Runtime"):
         load_openvino_backbone(spec, cache_dir=tmp_path)
     assert not _check_sidecar(ort_mod.onnx_path(spec, tmp_path)).exists()
-    monkeypatch.setattr(ort_mod, "_session", real_session)
+    monkeypatch.setattr(ort_mod, "session", real_session)
     assert load_openvino_backbone(spec, cache_dir=tmp_path).verified_min_cosine >= 0.999
 
 
@@ -176,7 +176,7 @@ def test_compiled_model_is_cached_beside_the_export_and_bad_blobs_are_recompiled
     def read_only(*_):
         raise PermissionError(13, "Read-only file system")
 
-    monkeypatch.setattr(ovr, "_write_atomic", read_only)
+    monkeypatch.setattr(ovr, "write_atomic", read_only)
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     np.testing.assert_array_equal(_run(ovr._compile(path, 1, False), x), _run(first, x))
     assert calls == ["compile"] * 4

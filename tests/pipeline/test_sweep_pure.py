@@ -1,0 +1,165 @@
+"""The pure sweep pieces on synthetic data where the truth is known: folds, out-of-fold scores,
+the refit, ensemble selection and calibration from out-of-fold predictions."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from pipeline.sweep.calibrate import calibrate_from_oof, cross_fitted_knn
+from pipeline.sweep.cv import cross_validate, metric_from_proba, predicted_labels
+from pipeline.sweep.ensemble import concat_data, cross_validated_ensemble, ensemble_selection
+from pipeline.sweep.folds import CV_MAX_ROWS, assign_folds, plan_selection
+
+
+def _ids(n, salt="x"):
+    return [hashlib.sha256(f"{salt}{i}".encode()).hexdigest() for i in range(n)]
+
+
+def _blobs(n_per_class, classes, dim=8, sep=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(classes), dim)) * sep
+    y = np.repeat(classes, n_per_class)
+    X = np.stack([centres[classes.index(c)] for c in y]) + rng.normal(size=(len(y), dim))
+    return X.astype(np.float32), y
+
+
+def test_plan_cv_below_the_limit_and_val_above():
+    labels = np.repeat(["a", "b"], 600)
+    splits = np.where(np.arange(1200) % 10 == 0, "val", "train")
+    p = plan_selection(labels, splits)
+    assert (p.mode, p.k, p.repeats, p.n_selection) == ("cv", 5, 1, 1200)
+    assert "5-fold CV" in p.describe()
+    big = plan_selection(np.repeat(["a", "b"], CV_MAX_ROWS), np.where(
+        np.arange(2 * CV_MAX_ROWS) % 10 == 0, "val", "train"))
+    assert big.mode == "val" and big.n_selection == 2 * CV_MAX_ROWS // 10
+    tiny = plan_selection(np.array(["a"] * 3 + ["b"] * 40), np.array(["train"] * 43))
+    assert tiny.k == 3 and tiny.repeats == 3  # k shrinks to the rarest class; tiny sets repeat
+    with pytest.raises(ValueError, match="validation split"):
+        plan_selection(labels, np.array(["train"] * 1200), mode="val")
+
+
+def test_folds_are_stratified_deterministic_and_id_based():
+    labels = np.repeat(["a", "b", "c"], [250, 150, 50])
+    ids = _ids(len(labels))
+    p = plan_selection(labels, ["train"] * len(labels))
+    f = assign_folds(ids, labels, ["train"] * len(labels), p, seed=0)
+    assert f.shape == (1, 450)
+    for c, n in (("a", 250), ("b", 150), ("c", 50)):
+        counts = np.bincount(f[0][labels == c], minlength=5)
+        assert counts.max() - counts.min() <= 1 and counts.sum() == n
+    again = assign_folds(ids, labels, ["train"] * len(labels), p, seed=0)
+    assert (f == again).all()
+    # the same ids in another order get the same folds
+    order = np.random.default_rng(1).permutation(len(ids))
+    shuffled = assign_folds([ids[i] for i in order], labels[order], ["train"] * 450, p, seed=0)
+    assert (shuffled[0] == f[0][order]).all()
+    other = assign_folds(ids, labels, ["train"] * len(labels), p, seed=1)
+    assert (other != f).any()
+
+
+def test_out_of_fold_predictions_never_come_from_a_model_that_saw_the_row():
+    """Random labels: a 1-NN fitted on a row predicts that row perfectly; out of fold it is chance."""
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c", "d"]
+    X = rng.normal(size=(400, 16)).astype(np.float32)
+    y = np.asarray(rng.choice(classes, 400))
+    p = plan_selection(y, ["train"] * 400)
+    folds = assign_folds(_ids(400), y, ["train"] * 400, p)
+    res = cross_validate("KNN", {"k": 1}, X, y, folds, classes, metric="accuracy")
+    assert len(res.rows) == 400 and res.proba.shape == (400, 4)
+    assert res.score < 0.4  # chance is 0.25; in-sample it would be 1.0
+    assert len(res.fold_scores) == 5 and res.std is not None
+
+
+def test_linear_probe_weight_decay_chosen_in_the_folds_and_rescaled_for_the_refit():
+    X, y = _blobs(60, ["a", "b", "c"], sep=1.0, seed=3)
+    p = plan_selection(y, ["train"] * len(y))
+    folds = assign_folds(_ids(len(y)), y, ["train"] * len(y), p)
+    lams = [1e-4, 1e-2, 1.0, 100.0]
+    res = cross_validate("LinearProbe", {"weight_decays": lams}, X, y, folds, ["a", "b", "c"],
+                         metric="balanced_accuracy")
+    chosen = res.chosen["weight_decay_cv"]
+    # the chosen value is the best of the grid out of fold (each value cross-validated alone)
+    alone = {lam: cross_validate("LinearProbe", {"weight_decays": [lam]}, X, y, folds,
+                                 ["a", "b", "c"], metric="balanced_accuracy").score for lam in lams}
+    assert res.score == pytest.approx(max(alone.values()), abs=0.02)
+    assert alone[chosen] == pytest.approx(max(alone.values()), abs=0.02)
+    # the same C on all rows: lambda * n constant (each fold trains on 4/5 of the rows)
+    assert res.refit_params["weight_decays"] == [pytest.approx(chosen * 0.8)]
+    assert res.score > 0.8
+    # the CV score is the metric of the out-of-fold probabilities
+    assert res.score == pytest.approx(metric_from_proba("balanced_accuracy", y[res.rows],
+                                                        res.proba, ["a", "b", "c"]))
+
+
+def test_validation_mode_scores_only_the_validation_rows():
+    X, y = _blobs(50, ["a", "b"], seed=4)
+    splits = np.where(np.arange(len(y)) % 5 == 0, "val", "train")
+    p = plan_selection(y, splits, mode="val")
+    folds = assign_folds(_ids(len(y)), y, splits, p)
+    res = cross_validate("NearestCentroid", {}, X, y, folds, ["a", "b"], metric="accuracy")
+    assert list(res.rows) == list(np.flatnonzero(splits == "val"))
+
+
+def test_top5_labels_encode_hits():
+    proba = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
+    y = np.array(["b", "a"])
+    got = predicted_labels("top5", y, proba, ["a", "b", "c"])
+    assert list(got) == ["b", "a"]  # 3 classes: the true class is always in the top 5
+    assert list(predicted_labels("accuracy", y, proba, ["a", "b", "c"])) == ["a", "c"]
+
+
+def test_ensemble_selection_combines_complementary_models_and_cv_score_is_honest():
+    rng = np.random.default_rng(0)
+    classes = ["a", "b"]
+    n = 600
+    y = np.asarray(rng.choice(classes, n))
+    truth = (y == "b").astype(float)
+    # two independent noisy views of the truth: averaging them is better than either
+    pa = np.clip(truth + rng.normal(0, 0.6, n), 0, 1)
+    pb = np.clip(truth + rng.normal(0, 0.6, n), 0, 1)
+    probas = {"a": np.stack([1 - pa, pa], 1), "b": np.stack([1 - pb, pb], 1)}
+    w = ensemble_selection(probas, y, classes, metric="accuracy")
+    assert set(w) == {"a", "b"} and sum(w.values()) == pytest.approx(1.0)
+    folds = np.arange(n) % 5
+    res = cross_validated_ensemble(probas, y, folds, classes, metric="accuracy")
+    single = max(metric_from_proba("accuracy", y, p, classes) for p in probas.values())
+    assert res.score > single
+    assert len(res.fold_scores) == 5 and res.proba.shape == (n, 2)
+
+
+def test_concat_data_keeps_the_rows_every_backbone_has():
+    base = {"y": np.array(["a", "b", "a"]), "folds": np.array([[0, 1, 2]]),
+            "y_test": np.array(["a"]), "ids_test": ["t1"]}
+    p1 = {**base, "X": np.ones((3, 2)), "ids": ["i1", "i2", "i3"], "X_test": np.ones((1, 2))}
+    p2 = {**base, "X": np.full((2, 3), 2.0), "ids": ["i3", "i1"], "y": np.array(["a", "a"]),
+          "folds": np.array([[2, 0]]), "X_test": np.full((1, 3), 2.0)}
+    out, slices = concat_data([p1, p2])
+    assert out["ids"] == ["i1", "i3"] and out["X"].shape == (2, 5)
+    assert (out["X"][:, 2:] == 2.0).all() and list(out["folds"][0]) == [0, 2]
+    assert slices == [(0, 2), (2, 5)]
+
+
+def test_calibration_from_oof_reaches_the_target_and_knn_never_finds_itself():
+    X, y = _blobs(100, ["a", "b", "c"], sep=1.2, seed=5)
+    p = plan_selection(y, ["train"] * len(y))
+    folds = assign_folds(_ids(len(y)), y, ["train"] * len(y), p)
+    res = cross_validate("LinearProbe", {"weight_decays": [1e-2]}, X, y, folds, ["a", "b", "c"],
+                         metric="accuracy")
+    cal = calibrate_from_oof(res.proba, y[res.rows], ["a", "b", "c"], X=X[res.rows],
+                             folds=folds[0][res.rows], target_precision=0.95)
+    conf = res.proba.max(1)
+    kept = conf >= cal["threshold"]
+    pred = np.asarray(["a", "b", "c"])[res.proba.argmax(1)]
+    assert np.mean(pred[kept] == y[res.rows][kept]) >= 0.95
+    assert cal["calibration_rows"] == len(y)
+    # with random labels a neighbour search that could find the query itself would agree 100 %
+    rng = np.random.default_rng(0)
+    Xr = rng.normal(size=(200, 4)).astype(np.float32)
+    yr = np.asarray(rng.choice(["a", "b"], 200))
+    fr = np.arange(200) % 5
+    vote, agreement = cross_fitted_knn(Xr, yr, fr, np.arange(200), k=1)
+    assert np.mean(vote == yr) < 0.7
