@@ -276,7 +276,7 @@ class HttpConnection:
         self.reader = self.writer = None
 
 
-def _target(url: str) -> tuple[str, int, str]:
+def target_of(url: str) -> tuple[str, int, str]:
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
@@ -290,7 +290,7 @@ def pct(values, q: float) -> float:
 async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, duration: float,
                       warmup: float) -> dict:
     """`clients` workers, each sending its next request as soon as the previous one answered."""
-    host, port, path = _target(url)
+    host, port, path = target_of(url)
     lat: list[float] = []
     errors = 0
     start = time.perf_counter()
@@ -333,7 +333,7 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, 
 async def open_loop(url: str, bodies: list[tuple[bytes, dict]], rate: float, duration: float,
                     warmup: float, seed: int = 0) -> dict:
     """Poisson arrivals at `rate` requests/s, independent of the answers (latency incl. queueing)."""
-    host, port, path = _target(url)
+    host, port, path = target_of(url)
     rng = np.random.default_rng(seed)
     lat: list[float] = []
     errors = 0
@@ -488,7 +488,7 @@ def main() -> None:
     mlflow_peak = None
     if not args.skip_mlflow:
         uri = register_torch_pyfunc(pdir, state)
-        port = _free_port()
+        port = free_port()
         proc = start_mlflow(uri, tracking_uri, port, args.mlflow_workers)
         try:
             bodies = mlflow_bodies(photos)
@@ -509,7 +509,7 @@ def main() -> None:
     bodies = multipart_bodies(photos)
     peak, open_rows, batch_rows, configs = 0.0, [], [], []
     for config in [ServerConfig.parse(c) for c in args.configs.split(",")]:
-        url = start_tlpipe(state, _free_port(), args, config)
+        url = start_tlpipe(state, free_port(), args, config)
         try:
             own_peak = 0.0
             for c in clients:
@@ -603,7 +603,7 @@ def measured_loop(url: str, bodies, clients: int, args) -> dict:
     return {**r, "server_cpu_ms": used / max(1, r["answered"]) * 1e3}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     from deploy.app import free_port
 
     return free_port()

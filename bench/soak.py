@@ -105,9 +105,9 @@ async def drive(url: str, bodies: list[tuple[bytes, dict]], plan: SoakPlan, even
     Every request is awaited to the end (answer or `plan.timeout_s`), so sent = answered + lost.
     `rss_every_s` samples `ray_processes_rss()` that often (and at start and end).
     """
-    from bench.serve import HttpConnection, _target
+    from bench.serve import HttpConnection, target_of
 
-    host, port, path = _target(url)
+    host, port, path = target_of(url)
     rng = np.random.default_rng(plan.seed)
     res = SoakResult(plan)
     records: list[tuple[float, float, int]] = []  # (sent at, latency, status) of answered requests
@@ -419,7 +419,7 @@ def main() -> None:
     from ray import serve
 
     from bench.report import write_section
-    from bench.serve import (MODEL_NAME, _free_port, build_champion, closed_loop, clothing_root,
+    from bench.serve import (MODEL_NAME, free_port, build_champion, closed_loop, clothing_root,
                              multipart_bodies, split_files, wait_http)
     from deploy.app import run
     from jobs.registry import register_predictor
@@ -454,7 +454,7 @@ def main() -> None:
     del backbone
 
     token = "soak-" + os.urandom(8).hex()
-    port = _free_port()
+    port = free_port()
     # what `tlpipe serve` runs: deploy.app.run starts its own local Ray with the single-node
     # defaults (direct ingress, backbone colocated on a CPU-only machine) unless told otherwise
     url = f"http://127.0.0.1:{port}"

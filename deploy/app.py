@@ -38,6 +38,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from deploy.backbone import DEFAULT_CAPACITY, BackbonePool, EmbedResult
+from pipeline.settings import state_root as resolve_state_root
 
 BACKBONE_DEPLOYMENT = "Backbone"
 INGRESS_DEPLOYMENT = "Ingress"
@@ -328,7 +329,7 @@ def app_builder(args: AppArgs) -> Application:
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     # resolved here (the driver / Serve controller), so relative paths never depend on a replica's cwd
-    state_root = args.state_root or os.environ.get("TLPIPE_HOME") or ".tlpipe"
+    state_root = str(resolve_state_root(args.state_root))
     return build_app(args.model, tracking_uri=args.tracking_uri, state_root=state_root,
                      engine=args.engine, intra_op_num_threads=args.intra_op_num_threads,
                      colocate_backbone=args.colocate_backbone, **args.settings)

@@ -23,6 +23,8 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from pipeline.settings import DEFAULT_STATE_ROOT
+
 ENV_PREFIX = "TLPIPE_SERVE_"
 
 
@@ -37,7 +39,7 @@ class ServeSettings(BaseModel):
 
     model: str | None = Field(None, description="NAME@alias, NAME/version, models:/..., or a saved predictor dir")
     tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI (default: the state root's)")
-    state_root: str = Field(".tlpipe", description="tlpipe state root; serving state lives in <root>/serve/")
+    state_root: str = Field(DEFAULT_STATE_ROOT, description="tlpipe state root; serving state lives in <root>/serve/")
     admin_token: SecretStr | None = Field(None, description="Bearer token for the admin routes (None: disabled)")
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_images_per_request: int = Field(32, ge=1, le=1024)

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import settings
 from pipeline.sweep.plan import DEFAULT_HEADS
 
 app = typer.Typer(
@@ -37,7 +38,7 @@ RootOpt = typer.Option(None, "--root", help="State root (default $TLPIPE_HOME or
 
 
 def state_root(root: Optional[Path]) -> Path:
-    return Path(root or os.environ.get("TLPIPE_HOME") or ".tlpipe")
+    return settings.state_root(root)
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -426,7 +427,7 @@ def _print_promotion(model: str, version: Optional[str], force: bool, root: Opti
     from jobs.registry import promote as promote_version
     from jobs.tracking import setup_mlflow
 
-    setup_mlflow(state_root(root), "tlpipe-sweep")
+    setup_mlflow(state_root(root), settings.DEFAULT_EXPERIMENT)
     try:
         r = promote_version(model, version=version, force=force)
     except ValueError as exc:
@@ -472,7 +473,7 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files."),
     if Path(model).is_dir():
         pdir = Path(model)
     else:
-        setup_mlflow(state_root(root), "tlpipe-sweep")
+        setup_mlflow(state_root(root), settings.DEFAULT_EXPERIMENT)
         name, sep, ref = model.partition("@") if "@" in model else model.partition("/")
         version = alias_version(name, ref or "champion") if sep != "/" else ref
         if not version:

@@ -24,9 +24,10 @@ import numpy as np
 
 from feature_store import FeatureStore
 from pipeline.backbones import BackboneSpec, get_spec, load_backbone
+from pipeline.backbones.registry import ENGINE_CHOICES
 from pipeline.devices import default_dtype
 from pipeline.images import DEFAULT_MAX_PIXELS
-
+from pipeline.settings import DEFAULT_STATE_ROOT
 
 # Images per forward pass when the caller does not say. OpenVINO's CPU plugin is fastest on small
 # batches on this 2-core box (Lite0 @224 with decode overlapped: 127 img/s at 8, 116 at 32), and
@@ -521,11 +522,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("data", help="dataset folder, manifest or archive (as for `tlpipe validate`)")
     ap.add_argument("--backbone", "-b", action="append", required=True,
                     help="registry name, or a .json file with a BackboneSpec (repeat)")
-    ap.add_argument("--root", default=".tlpipe",
+    ap.add_argument("--root", default=DEFAULT_STATE_ROOT,
                     help="state root; features go to ROOT/features (default .tlpipe)")
     ap.add_argument("--store", default=None, help="feature store path or fsspec URL "
                     "(default ROOT/features)")
-    ap.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx", "openvino"))
+    ap.add_argument("--engine", default="auto", choices=ENGINE_CHOICES)
     ap.add_argument("--layout", default="fused", choices=("fused", "tasks"))
     ap.add_argument("--micro-batch", type=int, default=None,
                     help="images per forward pass (default: per engine, see DEFAULT_MICRO_BATCH)")

@@ -47,7 +47,8 @@ def next_commands(model: str, root: str | os.PathLike, *, image: str | os.PathLi
                   report: str | os.PathLike | None = None, champion: str | None = None,
                   challenger: str | None = None) -> list[tuple[str, str]]:
     """[(command, what it does)] after a run that registered `model` (version `challenger`,
-    `champion` the version @champion points at, None when there is none)."""
+    `champion` the version @champion points at, None when there is none). A command is "" when
+    there is nothing to run (the report where no program opens files)."""
     t, q = tlpipe_command(), shlex.quote
     r = f" --root {q(_shown(root))}"
     out: list[tuple[str, str]] = []
@@ -63,26 +64,30 @@ def next_commands(model: str, root: str | os.PathLike, *, image: str | os.PathLi
     out.append((f"{t} ui{r}", "MLflow UI on http://127.0.0.1:5000"))
     if report:
         opener = _opener()
-        out.append((f"{opener} {q(_shown(report))}" if opener else _shown(report),
-                    "the sweep's report" + ("" if opener else " (open it in a browser)")))
+        out.append((f"{opener} {q(_shown(report))}", "the sweep's report") if opener else
+                   ("", f"the sweep's report, to open in a browser: {_shown(report)}"))
     return out
 
 
 def print_next_steps(console, model: str, root: str | os.PathLike, **kw) -> list[tuple[str, str]]:
-    """Print `next_commands` on `console` (a rich Console), one unwrapped line each, so they can
-    be copied as printed; returns them."""
+    """Print `next_commands` on `console` (a rich Console) as a shell snippet: a `# what` comment
+    line above each command, every line unwrapped, so the block can be pasted as printed;
+    returns them."""
     from rich.text import Text
 
     cmds = next_commands(model, root, **kw)
-    width = max(len(c) for c, _ in cmds)
+
+    def line(text: str, style: str | None = None) -> None:
+        console.print(Text("  " + text, style=style or ""), soft_wrap=True, highlight=False)
+
     console.print(Text("next:", style="bold"))
-    for cmd, why in cmds:
-        console.print(Text.assemble("  ", cmd.ljust(width), ("  # " + why, "dim")),
-                      soft_wrap=True, highlight=False)
     if tlpipe_command() != "tlpipe" and (Path(sys.prefix) / "bin" / "activate").exists():
         activate = _shown(Path(sys.prefix) / "bin" / "activate")
-        console.print(Text(f"  (`source {activate}` puts tlpipe on this shell's PATH)", style="dim"),
-                      soft_wrap=True, highlight=False)
+        line(f"# tlpipe is not on this shell's PATH: `source {activate}` puts it there", "dim")
+    for cmd, why in cmds:
+        line(f"# {why}", "dim")
+        if cmd:
+            line(cmd)
     return cmds
 
 
@@ -101,8 +106,8 @@ def print_after_run(console, result, root: str | os.PathLike) -> list[tuple[str,
     if not result.version:
         return []
     from jobs.registry import alias_version
-    from jobs.sweep import DEFAULT_EXPERIMENT
     from jobs.tracking import setup_mlflow
+    from pipeline.settings import DEFAULT_EXPERIMENT
 
     setup_mlflow(Path(root), DEFAULT_EXPERIMENT)
     return print_next_steps(console, result.model_name, root, image=example_image(result.dataset),

@@ -1,13 +1,15 @@
 """Progress of long stages (extraction per backbone, the sweep): rich bars on a terminal, plain
 lines when output goes to a file, a pipe or a job log.
 
-A bar redrawn in place is what a terminal wants; in a log it is either nothing (rich draws no live
-display when output is not a terminal) or thousands of control sequences. So when the console is
-not a terminal each stage prints one line when it starts, a line such as
+A bar redrawn in place is what a terminal wants; in a log it shows nothing until everything has
+ended (rich draws no live display when output is not a terminal), or thousands of control
+sequences when forced. So when the console is not a terminal each stage prints one line when it
+starts, a line such as
 
     extract efficientnet/tf_efficientnet_lite0.in1k: 1200/3781 images, 12.6 s (95.3 img/s)
 
-at most every `interval` seconds while it runs, and one line when it ends.
+at most every `interval` seconds while it runs (and, when nothing has moved for `heartbeat`
+seconds, the same line again, so a log never goes silent for minutes), and one line when it ends.
 
     with StageProgress(console) as progress:
         run(..., on_progress=progress.extract, on_sweep_progress=progress.sweep)
@@ -15,12 +17,15 @@ at most every `interval` seconds while it runs, and one line when it ends.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 #: seconds between two plain progress lines of one stage
 PLAIN_INTERVAL_S = 5.0
+#: a stage that has printed nothing for this long prints where it stands (plain mode)
+HEARTBEAT_S = 30.0
 
 
 @dataclass
@@ -34,8 +39,9 @@ class _Stage:
     task: Any = None  # the rich task id, in bar mode
 
 
-def _rate_unit(unit: str) -> str:
-    return {"images": "img/s"}.get(unit, f"{unit}/s")
+def _rate(done: int, elapsed: float, unit: str) -> str:
+    """`" (95.3 img/s)"` for images; nothing for units too slow for a rate (candidates)."""
+    return f" ({done / elapsed:.1f} img/s)" if unit == "images" else ""
 
 
 class StageProgress:
@@ -45,7 +51,8 @@ class StageProgress:
     take. Use it as a context manager: the bars live inside it."""
 
     def __init__(self, console=None, *, plain: bool | None = None,
-                 interval: float = PLAIN_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+                 interval: float = PLAIN_INTERVAL_S, heartbeat: float | None = HEARTBEAT_S,
+                 clock: Callable[[], float] = time.monotonic):
         if console is None:
             from rich.console import Console
 
@@ -54,25 +61,44 @@ class StageProgress:
         self.plain = (not console.is_terminal) if plain is None else plain
         self.interval = interval
         self.clock = clock
+        self.heartbeat = heartbeat
         self.stages: dict[str, _Stage] = {}
         self._bars = None
+        self._lock = threading.Lock()  # callbacks and the heartbeat thread
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     # ---- context
     def __enter__(self) -> "StageProgress":
         if not self.plain:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+                                       TimeRemainingColumn)
 
             self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[unit]}"), TimeElapsedColumn(),
-                                  TimeRemainingColumn(), console=self.console)
+                                  TextColumn("{task.fields[unit]}"), TimeRemainingColumn(),
+                                  console=self.console)
             self._bars.__enter__()
+        elif self.heartbeat:
+            self._beat = threading.Thread(target=self._heartbeat, name="tlpipe-progress", daemon=True)
+            self._beat.start()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._bars is not None:
             self._bars.__exit__(*exc)
             self._bars = None
+        if self._beat is not None:
+            self._stop.set()
+            self._beat.join()
+            self._beat = None
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(min(self.interval, self.heartbeat)):
+            with self._lock:
+                now = self.clock()
+                for stage, st in self.stages.items():
+                    if not st.ended and now - st.last_line >= self.heartbeat:
+                        self._progress_line(stage, st, now)
 
     # ---- callbacks
     def extract(self, backbone: str, done: int, total: int) -> None:
@@ -84,6 +110,10 @@ class StageProgress:
         self.update("sweep", done, total, "candidates")
 
     def update(self, stage: str, done: int, total: int, unit: str = "items") -> None:
+        with self._lock:
+            self._update(stage, done, total, unit)
+
+    def _update(self, stage: str, done: int, total: int, unit: str) -> None:
         now = self.clock()
         st = self.stages.get(stage)
         new = st is None
@@ -105,17 +135,20 @@ class StageProgress:
             return
         st.ended = False  # a total that grew reopens the stage
         if now - st.last_line >= self.interval:
-            st.last_line = now
-            elapsed = max(now - st.started, 1e-9)
-            self._line(f"{stage}: {st.done}/{st.total} {st.unit}, {elapsed:.1f} s "
-                       f"({st.done / elapsed:.1f} {_rate_unit(st.unit)})")
+            self._progress_line(stage, st, now)
 
     # ---- output
+    def _progress_line(self, stage: str, st: _Stage, now: float) -> None:
+        st.last_line = now
+        elapsed = max(now - st.started, 1e-9)
+        self._line(f"{stage}: {st.done}/{st.total} {st.unit}, {elapsed:.1f} s"
+                   + _rate(st.done, elapsed, st.unit))
+
     def _end_line(self, stage: str, st: _Stage) -> None:
         st.ended = True
         elapsed = max(self.clock() - st.started, 1e-9)
-        self._line(f"{stage}: done, {st.done}/{st.total} {st.unit} in {elapsed:.1f} s "
-                   f"({st.done / elapsed:.1f} {_rate_unit(st.unit)})")
+        self._line(f"{stage}: done, {st.done}/{st.total} {st.unit} in {elapsed:.1f} s"
+                   + _rate(st.done, elapsed, st.unit))
 
     def _line(self, text: str) -> None:
         from rich.text import Text

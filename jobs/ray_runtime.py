@@ -71,6 +71,35 @@ def _quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
+    # Ray Data then logs, on the console, a WARNING "Progress bars disabled. To enable, set ..."
+    # (informational: tlpipe disables them on purpose and prints its own progress, see
+    # jobs.progress) and an INFO "Dataset ... execution finished in N seconds" per job (tlpipe
+    # prints its own stats table). Both stay in the session's ray-data.log: they are only marked
+    # hidden for Ray Data's console handler.
+    _hide_from_console("ray.data._internal.progress",
+                       lambda r: str(r.msg).startswith("Progress bars disabled"))
+    _hide_from_console("ray.data._internal.execution.streaming_executor",
+                       lambda r: r.levelno < logging.WARNING)
+
+
+class _HideFromRayDataConsole(logging.Filter):
+    """Sets `hide` on matching records: Ray Data's console handler drops those
+    (`ray.data._internal.logging.HiddenRecordFilter`), its file handler keeps them."""
+
+    def __init__(self, match) -> None:
+        super().__init__()
+        self.match = match
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.match(record):
+            record.hide = True
+        return True
+
+
+def _hide_from_console(logger_name: str, match) -> None:
+    log = logging.getLogger(logger_name)
+    if not any(isinstance(f, _HideFromRayDataConsole) for f in log.filters):
+        log.addFilter(_HideFromRayDataConsole(match))
 
 
 def cluster_has_gpu() -> bool:

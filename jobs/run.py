@@ -18,10 +18,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.settings import DEFAULT_EXPERIMENT, DEFAULT_STATE_ROOT
 from pipeline.sweep.plan import DEFAULT_HEADS
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -116,7 +116,7 @@ def build_predictor(dataset, store, winner: dict, head_dir: str, *, target_preci
 def run(
     data: str,
     *,
-    root: str | Path = ".tlpipe",
+    root: str | Path = DEFAULT_STATE_ROOT,
     backbones: Sequence[str] | None = None,
     heads: Sequence[str] = DEFAULT_HEADS,
     head_params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -138,7 +138,6 @@ def run(
     from jobs.extract import extract_features
     from jobs.registry import TEST_PREDICTIONS, register_predictor
     from jobs.sweep import feature_sets_from_stats, run_sweep
-    from jobs.sweep import DEFAULT_EXPERIMENT
     from jobs.tracking import setup_mlflow
 
     root = Path(root)

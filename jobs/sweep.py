@@ -25,23 +25,44 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.settings import DEFAULT_EXPERIMENT
 from pipeline.sweep import ensemble as ens
 from pipeline.sweep.candidate import fit_evaluate
 from pipeline.sweep.features import backbone_latency as measure_or_lookup_latency
 from pipeline.sweep.features import plan_features, read_features, split_records
 from pipeline.sweep.folds import fold_lookup, plan_selection
-from pipeline.sweep.leaderboard import (CANDIDATE_TAG, HEAD_DIR_TAG, candidates_from_rows,
-                                        display_rows, leaderboard_row, rows_csv, sort_rows)
-from pipeline.sweep.outcome import (Outcome, combined_latency, paired_inputs, save_candidate,
-                                    subset_info)
-from pipeline.sweep.plan import (DEFAULT_HEADS, FeatureSetRef, HeadConfig, candidate_name,
-                                 loggable_params, short_backbones, skip_reason, slug, sweep_inputs,
-                                 task_params)
+from pipeline.sweep.leaderboard import (
+    CANDIDATE_TAG,
+    HEAD_DIR_TAG,
+    candidates_from_rows,
+    display_rows,
+    leaderboard_row,
+    rows_csv,
+    sort_rows,
+)
+from pipeline.sweep.outcome import (
+    Outcome,
+    combined_latency,
+    paired_inputs,
+    save_candidate,
+    subset_info,
+)
+from pipeline.sweep.plan import (
+    DEFAULT_HEADS,
+    FeatureSetRef,
+    HeadConfig,
+    candidate_name,
+    loggable_params,
+    short_backbones,
+    skip_reason,
+    slug,
+    sweep_inputs,
+    task_params,
+)
 from pipeline.sweep.report import hardest_png_bytes, write_report
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "tlpipe-sweep"
 DEFAULT_TOLERANCE = 0.005
 SWEEP_KIND = "sweep"
 CANDIDATE_KIND = "candidate"
@@ -100,8 +121,17 @@ def _log_candidate(d: Outcome, *, parent_id: str, experiment_id: str, sweep_dir:
                    classes: Sequence[str], card: Mapping[str, Any], selection_metric: str,
                    selection_on: str) -> str | None:
     """One child run for one candidate; returns the local head dir (None when it failed)."""
-    from jobs.tracking import (KIND_TAG, dataset_params, log_dir, log_eval_report, log_json,
-                               log_metrics, log_params, log_tags, tracked_run)
+    from jobs.tracking import (
+        KIND_TAG,
+        dataset_params,
+        log_dir,
+        log_eval_report,
+        log_json,
+        log_metrics,
+        log_params,
+        log_tags,
+        tracked_run,
+    )
     from pipeline.evaluate import EvalReport
 
     tags = {KIND_TAG: CANDIDATE_KIND, SWEEP_TAG: parent_id, CANDIDATE_TAG: d.name,
@@ -270,9 +300,20 @@ def run_sweep(
     from feature_store import FeatureStore
     from jobs.finetune import sweep_finetunes
     from jobs.ray_runtime import ensure_ray
-    from jobs.tracking import (KIND_TAG, format_markdown_table, log_bytes, log_dataset_card,
-                               log_json, log_metrics, log_params, log_table, log_tags, log_text,
-                               setup_mlflow, tracked_run)
+    from jobs.tracking import (
+        KIND_TAG,
+        format_markdown_table,
+        log_bytes,
+        log_dataset_card,
+        log_json,
+        log_metrics,
+        log_params,
+        log_table,
+        log_tags,
+        log_text,
+        setup_mlflow,
+        tracked_run,
+    )
 
     head_cfgs, ft_cfgs, refs = sweep_inputs(feature_sets, heads, head_params,
                                             selection_metric=selection_metric, tolerance=tolerance)

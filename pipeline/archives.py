@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from pipeline.settings import cache_dir as default_cache_dir
+
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
@@ -22,9 +24,6 @@ class ArchiveError(ValueError):
     """An archive that cannot be unpacked safely: corrupt, or a member escaping the target."""
 
 
-def default_cache_dir() -> Path:
-    """The cache root, read from the environment at call time (never at import)."""
-    return Path(os.environ.get("TLPIPE_CACHE_DIR") or Path.home() / ".cache" / "tlpipe")
 
 
 def is_archive(path: str | os.PathLike) -> bool:

@@ -42,10 +42,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, ...], str] = {
     ("cycle", "jobs.demo", "jobs.cli"): _LEAD + " (demo imports the CLI's helpers; move them below both)",
     ("private", "jobs.demo", "jobs.cli", "_load"): _LEAD,
     ("private", "jobs.demo", "jobs.cli", "_print_promotion"): _LEAD,
-    ("private", "bench.soak", "bench.serve", "_free_port"): _LEAD,
-    ("private", "bench.soak", "bench.serve", "_target"): _LEAD,
-    ("private", "pipeline.finetune.artifacts", "pipeline.backbones.openclip", "_resolve"): _LEAD
-    + " (use the public pipeline.backbones.openclip.resolve_pretrained, then drop the _resolve alias)",
     ("layer", "jobs.cli", "deploy.app"): _LEAD + " (the CLI moves to its own package, above deploy)",
 }
 

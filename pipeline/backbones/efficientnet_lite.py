@@ -6,8 +6,8 @@ Those packages ship one state dict each, in the EfficientNet-PyTorch (lukemelas)
 loaded strictly. ``embed`` returns the pooled 1280-d pre-logits features; ``classify`` the
 ImageNet-1k logits.
 
-This module imports torch/timm only inside the functions that need them, so the registry can
-fingerprint a package spec cheaply.
+This module imports torch/timm only inside the functions that need them. Finding and hashing the
+weights file (for the fingerprint) lives in ``packages.py``, re-exported here.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ import re
 import threading
 from pathlib import Path
 
+from pipeline.settings import cache_dir as cache_root
+
 __all__ = ["cache_root", "dir_sha256", "file_sha256", "is_local_path", "local_path"]
 
 
@@ -38,10 +40,6 @@ _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 _PERSIST_MIN_BYTES = 64 << 20
 
 
-def cache_root() -> Path:
-    """``$TLPIPE_CACHE_DIR`` or ``~/.cache/tlpipe`` (read at call time, never at import)."""
-    env = os.environ.get("TLPIPE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tlpipe"
 
 
 def _persisted_hash_path(key: tuple[str, int, int], inode: int) -> Path:

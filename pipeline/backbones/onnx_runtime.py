@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from pipeline.settings import cache_dir as default_cache_dir
+
 from . import loader
 from .base import Backbone
-from .hashing import cache_root
 from .spec import BackboneSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,9 +40,6 @@ OUTPUT_NAME = "embeddings"
 _log = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> Path:
-    """``$TLPIPE_CACHE_DIR`` or ``~/.cache/tlpipe`` (read at call time, never at import)."""
-    return cache_root()
 
 
 def onnx_path(spec: BackboneSpec, cache_dir: str | os.PathLike | None = None, *, opset: int = DEFAULT_OPSET) -> Path:

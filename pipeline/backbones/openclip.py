@@ -117,7 +117,6 @@ def _check_preprocess(spec: BackboneSpec, model: nn.Module) -> None:
 
 
 
-_resolve = resolve_pretrained  # TODO(issue 12): pipeline/finetune/artifacts.py still imports the old name
 
 def load(spec: BackboneSpec, *, device: str = "cpu", dtype: str | None = None, allow_download: bool = False) -> TorchBackbone:
     import open_clip

@@ -21,14 +21,14 @@ from .catalogue import get_spec, list_specs, register
 from .loader import load_torch_backbone, weights_available
 from .onnx_runtime import load_onnx_backbone, onnx_path
 from .openvino_runtime import load_openvino_backbone
-from .spec import BackboneSpec
+from .spec import ENGINES, BackboneSpec
 
 __all__ = [
     "ENGINE_CHOICES", "default_cpu_engine", "get_spec", "list_specs", "load_backbone", "load_torch_backbone",
     "register", "weights_available",
 ]
 
-ENGINE_CHOICES = ("torch", "onnx", "openvino", "auto")
+ENGINE_CHOICES = ENGINES + ("auto",)
 GRAPH_ENGINES = ("openvino", "onnx")  # run the exported uint8-in graph on CPU, fastest first
 
 

@@ -16,6 +16,7 @@ from pipeline.data.hf import load_hf_disk, load_hf_hub, scan_hf
 from pipeline.data.imagefolder import scan_imagefolder
 from pipeline.data.manifest import MANIFEST_SUFFIXES, scan_manifest
 from pipeline.data.records import DatasetError, SourceListing, display_path
+from pipeline.settings import cache_dir as default_cache_dir
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -25,9 +26,6 @@ __all__ = ["SourceListing", "default_cache_dir", "discover", "scan_hf", "scan_im
 # ----------------------------------------------------------------------------- dispatch
 
 
-def default_cache_dir() -> Path:
-    """`$TLPIPE_CACHE_DIR` or `~/.cache/tlpipe` (read at call time)."""
-    return Path(os.environ.get("TLPIPE_CACHE_DIR") or "~/.cache/tlpipe").expanduser()
 
 
 def _is_hf_object(source: Any) -> bool:

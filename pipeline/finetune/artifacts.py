@@ -89,9 +89,9 @@ def _save_open_clip(features: nn.Module, base_spec: Any, wdir: Path) -> dict[str
     import open_clip
     from safetensors.torch import save_file
 
-    from pipeline.backbones.openclip import _resolve
+    from pipeline.backbones.openclip import resolve_pretrained
 
-    model_name, pretrained, extra = _resolve(base_spec, False)
+    model_name, pretrained, extra = resolve_pretrained(base_spec, False)
     full = open_clip.create_model(model_name, pretrained=pretrained, precision="fp32", device="cpu",
                                   require_pretrained=True, **{**extra, **base_spec.kwargs})
     sd = dict(full.state_dict())

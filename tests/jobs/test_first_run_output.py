@@ -79,12 +79,14 @@ def test_plain_progress_lines_in_a_pipe(first_run):
 
 
 def next_commands(out: str) -> list[str]:
+    """The commands of the indented "next:" block (its "# ..." lines are comments)."""
     block = out.split("\nnext:\n", 1)[1].splitlines()
     cmds = []
     for line in block:
-        if not line.startswith("  ") or line.startswith("  ("):
+        if not line.startswith("  "):
             break
-        cmds.append(line.split("  # ", 1)[0].strip())
+        if not line.lstrip().startswith("#"):
+            cmds.append(line.strip())
     return cmds
 
 
