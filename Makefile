@@ -25,7 +25,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 venv: $(VENV)/.synced
 
 demo: venv
-	$(PY) -m jobs.demo --data "$(DEMO_DATA)"
+	$(PY) -m cli.demo --data "$(DEMO_DATA)"
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

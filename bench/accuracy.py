@@ -348,7 +348,7 @@ def script_arm(data: BenchData, backbones, *, n_jobs: int, max_iter: int) -> dic
 
 def tlpipe_command() -> list[str]:
     exe = Path(sys.executable).parent / "tlpipe"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "jobs.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "cli.app"]
 
 
 def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, predict_batch: int = 32) -> dict:

@@ -113,7 +113,7 @@ def test_rayservice():
 def test_rayjob_runs_a_real_cli_command():
     import typer.main
 
-    from jobs.cli import app as cli
+    from cli.app import app as cli
 
     doc = _load(DEPLOY / "kuberay" / "rayjob.yaml")
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
@@ -175,7 +175,7 @@ def test_dockerfile():
 
         from typer.testing import CliRunner
 
-        from jobs.cli import app
+        from cli.app import app
 
         assert cmd[:2] == ["sh", "-c"]
         argv = shlex.split(cmd[2].replace('"$TLPIPE_SERVE_MODEL"', "m@champion"))

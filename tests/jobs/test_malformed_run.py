@@ -37,7 +37,7 @@ NOT_EXCLUDED = {"ok", "duplicate", "ignored", "empty_class"}
 _WITH_SMALL_BACKBONE = (
     "from pipeline.backbones import get_spec, register\n"
     f"register(get_spec({LITE0!r}).replace(name={SMALL!r}, input_size=96, crop_pct=1.0))\n"
-    "from jobs.cli import app\n"
+    "from cli.app import app\n"
     "app(prog_name='tlpipe')\n"
 )
 
@@ -48,7 +48,7 @@ def tlpipe(args: list[str], *, cwd: Path, small_backbone: bool = False, timeout:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TLPIPE_DEBUG": "", "COLUMNS": "160",
            "RAY_ADDRESS": "local"}
     cmd = ([sys.executable, "-c", _WITH_SMALL_BACKBONE] if small_backbone
-           else [sys.executable, "-m", "jobs.cli"]) + [str(a) for a in args]
+           else [sys.executable, "-m", "cli.app"]) + [str(a) for a in args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
                           errors="backslashreplace")
 
@@ -243,7 +243,7 @@ def _check_one_error_line(text: str, case: str, words: tuple[str, ...]) -> None:
 def test_unworkable_dataset_fails_early_with_one_clear_line(unworkable, case, tmp_path):
     from typer.testing import CliRunner
 
-    from jobs.cli import app
+    from cli.app import app
 
     path, words = unworkable[case]
     res = CliRunner().invoke(app, ["run", str(path), "-b", LITE0, "--root", str(tmp_path / "state")])

@@ -1,4 +1,4 @@
-"""jobs.progress (bars on a terminal, plain lines in a log) and jobs.next_steps (the commands
+"""jobs.progress (bars on a terminal, plain lines in a log) and cli.next_steps (the commands
 printed at the end of a run). Fast: no Ray, no MLflow."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from jobs import cli
+from cli import app as cli
 
 
 def test_parse_values_as_json_else_string():

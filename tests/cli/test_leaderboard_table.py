@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from jobs.cli import leaderboard_table
+from cli.console import leaderboard_table
 
 NEW = [
     {"rank": 1, "name": "efficientnet/tf_efficientnet_lite0.in1k+linear", "kind": "probe",
@@ -76,7 +76,7 @@ def test_no_rows():
 def test_compare_prints_both_kinds_of_sweep(monkeypatch):
     from typer.testing import CliRunner
 
-    import jobs.cli as cli
+    import cli.app as cli
     import jobs.sweep
 
     runner = CliRunner()

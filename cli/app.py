@@ -1,16 +1,26 @@
-"""The `tlpipe` command line (typer + rich). Thin: every command calls into pipeline/ or jobs/."""
+"""The `tlpipe` command line (typer + rich). Thin: every command calls into pipeline/, jobs/ or
+deploy/ (the CLI is the one package above deploy)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cli.console import (
+    RootOpt,
+    clean_errors,
+    console,
+    fail,
+    leaderboard_table,
+    load_dataset_arg,
+    print_promotion,
+    state_root,
+    stats_table,
+)
 from pipeline import settings
 from pipeline.sweep.plan import DEFAULT_HEADS
 
@@ -26,68 +36,9 @@ features_app = typer.Typer(help="The content-addressed feature store.", no_args_
 app.add_typer(backbones_app, name="backbones")
 app.add_typer(features_app, name="features")
 
-def _console() -> Console:
-    """Wide tables when output is not a terminal (CI logs, pipes), the terminal's width otherwise."""
-    probe = Console()
-    return probe if probe.is_terminal else Console(width=160)
-
-
-console = _console()
-
-RootOpt = typer.Option(None, "--root", help="State root (default $TLPIPE_HOME or ./.tlpipe).")
-
-
-def state_root(root: Optional[Path]) -> Path:
-    return settings.state_root(root)
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    """One line on stderr (never wrapped, never read as rich markup: it quotes file names) and
-    exit `code`."""
-    from rich.text import Text
-
-    line = " ".join(str(msg).split())  # exception texts may carry newlines
-    Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble(("error: ", "bold red"), line))
-    raise typer.Exit(code)
-
-
-def _clean_errors(command):
-    """Turn tlpipe's own "cannot do this, here is why" errors into one `error:` line and exit 2
-    instead of a traceback (TLPIPE_DEBUG=1 keeps the traceback). Bugs still raise."""
-    import functools
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except Exception as exc:
-            from pipeline.archives import ArchiveError
-            from pipeline.backbones import UnknownBackboneError, WeightsUnavailableError
-            from pipeline.data import DatasetError
-            from pipeline.select import NoEligibleCandidateError
-
-            known = (DatasetError, ArchiveError, UnknownBackboneError, WeightsUnavailableError,
-                     NoEligibleCandidateError, FileNotFoundError, PermissionError)
-            if not isinstance(exc, known) or os.environ.get("TLPIPE_DEBUG"):
-                raise
-            _fail(str(exc) or type(exc).__name__)
-
-    return wrapper
-
-
-def _load(data: str, seed: int, max_pixels: Optional[int]):
-    """The dataset (unpacked first if an archive); its errors reach `_clean_errors`."""
-    from pipeline.archives import is_archive, unpack
-    from pipeline.data import load_dataset
-    from pipeline.images import DEFAULT_MAX_PIXELS
-
-    if is_archive(data):
-        data = str(unpack(data))
-    return load_dataset(data, seed=seed, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-
 
 @app.command()
-@_clean_errors
+@clean_errors
 def validate(
     data: str = typer.Argument(..., help="ImageFolder dir, CSV/JSONL manifest, HF dataset dir, or archive."),
     seed: int = typer.Option(0, help="Seed of the stratified split when the data has no split folders."),
@@ -95,7 +46,7 @@ def validate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the dataset card as JSON here."),
 ) -> None:
     """Check every file, split, and print the dataset card."""
-    ds = _load(data, seed, max_pixels)
+    ds = load_dataset_arg(data, seed, max_pixels)
     console.print(ds.card.render())
     if json_out:
         json_out.write_text(json.dumps(ds.card.to_dict(), indent=2))
@@ -103,7 +54,7 @@ def validate(
 
 
 @app.command()
-@_clean_errors
+@clean_errors
 def extract(
     data: str = typer.Argument(..., help="Dataset (as for `tlpipe validate`)."),
     backbones: List[str] = typer.Option(
@@ -118,7 +69,7 @@ def extract(
     """Embed the dataset with each backbone; only images not yet in the feature store are computed."""
     from feature_store import FeatureStore
 
-    ds = _load(data, seed, None)
+    ds = load_dataset_arg(data, seed, None)
     console.print(ds.card.render())
     stats = _extract_with_progress(ds, backbones, FeatureStore(state_root(root) / "features"),
                                    engine=engine, layout=layout, micro_batch=batch_size)
@@ -132,16 +83,6 @@ def _extract_with_progress(ds, backbones, store, **kw):
     files = [(r.sha256, r.path) for r in ds.records]
     with StageProgress(console) as progress:  # bars on a terminal, plain lines in a log
         return extract_features(files, backbones, store=store, on_progress=progress.extract, **kw)
-
-
-def stats_table(stats) -> Table:
-    table = Table(title="feature extraction")
-    for col in ("backbone", "engine", "images", "cached", "extracted", "failed", "seconds", "img/s"):
-        table.add_column(col, justify="left" if col in ("backbone", "engine") else "right")
-    for s in stats:
-        table.add_row(s.backbone, s.engine, str(s.requested), str(s.cached), str(s.extracted),
-                      str(len(s.failed)), f"{s.seconds:.1f}", f"{s.images_per_s:.1f}")
-    return table
 
 
 @backbones_app.command("list")
@@ -178,7 +119,7 @@ def backbones_show(name: str) -> None:
     try:
         spec = get_spec(name)
     except (KeyError, ValueError) as exc:
-        _fail(exc.args[0] if exc.args else str(exc))
+        fail(exc.args[0] if exc.args else str(exc))
     ok, why = weights_available(spec)
     d = asdict(spec)
     d["fingerprint"] = spec.fingerprint
@@ -265,91 +206,8 @@ def check_head_params(heads: list[str], head_params: dict[str, dict]) -> None:
                                      param_hint="--set")
 
 
-def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
-    """The sweep's leaderboard: the selection score (what chose the winner) and the test score
-    (reported, never used for choosing) side by side, with cost. Keys a row lacks (sweeps logged
-    before cross-validation) show blank; such rows' ``metric`` stands in as the selection score."""
-    import math
-
-    from rich.text import Text
-
-    def num(v):
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            return None
-        return None if math.isnan(x) or math.isinf(x) else x
-
-    def fmt(v, spec=".3f"):
-        x = num(v)
-        return "" if x is None else format(x, spec)
-
-    def selection(r):
-        s, std = fmt(r.get("selection_score", r.get("metric"))), fmt(r.get("selection_std"))
-        return f"{s} ± {std}" if s and std else s
-
-    def test(r):
-        s, lo, hi = fmt(r.get("test_score")), fmt(r.get("test_ci_low")), fmt(r.get("test_ci_high"))
-        return f"{s} [{lo}–{hi}]" if s and lo and hi else s
-
-    def rank(r):
-        return "" if r.get("rank") is None else str(r.get("rank"))
-
-    def params(v):
-        x = num(v)
-        return "" if x is None else (f"{x:.1f}" if abs(x) >= 1 else f"{x:.2f}")
-
-    on: list[str] = []
-    for r in rows:
-        if r.get("selection_on") and str(r["selection_on"]) not in on:
-            on.append(str(r["selection_on"]))
-    # "5-fold CV on train+val (3 409 images)" -> header "selection (5-fold CV)"; the full text
-    # goes in the caption.
-    short = on[0].split(" on ")[0].split(" (")[0].strip() if len(on) == 1 else ""
-    metric = next((str(r["selection_metric"]) for r in rows if r.get("selection_metric")), "")
-    caption = []
-    if on:
-        caption.append("selection: " + "; ".join(on) + " — chose the winner")
-    if any(r.get("test_score") is not None for r in rows):
-        caption.append("test: reported once, never used for choosing")
-    if metric:
-        caption.append(f"scores: {metric}")
-    table = Table(title=title, caption=" · ".join(caption) or None)
-    # Two-line headers keep the numeric columns as narrow as their numbers, "kind" only appears
-    # when rows have one and a run that did not finish says so after its name: the table fits
-    # a 100-column terminal. The other test-split metrics (accuracy, macro-F1, top-5) are in
-    # report.html.
-    show_kind = any(r.get("kind") for r in rows)
-
-    def name(r):
-        n = str(r.get("name") or f"{r.get('backbone') or ''}+{r.get('head') or ''}")
-        status = r.get("status")
-        return n if status in (None, "", "FINISHED") else f"{n} [{status}]"
-    cols = [("#", lambda r: (f"★ {rank(r)}" if r.get("winner") else rank(r))),
-            ("name", name),
-            *([("kind", lambda r: str(r.get("kind") or ""))] if show_kind else []),
-            (f"selection\n({short})" if short else "selection", selection),
-            ("test\n[95% CI]", test),
-            ("ECE", lambda r: fmt(r.get("ece"))),
-            ("ms/img\nb1", lambda r: fmt(r.get("latency_ms_b1"), ".1f")),
-            ("params\nM", lambda r: params(r.get("params_m")))]
-    for label, _ in cols:
-        if label == "name":  # the one long column: it folds rather than squeezing the numbers
-            table.add_column(label, overflow="fold", min_width=16)
-        elif label == "kind":
-            table.add_column(label, overflow="fold")
-        else:
-            table.add_column(label, justify="right", overflow="fold")
-    for r in rows:
-        failed = r.get("status") not in (None, "", "FINISHED")
-        # Text, not markup: names and statuses may hold brackets.
-        table.add_row(*(Text(cell(r)) for _, cell in cols),
-                      style="bold green" if r.get("winner") else ("red" if failed else None))
-    return table
-
-
 @app.command()
-@_clean_errors
+@clean_errors
 def run(
     data: str = typer.Argument(..., help="Dataset: folder, manifest, HF dataset dir or archive."),
     backbones: List[str] = typer.Option([], "--backbones", "-b", help="Backbones (comma list or repeat); default: all with weights here."),
@@ -373,7 +231,7 @@ def run(
     head_params = parse_head_params(set_params)
     if head_params:
         check_head_params(_csv_list(heads), head_params)
-    ds = _load(data, seed, None)
+    ds = load_dataset_arg(data, seed, None)
     console.print(ds.card.render())
     from jobs.progress import StageProgress
 
@@ -397,12 +255,12 @@ def run(
     if result.version:
         console.print(f"registered [bold]{result.model_name}[/] version {result.version} as @challenger")
         if promote_after:
-            _print_promotion(result.model_name, None, False, root)
-        from jobs.next_steps import print_after_run
+            print_promotion(result.model_name, None, False, root)
+        from cli.next_steps import print_after_run
 
         print_after_run(console, result, state_root(root))
     else:  # nothing to serve: say why and exit non-zero, so scripts and CI notice
-        _fail(f"no model registered: {result.sweep.selection_error or 'no candidate finished'}", code=1)
+        fail(f"no model registered: {result.sweep.selection_error or 'no candidate finished'}", code=1)
 
 
 @app.command()
@@ -414,7 +272,7 @@ def compare(sweep: Optional[str] = typer.Argument(None, help="Sweep (parent run)
     try:
         rows = compare_rows(state_root(root), sweep)
     except (LookupError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(leaderboard_table(rows, f"sweep {sweep or '(latest)'}"))
     if not any(r.get("selection_score") is not None for r in rows) \
             and any(r.get("status") == "FINISHED" for r in rows):
@@ -423,27 +281,14 @@ def compare(sweep: Optional[str] = typer.Argument(None, help="Sweep (parent run)
                       "used cross-validation, and its winner was chosen on the test split[/]")
 
 
-def _print_promotion(model: str, version: Optional[str], force: bool, root: Optional[Path]) -> None:
-    from jobs.registry import promote as promote_version
-    from jobs.tracking import setup_mlflow
-
-    setup_mlflow(state_root(root), settings.DEFAULT_EXPERIMENT)
-    try:
-        r = promote_version(model, version=version, force=force)
-    except ValueError as exc:
-        _fail(str(exc))
-    verb = "[green]promoted[/]" if r.promoted else "[yellow]not promoted[/]"
-    console.print(f"{verb} {model} v{r.version} (champion was {r.previous_champion or 'none'}): {r.reason}")
-
-
 @app.command()
-@_clean_errors
+@clean_errors
 def promote(model: str = typer.Argument(..., help="Registered model name."),
             version: Optional[str] = typer.Option(None, help="Version to promote (default: @challenger)."),
             force: bool = typer.Option(False, "--force", help="Promote even if it does not beat the champion."),
             root: Optional[Path] = RootOpt) -> None:
     """Move @champion to the challenger if it beats the champion on the same test split."""
-    _print_promotion(model, version, force, root)
+    print_promotion(model, version, force, root)
 
 
 @app.command()
@@ -452,7 +297,7 @@ def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"), ro
     import subprocess
     import sys
 
-    from jobs.tracking import artifact_location_for, tracking_uri_for
+    from jobs.tracking import tracking_uri_for
 
     uri = tracking_uri_for(state_root(root))
     console.print(f"MLflow UI on http://{host}:{port} (store {uri})")
@@ -461,7 +306,7 @@ def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"), ro
 
 
 @app.command()
-@_clean_errors
+@clean_errors
 def predict(images: List[Path] = typer.Argument(..., help="Image files."),
             model: str = typer.Option(..., "--model", help="NAME@alias, NAME/version, or a predictor dir."),
             root: Optional[Path] = RootOpt) -> None:
@@ -477,7 +322,7 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files."),
         name, sep, ref = model.partition("@") if "@" in model else model.partition("/")
         version = alias_version(name, ref or "champion") if sep != "/" else ref
         if not version:
-            _fail(f"{model}: no such model version or alias")
+            fail(f"{model}: no such model version or alias")
         pdir = predictor_path(name, version)
     predictor = Predictor.load(pdir)
     table = Table(title=f"predictions ({model})")
@@ -527,7 +372,7 @@ def serve(
 @app.command()
 def demo(data: Path = typer.Option(Path("../shared/data/clothing-small.tar.gz"), help="Dataset or archive.")) -> None:
     """The offline end-to-end demo (what `make demo` runs)."""
-    from jobs.demo import main as demo_main
+    from cli.demo import main as demo_main
 
     demo_main(str(data))
 

@@ -20,12 +20,18 @@ DEMO_BACKBONES = (
 
 
 def main(data: str, root: str = ".tlpipe", backbones: tuple[str, ...] = DEMO_BACKBONES) -> dict:
-    from jobs.cli import _load, _print_promotion, console, leaderboard_table, stats_table
+    from cli.console import (
+        console,
+        leaderboard_table,
+        load_dataset_arg,
+        print_promotion,
+        stats_table,
+    )
     from jobs.run import run
 
     t0 = time.perf_counter()
     console.rule("[bold]tlpipe demo: validate")
-    ds = _load(data, 0, None)
+    ds = load_dataset_arg(data, 0, None)
     console.print(ds.card.render())
     console.rule("[bold]extract → sweep → select → register")
     from jobs.progress import StageProgress
@@ -45,9 +51,9 @@ def main(data: str, root: str = ".tlpipe", backbones: tuple[str, ...] = DEMO_BAC
     if result.version:
         console.rule("[bold]promote")
         console.print(f"registered {result.model_name} v{result.version} as @challenger")
-        _print_promotion(result.model_name, None, False, Path(root))
+        print_promotion(result.model_name, None, False, Path(root))
     console.print(f"demo finished in {time.perf_counter() - t0:.1f} s — state under {root}/")
-    from jobs.next_steps import print_after_run
+    from cli.next_steps import print_after_run
 
     print_after_run(console, result, root)
     return {"model": result.model_name, "version": result.version,

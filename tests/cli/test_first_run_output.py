@@ -36,7 +36,7 @@ THIRD_PARTY_WARNING = re.compile(r"\bWARNING\b|\b[A-Z]\w*Warning: |\bdeprecated\
 
 def tlpipe_launcher() -> list[str]:
     script = Path(sys.prefix) / "bin" / "tlpipe"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.app"]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def _shown(path: str | os.PathLike) -> str:
 def tlpipe_command() -> str:
     """How this shell reaches this install of tlpipe: `tlpipe` when that is on the PATH (an
     activated venv, an installed package), else this environment's script (`.venv/bin/tlpipe`
-    after `make demo`), else `python -m jobs.cli`."""
+    after `make demo`), else `python -m cli.app`."""
     script = Path(sys.prefix) / "bin" / "tlpipe"
     found = shutil.which("tlpipe")
     if found and (not script.exists() or os.path.samefile(found, script)):
@@ -34,7 +34,7 @@ def tlpipe_command() -> str:
     if script.exists():
         shown = _shown(script)
         return shlex.quote(shown if "/" in shown else f"./{shown}")
-    return f"{shlex.quote(sys.executable)} -m jobs.cli"
+    return f"{shlex.quote(sys.executable)} -m cli.app"
 
 
 def _opener() -> str | None:
