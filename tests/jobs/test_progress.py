@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from jobs import next_steps
+from cli import next_steps
 from jobs.progress import StageProgress
 
 LITE0 = "efficientnet/tf_efficientnet_lite0.in1k"
