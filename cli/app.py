@@ -86,6 +86,7 @@ def _extract_with_progress(ds, backbones, store, **kw):
 
 
 @backbones_app.command("list")
+@clean_errors
 def backbones_list(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """Every registered backbone, and whether its weights are available on this machine."""
     from pipeline.backbones import list_specs, weights_available
@@ -110,6 +111,7 @@ def backbones_list(json_out: bool = typer.Option(False, "--json", help="Print JS
 
 
 @backbones_app.command("show")
+@clean_errors
 def backbones_show(name: str) -> None:
     """The full spec of one backbone (unknown names list what exists)."""
     from dataclasses import asdict
@@ -130,6 +132,7 @@ def backbones_show(name: str) -> None:
 
 
 @features_app.command("ls")
+@clean_errors
 def features_ls(root: Optional[Path] = RootOpt) -> None:
     """Feature sets in the store: backbone, fingerprint, rows, shards, size."""
     from feature_store import FeatureStore
@@ -145,6 +148,7 @@ def features_ls(root: Optional[Path] = RootOpt) -> None:
 
 
 @features_app.command("gc")
+@clean_errors
 def features_gc(
     keep: List[str] = typer.Option([], "--keep", help="Fingerprints (or prefixes) to keep; default keeps all sets."),
     dry_run: bool = typer.Option(False, "--dry-run"),
@@ -264,6 +268,7 @@ def run(
 
 
 @app.command()
+@clean_errors
 def compare(sweep: Optional[str] = typer.Argument(None, help="Sweep (parent run) id; default the latest."),
             root: Optional[Path] = RootOpt) -> None:
     """Print the leaderboard of a past sweep from MLflow."""
@@ -292,6 +297,7 @@ def promote(model: str = typer.Argument(..., help="Registered model name."),
 
 
 @app.command()
+@clean_errors
 def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"), root: Optional[Path] = RootOpt) -> None:
     """Open the MLflow UI on the project's store."""
     import subprocess
@@ -342,6 +348,7 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files."),
 
 
 @app.command()
+@clean_errors
 def serve(
     model: str = typer.Option(..., "--model", help="NAME@alias (follows the alias), NAME/version, or a predictor dir."),
     host: str = typer.Option("127.0.0.1"),
@@ -370,6 +377,7 @@ def serve(
 
 
 @app.command()
+@clean_errors
 def demo(data: Path = typer.Option(Path("../shared/data/clothing-small.tar.gz"), help="Dataset or archive.")) -> None:
     """The offline end-to-end demo (what `make demo` runs)."""
     from cli.demo import main as demo_main

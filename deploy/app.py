@@ -83,9 +83,8 @@ class BackboneConfig(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=256, description="requests merged into one forward pass")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0,
                                         description="longest wait for more requests, only while a pass runs")
-    # 2: while one pass runs, the next batch starts instead of queueing behind it. Measured on the
-    # 2-core bench (OpenVINO, 2 threads each): peak 93.9 vs 86.9 req/s, and open-loop p99 at 80 %
-    # of peak 192 ms vs 875 ms (one pass at a time fell behind in bursts).
+    # 2: while one pass runs, the next batch starts instead of queueing behind it, so one pass at a
+    # time does not fall behind in bursts (BENCHMARKS.md, serving: both settings side by side).
     concurrent_batches: int = Field(2, ge=1, le=MAX_CONCURRENT_BATCHES,
                                     description="forward passes at once (each on its own engine request)")
 

@@ -30,8 +30,8 @@ from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.settings import DEFAULT_STATE_ROOT
 
 # Images per forward pass when the caller does not say. OpenVINO's CPU plugin is fastest on small
-# batches on this 2-core box (Lite0 @224 with decode overlapped: 127 img/s at 8, 116 at 32), and
-# small batches let decoding of the next one overlap sooner; torch on a GPU wants big ones.
+# batches on 2 cores (see BENCHMARKS.md, extraction), and small batches let decoding of the next
+# one overlap sooner; torch on a GPU wants big ones.
 DEFAULT_MICRO_BATCH = {"openvino": 8, "onnx": 16, "torch": 32}
 # "auto": a plain Ray actor pool for the fused layout on one CPU node, Ray Data everywhere else
 RAY_EXECUTORS = ("auto", "data", "actors")

@@ -437,7 +437,9 @@ def test_read_speed_50k_x_1280(tmp_path):
         writer.put(FP, keys[lo:lo + 12_500], x[lo:lo + 12_500])
     FeatureStore(tmp_path).get(FP, keys[:10])  # warm the OS page cache once
     best = min(_timed(lambda: FeatureStore(tmp_path).get(FP, keys)) for _ in range(3))
-    assert best < 1.0, f"cold read of 50k x 1280 took {best:.2f}s"
+    # a generous bound (a loaded 2-core CI machine must not trip it): a columnar read takes a
+    # fraction of a second, a row-by-row one tens of seconds
+    assert best < 5.0, f"cold read of 50k x 1280 took {best:.2f}s"
 
 
 def _timed(fn) -> float:

@@ -142,7 +142,9 @@ def test_bootstrap_is_fast():
     r = evaluate(y, p, [f"c{i}" for i in range(10)], n_bootstrap=1000)
     elapsed = time.perf_counter() - t0
     assert r.ci_low < r.ci_high
-    assert elapsed < 2.0, f"1000 bootstrap resamples on 10k samples took {elapsed:.2f}s"
+    # a generous bound (a loaded 2-core CI machine must not trip it): a vectorised bootstrap
+    # takes well under a second; a per-resample Python loop would take tens of seconds
+    assert elapsed < 10.0, f"1000 bootstrap resamples on 10k samples took {elapsed:.2f}s"
 
 
 def test_report_json_round_trip_has_no_numpy():
