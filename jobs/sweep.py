@@ -455,7 +455,7 @@ def run_sweep(
         # ---- candidates across backbones: a linear probe on the concatenation, then Caruana
         frozen = [ref for ref, _ in plans
                   if any(d.ok and d.kind == "probe" and d.refs[0] is ref for d in done)]
-        linear = [h for h in head_cfgs if h.head == "LinearProbe"][:1]
+        linear = [ens.concat_head_config(h, done) for h in head_cfgs if h.head == "LinearProbe"][:1]
         if ensembles and len(frozen) >= 2 and linear:
             def concat() -> tuple:
                 data, _ = ens.concat_data([read(r) for r in frozen])

@@ -312,7 +312,7 @@ def select_winner(candidates: Iterable[Candidate], *,
     cands = list(candidates)
     if not cands:
         raise NoEligibleCandidateError("no candidates to select from: train at least one head "
-                                       "(tlpipe train) before selecting")
+                                       "(`tlpipe run`) before selecting")
     names = [c.name for c in cands]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -28,11 +28,36 @@ ROUNDS = 25
 POOL_SIZE = 6
 
 
+#: weight decays tried on a concatenation: this many values, spanning this many decades either side
+#: of what cross-validation chose for the single backbones (the grid of one is the default)
+CONCAT_GRID_SIZE = 9
+CONCAT_GRID_DECADES = 1.5
+
+
+def concat_head_config(hc: Any, done: Sequence["Outcome"]) -> Any:
+    """The linear probe's config for the concatenation. Unless the user fixed its weight decays,
+    they are searched around the values cross-validation chose for each backbone alone (in the
+    same C units): a wider feature vector moves the optimum little, and the full default grid on
+    a vector several backbones wide costs several times a single probe's search."""
+    from dataclasses import replace as dc_replace
+
+    if hc.params.get("weight_decays") is not None:
+        return hc
+    chosen = [d.result["selection"]["chosen"].get("weight_decay_cv") for d in done
+              if d.ok and d.kind == "probe" and d.head == "LinearProbe"]
+    chosen = [float(c) for c in chosen if c]
+    if not chosen:
+        return hc
+    centre = float(np.median(np.log10(chosen)))
+    grid = np.logspace(centre - CONCAT_GRID_DECADES, centre + CONCAT_GRID_DECADES, CONCAT_GRID_SIZE)
+    return dc_replace(hc, params={**dict(hc.params), "weight_decays": [float(v) for v in grid]})
+
+
 def concat_data(parts: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[tuple[int, int]]]:
-    """Feature sets (see `pipeline.sweep.candidate`) of several backbones → one whose X holds their
-    embeddings side by side on the images all of them have; plus each part's column slice."""
-    if len(parts) < 2:
-        raise ValueError("a concatenation needs at least two feature sets")
+    """Feature sets (see `pipeline.sweep.candidate`) of one or more backbones → one whose X holds
+    their embeddings side by side on the images all of them have; plus each part's column slice."""
+    if not parts:
+        raise ValueError("a concatenation needs at least one feature set")
     out: dict[str, Any] = {}
     for split, (xk, yk, ik) in {"trval": ("X", "y", "ids"),
                                 "test": ("X_test", "y_test", "ids_test")}.items():

@@ -356,3 +356,23 @@ def test_ensembles_across_backbones_are_candidates(tmp_path_factory, ray_local):
     assert set(res.head_dirs) == {n for n, r in rows.items() if r["status"] == "FINISHED"}
     meta = json.loads((Path(res.head_dirs[concat[0]["name"]]).parent / "candidate.json").read_text())
     assert meta["backbones"] == [a, b] and meta["fingerprints"] == [fps[a], fps[b]]
+
+
+def test_an_ensemble_of_heads_on_one_backbone(world, ray_local):
+    """Caruana members may share a backbone: the ensemble then runs that backbone once."""
+    from jobs.sweep import run_sweep
+    from pipeline.heads import Ensemble, load_head
+
+    res = run_sweep(world["ds"], [ref(NOISY, world["fps"][NOISY], "tinynet", 5.0)],
+                    ["linear", "knn", "centroid"], root=world["root"], store=world["store"],
+                    experiment="one-backbone-ensemble", backbone_latency=LATENCY, n_bootstrap=0,
+                    hardest_k=2, latency_repeats=2)
+    assert all(r["status"] == "FINISHED" for r in res.rows), [r["error"] for r in res.rows]
+    assert not [r for r in res.rows if r["kind"] == "concat"]  # one backbone: nothing to concatenate
+    ensemble = [r for r in res.rows if r["kind"] == "ensemble"]
+    if ensemble:
+        head = load_head(res.head_dirs[ensemble[0]["name"]])
+        assert isinstance(head, Ensemble) and all(s == (0, 16) for s in head.feature_slices)
+        assert ensemble[0]["latency_ms_b1"] >= LATENCY[NOISY]["latency_ms_b1"]
+    else:
+        assert any(s["head"] == "ensemble" for s in res.skipped)
