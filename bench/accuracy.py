@@ -53,6 +53,7 @@ BACKBONES = (
 )
 C_GRID = np.logspace(-4, 2, 13)
 ACCURACY_MARGIN = 0.005  # tlpipe must beat the script's best single backbone by half a point
+MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 QUICK = {"train": 20, "val": 5, "test": 10}  # photos a class in --quick subsets
 
 
@@ -352,15 +353,12 @@ def tlpipe_command() -> list[str]:
 
 
 def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, predict_batch: int = 32) -> dict:
-    import mlflow
-    import pandas as pd
-    from mlflow import MlflowClient
-
     from jobs.tracking import tracking_uri_for
     from pipeline.backbones import get_spec
     from pipeline.backbones.onnx_runtime import onnx_path
 
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the fresh root's own store, in both processes
+    for var in MLFLOW_URI_VARS:  # the fresh root's own store, in both processes
+        os.environ.pop(var, None)
     bench_cache().mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f"tlpipe-accuracy-{data.key}-"))
     cmd = tlpipe_command() + ["run", str(data.root), "--root", str(root), "--model-name", model_name]
@@ -372,7 +370,7 @@ def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, 
     out = {"command": " ".join(["tlpipe"] + shown), "root": str(root),
            "log": str(logfile), "exports_cached": exports_cached, "load_before": load_average()}
     log(f"tlpipe: {' '.join(cmd)}  (log: {logfile})")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in os.environ.items() if k not in MLFLOW_URI_VARS}
     env["COLUMNS"] = "200"  # rich tables on one line each in the log
     t_start_wall = time.time()
     t0 = time.perf_counter()
@@ -388,6 +386,25 @@ def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, 
     log(f"tlpipe run: {out['total_s']:.1f} s")
 
     uri = tracking_uri_for(root)
+    try:
+        _read_deployed(out, data, root, uri, model_name, backbones, text, t_start_wall, predict_batch)
+    finally:
+        # mlflow.set_tracking_uri / set_registry_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI:
+        # left set, the next dataset's `tlpipe run` would register into this root's store
+        for var in MLFLOW_URI_VARS:
+            os.environ.pop(var, None)
+    if not keep_root:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _read_deployed(out: dict, data: BenchData, root: Path, uri: str, model_name: str, backbones, text: str,
+                   t_start_wall: float, predict_batch: int) -> None:
+    """Winner, selection score and phase split from the registry; the deployed model's test answers."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -428,9 +445,6 @@ def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, 
     log(f"tlpipe deployed {out['winner']}: classifier top-1 {out['top1_acc']:.4f} "
         f"(balanced {out['top1_bal_acc']:.4f}); abstentions wrong {out['deployed_acc']:.4f}; "
         f"decisions {out['decisions']}")
-    if not keep_root:
-        shutil.rmtree(root, ignore_errors=True)
-    return out
 
 
 def parse_extract_table(text: str, backbones) -> dict:
@@ -478,10 +492,10 @@ def render(data: BenchData, s: dict, t: dict, cpu: dict, command: str) -> tuple[
     mark = lambda ok: "✓" if ok else "✗"  # noqa: E731
     rows = []
     for name, r in s["backbones"].items():
-        tags = [x for x, n in (("best by CV", s["best_by_cv"]), ("best on test, oracle", s["best_on_test"]))
+        tags = [x for x, n in (("best by CV", s["best_by_cv"]), ("best on test (oracle)", s["best_on_test"]))
                 if n == name]
         rows.append({"arm": "script", "model": f"{short(name)} + LogisticRegression(C={r['C']:.3g})"
-                     + (f" — **{', '.join(tags)}**" if tags else ""),
+                     + (f" — **{' · '.join(tags)}**" if tags else ""),
                      "selection score": f"CV acc {pct(r['cv_score'])}",
                      "test acc": pct(r["test_acc"]), "test balanced acc": pct(r["test_bal_acc"]),
                      "extraction s": sec(r["extract_s"]), "selection+fit s": sec(r["cv_s"]),

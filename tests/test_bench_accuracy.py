@@ -103,7 +103,7 @@ def test_section_marks_targets_and_writes(tmp_path, monkeypatch):
     s, t = _results(0.836, 120.0)  # best by CV is Lite1 at 83.0: 83.6 >= 83.5 met; 120 s < 135 s met
     title, body = acc.render(data, s, t, cpu, "python -m bench.accuracy --dataset cifar")
     assert "= 83.50 → classifier top-1 83.60 ✓" in body and "81.60 ✗" in body
-    assert "120.0 s vs 135.0 s ✓" in body and "best on test, oracle" in body and "avx2 ✓" in body
+    assert "120.0 s vs 135.0 s ✓" in body and "best on test (oracle)" in body and "avx2 ✓" in body
     s, t = _results(0.834, 200.0)
     _, body2 = acc.render(data, s, t, cpu, "cmd")
     assert "83.40 ✗" in body2 and "200.0 s vs 135.0 s ✗" in body2

@@ -174,7 +174,7 @@ def test_sweep_completes_after_losing_a_node(cluster, extracted, dataset, small_
     ref = FeatureSetRef.from_spec(small_spec, engine=s.engine, fingerprint=s.fingerprint)
     kw = dict(root=extracted["root"], store=extracted["store"], head_params=HEAD_PARAMS,
               backbone_latency={small_spec.name: {"latency_ms_b1": 5.0, "latency_ms_b32": 1.0}},
-              n_bootstrap=100, hardest_k=4, latency_repeats=2)
+              n_bootstrap=100, hardest_k=4, latency_repeats=2, ensembles=False)
 
     # reference: the head node alone (the worker node went in the extraction)
     assert _alive_nodes() == 1
