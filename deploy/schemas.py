@@ -21,10 +21,6 @@ class ImagesJSON(_Model):
     top_k: int | None = Field(None, ge=1, le=1000, description="classifier scores to list per image")
 
 
-class AddExamplesJSON(_Model):
-    images: list[str] = Field(..., min_length=1, description="base64-encoded image files")
-
-
 # ---------------------------------------------------------------------------- responses
 class ScoredLabel(_Model):
     label: str

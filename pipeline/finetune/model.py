@@ -140,10 +140,6 @@ class FinetuneModel(nn.Module):
         return self.head(self.features(x))
 
 
-def _module_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
 def apply_plan(features: nn.Module, plan: TargetPlan, cfg: FinetuneConfig) -> tuple[nn.Module, list[str]]:
     """Freeze / unfreeze / add adapters per `plan`; returns (module to train, frozen norm names).
 

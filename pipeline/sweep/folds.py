@@ -98,8 +98,3 @@ def fold_lookup(ids, labels, splits, plan: SelectionPlan, *, seed: int = 0) -> d
     """{id: (R,) folds} for the dataset's train+val rows; backbones index it by their own rows."""
     folds = assign_folds(ids, labels, splits, plan, seed=seed)
     return {str(i): folds[:, j] for j, i in enumerate(ids)}
-
-
-def held_out_rows(folds: np.ndarray) -> np.ndarray:
-    """Rows held out in at least one fold (the rows that get out-of-fold predictions)."""
-    return np.flatnonzero((np.asarray(folds) >= 0).any(axis=0))

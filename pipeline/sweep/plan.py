@@ -7,7 +7,7 @@ import inspect
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 #: heads `tlpipe run` tries when none are named
 DEFAULT_HEADS = ("linear", "knn", "centroid", "mlp")
@@ -200,13 +200,6 @@ def loggable_params(params: Mapping[str, Any]) -> dict[str, Any]:
             v = repr(v)
         out[k] = v
     return out
-
-
-def accepts(fn: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def sweep_inputs(feature_sets: Sequence[Any], heads: Any,
