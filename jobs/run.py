@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.settings import DEFAULT_EXPERIMENT, DEFAULT_STATE_ROOT
 from pipeline.sweep.plan import DEFAULT_HEADS
+from pipeline.sweep.report import add_section, calibration_section
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def run(
     from jobs.extract import extract_features
     from jobs.registry import TEST_PREDICTIONS, register_predictor
     from jobs.sweep import feature_sets_from_stats, run_sweep
-    from jobs.tracking import setup_mlflow
+    from jobs.tracking import log_bytes, setup_mlflow
 
     root = Path(root)
     if dataset is None:
@@ -179,6 +180,8 @@ def run(
     predictor = build_predictor(dataset, store, winner, head_dir, target_precision=target_precision)
     pdir = Path(sweep.sweep_dir) / "predictor"
     predictor.save(pdir)
+    add_section(sweep.report_path, calibration_section(predictor.info["calibration"]))
+    log_bytes(Path(sweep.report_path).read_bytes(), "report.html", run_id=sweep.parent_run_id)
     shutil.copy2(Path(head_dir).parent / "test_predictions.json", pdir / TEST_PREDICTIONS)
     name = model_name or model_name_for(dataset)
     test_q = predictor.info["calibration"].get("test", {})

@@ -80,3 +80,38 @@ def hardest_png_bytes(hardest: Sequence[Mapping[str, Any]]) -> bytes:
 
     return plots.png_bytes(plots.hardest_examples_figure(
         [h["path"] for h in hardest], plots.hardest_captions(hardest)))
+
+
+def calibration_section(calibration: Mapping[str, Any]) -> str:
+    """HTML: what the deployed thresholds promise (out-of-fold) and deliver (test split)."""
+    import html as html_lib
+
+    test = calibration.get("test") or {}
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * float(v):.1f} %"
+
+    rows = [("target precision of classifier decisions", pct(calibration.get("target_precision"))),
+            ("confidence threshold", f"{calibration.get('threshold', float('nan')):.4f}"),
+            ("fallback (k-NN vote) threshold", f"{calibration.get('knn_threshold', float('nan')):.4f}"),
+            ("calibrated on", f"{calibration.get('calibrated_on')} "
+                              f"({calibration.get('calibration_rows')} images)"),
+            ("classifier decisions out of fold", pct(calibration.get("oof_coverage"))),
+            (f"test split ({test.get('n', 0)} images): classifier decisions", pct(test.get("classifier_rate"))),
+            ("test split: precision of classifier decisions", pct(test.get("classifier_precision"))),
+            ("test split: fallback decisions / their precision",
+             f"{pct(test.get('fallback_rate'))} / {pct(test.get('fallback_precision'))}"),
+            ("test split: abstentions", pct(test.get("abstain_rate")))]
+    body = "".join(f"<tr><th>{html_lib.escape(k)}</th><td>{html_lib.escape(v)}</td></tr>"
+                   for k, v in rows)
+    return ("<h2>Deployed thresholds: what they promise and deliver</h2>"
+            f"<table class='facts'><tbody>{body}</tbody></table>")
+
+
+def add_section(report_path: str | Path, section_html: str) -> None:
+    """Insert a section before the end of a report written by `write_report`."""
+    path = Path(report_path)
+    page = path.read_text(encoding="utf-8")
+    cut = page.rfind("</body>")
+    path.write_text(page[:cut] + section_html + page[cut:] if cut >= 0 else page + section_html,
+                    encoding="utf-8")

@@ -163,3 +163,18 @@ def test_calibration_from_oof_reaches_the_target_and_knn_never_finds_itself():
     fr = np.arange(200) % 5
     vote, agreement = cross_fitted_knn(Xr, yr, fr, np.arange(200), k=1)
     assert np.mean(vote == yr) < 0.7
+
+
+def test_report_gains_the_deployed_thresholds_section(tmp_path):
+    from pipeline.sweep.report import add_section, calibration_section
+
+    page = tmp_path / "report.html"
+    page.write_text("<html><body><h1>sweep</h1></body></html>", encoding="utf-8")
+    cal = {"target_precision": 0.9, "threshold": 0.42, "knn_threshold": 0.6,
+           "calibrated_on": "out-of-fold predictions", "calibration_rows": 3409, "oof_coverage": 0.93,
+           "test": {"n": 372, "classifier_rate": 0.95, "classifier_precision": 0.931,
+                    "fallback_rate": 0.03, "fallback_precision": None, "abstain_rate": 0.02}}
+    add_section(page, calibration_section(cal))
+    html = page.read_text(encoding="utf-8")
+    assert html.index("promise and deliver") < html.index("</body>")
+    assert "93.1 %" in html and "3409 images" in html and "0.4200" in html
