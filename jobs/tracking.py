@@ -48,6 +48,7 @@ from jobs.mlflow_setup import (  # noqa: F401
     use_tracking_uri,
 )
 from jobs.runs import RunTerminated, record_error, tracked_run  # noqa: F401
+from pipeline.numeric import finite_float  # noqa: F401  (re-exported for jobs)
 
 _MAX_PARAM_LEN = 6000
 _MAX_KEY_LEN = 250
@@ -61,15 +62,6 @@ def metric_key(name: str) -> str:
     return key[:_MAX_KEY_LEN] or "_"
 
 
-def finite_float(v: Any) -> float | None:
-    """float(v) when it is a finite number, else None (MLflow rejects NaN/inf and junk)."""
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def log_metrics(metrics: Mapping[str, Any], *, run_id: str | None = None,

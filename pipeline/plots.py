@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.evaluate import EvalReport
+from pipeline.numeric import finite_float
 from pipeline.select import Candidate, pareto_front
 
 _DPI = 110
@@ -210,12 +211,6 @@ def _tick_ms(v: float, _pos: Any = None) -> str:
     return f"{v:,.3f}".rstrip("0").rstrip(".")
 
 
-def _num_or_none(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) or math.isinf(f) else f
 
 
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
@@ -293,8 +288,8 @@ def pareto_figure(candidates: Sequence[Candidate], *, metric_name: str = "balanc
 
     noise_key = latency_key.replace("latency_ms", "latency_noise_ms")
     pts = [c for c in candidates
-           if _num_or_none(c.metric) is not None
-           and _num_or_none(getattr(c, latency_key, None)) is not None]
+           if finite_float(c.metric) is not None
+           and finite_float(getattr(c, latency_key, None)) is not None]
     skipped = len(candidates) - len(pts)
     fig = _new_figure(9.5, 5.5)
     fig.set_layout_engine("constrained")
@@ -310,8 +305,8 @@ def pareto_figure(candidates: Sequence[Candidate], *, metric_name: str = "balanc
 
     for c in pts:
         x, y = xy(c)
-        ystd = _num_or_none(getattr(c, "metric_std", None))
-        xnoise = _num_or_none(getattr(c, noise_key, None))
+        ystd = finite_float(getattr(c, "metric_std", None))
+        xnoise = finite_float(getattr(c, noise_key, None))
         if ystd or xnoise:
             ax.errorbar([x], [y], yerr=[ystd] if ystd else None, xerr=[xnoise] if xnoise else None,
                         fmt="none", ecolor=colour[str(c.family)], alpha=0.6, capsize=2.5, lw=1,
@@ -334,11 +329,11 @@ def pareto_figure(candidates: Sequence[Candidate], *, metric_name: str = "balanc
 
     ax.set_xscale("linear")
     if pts:
-        xmax = max(xy(c)[0] + (_num_or_none(getattr(c, noise_key, None)) or 0.0) for c in pts)
+        xmax = max(xy(c)[0] + (finite_float(getattr(c, noise_key, None)) or 0.0) for c in pts)
         ax.set_xlim(0, xmax * 1.12 if xmax > 0 else 1.0)
         ys = [xy(c)[1] for c in pts]
         pad = max(0.02, 0.08 * (max(ys) - min(ys)))
-        stds = [(_num_or_none(getattr(c, "metric_std", None)) or 0.0) for c in pts]
+        stds = [(finite_float(getattr(c, "metric_std", None)) or 0.0) for c in pts]
         ax.set_ylim(min(y - s for y, s in zip(ys, stds)) - pad,
                     max(y + s for y, s in zip(ys, stds)) + pad)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10], min_n_ticks=3))
@@ -524,12 +519,12 @@ LEADERBOARD_CAPTION = ("selection score = what chose the winner (cross-validatio
 
 def _f(v: Any, spec: str = ".3f") -> str:
     """A number formatted with ``spec``, '' when missing or not a number."""
-    x = _num_or_none(v)
+    x = finite_float(v)
     return "" if x is None else format(x, spec)
 
 
 def _params(v: Any) -> str:
-    x = _num_or_none(v)
+    x = finite_float(v)
     return "" if x is None else (f"{x:.1f}" if abs(x) >= 1 else f"{x:.2f}")
 
 

@@ -1,17 +1,7 @@
 """The loader front door: `load_backbone` (torch / onnx / openvino / auto) over the catalogue.
 
-The catalogue itself lives in ``catalogue.py``, the torch loader in ``loader.py``; both are
-re-exported here.
-
-``list_specs()`` / ``get_spec()`` / ``weights_available()`` never load a model (and never import
-torch). Catalogue values (input size, mean/std, interpolation, crop_pct, embed_dim, params_m)
-come from the libraries' pretrained configs: timm ``pretrained_cfg``, the HF image-processor
-defaults of each hub repo, open_clip's preprocess cfg. ``params_m`` counts the embedding path
-(classification head excluded). ``tests/pipeline/test_backbones.py`` re-checks the timm / open_clip
-ones against the libraries.
-
-Besides the catalogue, ``timm/<any timm model name>`` resolves to a spec built from timm's
-pretrained cfg (embed_dim/params_m unknown until loaded).
+The catalogue (named specs, `get_spec`, `list_specs`, `weights_available`; see ``catalogue.py``)
+and the torch loader (``loader.py``) are re-exported here.
 """
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ import io
 import math
 from typing import Any, Mapping, Sequence
 
+from pipeline.numeric import finite_float
+
 #: leaderboard columns, in order (also the keys of every row `compare` returns)
 ROW_KEYS = (
     "rank", "name", "backbone", "head", "family", "kind", "status", "winner", "selection_metric",
@@ -33,12 +35,6 @@ DISPLAY_COLUMNS = ("rank", "name", "kind", "status", "selection_score", "selecti
                    "latency_ms_b1", "latency_ms_b32", "params_m", "winner", "run_id")
 
 
-def _finite(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) or math.isinf(f) else f
 
 
 def leaderboard_row(params: Mapping[str, str], metrics: Mapping[str, float],
@@ -53,16 +49,16 @@ def leaderboard_row(params: Mapping[str, str], metrics: Mapping[str, float],
            "kind": p.get("kind") or t.get("tlpipe.candidate_kind"), "status": status,
            "winner": winner, "selection_metric": p.get("selection_metric"),
            "selection_on": p.get("selection_on"),
-           "selection_score": _finite(m.get("selection_score")) if finished else None,
-           "selection_std": _finite(m.get("selection_std")),
-           "test_score": _finite(m.get("metric_value")) if finished else None,
-           "test_ci_low": _finite(m.get("ci_low")), "test_ci_high": _finite(m.get("ci_high")),
+           "selection_score": finite_float(m.get("selection_score")) if finished else None,
+           "selection_std": finite_float(m.get("selection_std")),
+           "test_score": finite_float(m.get("metric_value")) if finished else None,
+           "test_ci_low": finite_float(m.get("ci_low")), "test_ci_high": finite_float(m.get("ci_high")),
            "head_params": p.get("head_params"), "run_id": run_id,
            "head_dir": t.get(HEAD_DIR_TAG), "error": t.get("tlpipe.error")}
     for k in _TEST_METRICS + _COST_METRICS:
-        row[k] = _finite(m.get(k))
+        row[k] = finite_float(m.get(k))
     for k in ("n_selection", "n_train", "n_test"):
-        v = _finite(m.get(k) if k in m else p.get(k))
+        v = finite_float(m.get(k) if k in m else p.get(k))
         row[k] = None if v is None else int(v)
     return {k: row.get(k) for k in ROW_KEYS}
 

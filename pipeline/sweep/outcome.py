@@ -11,16 +11,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.numeric import finite_float
 from pipeline.sweep.cv import predicted_labels
 from pipeline.sweep.plan import FeatureSetRef, loggable_params
-
-
-def _finite(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
 
 
 @dataclass
@@ -60,8 +53,8 @@ class Outcome:
     def metrics(self) -> dict[str, Any]:
         """Selection score, costs (backbones + head; latency and its noise) and timings."""
         result, sel = self.result, self.result["selection"]
-        b_lat = {k: _finite(v) for k, v in self.lat.items() if k.startswith("latency_")}
-        backbone_params = _finite(self.lat.get("params_m"))
+        b_lat = {k: finite_float(v) for k, v in self.lat.items() if k.startswith("latency_")}
+        backbone_params = finite_float(self.lat.get("params_m"))
         if backbone_params is None and all(r.params_m is not None for r in self.refs):
             backbone_params = float(sum(r.params_m for r in self.refs))
         head_params_m = result["head_numbers"] / 1e6
@@ -102,7 +95,7 @@ def combined_latency(lats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     keys = {k for lat in lats for k in lat if k.startswith("latency_") or k == "params_m"}
     for k in keys:
-        vals = [_finite(lat.get(k)) for lat in lats]
+        vals = [finite_float(lat.get(k)) for lat in lats]
         out[k] = None if any(v is None for v in vals) else float(sum(vals))
     errors = [lat["error"] for lat in lats if lat.get("error")]
     if errors:
