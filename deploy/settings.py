@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from pipeline.backbones.registry import ENGINE_CHOICES
 from pipeline.settings import DEFAULT_STATE_ROOT
 
 ENV_PREFIX = "TLPIPE_SERVE_"
@@ -46,9 +47,16 @@ class ServeSettings(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width x height)")
     max_examples_per_request: int = Field(64, ge=1, le=4096, description="admin: images per add call")
     poll_interval_s: float = Field(10.0, ge=0.0, description="registry alias poll period (0: never poll)")
-    engine: Literal["auto", "torch", "onnx", "openvino"] = "auto"
+    engine: str = Field("auto", description=f"backbone engine, one of {ENGINE_CHOICES}")
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding + preparing images")
     top_k: int | None = Field(None, ge=1, le=1000, description="default top_k (None: the predictor's)")
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        if v not in ENGINE_CHOICES:
+            raise ValueError(f"engine must be one of {ENGINE_CHOICES}, got {v!r}")
+        return v
 
     @field_validator("model", "tracking_uri", mode="before")
     @classmethod
