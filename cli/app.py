@@ -272,7 +272,7 @@ def run(
 def compare(sweep: Optional[str] = typer.Argument(None, help="Sweep (parent run) id; default the latest."),
             root: Optional[Path] = RootOpt) -> None:
     """Print the leaderboard of a past sweep from MLflow."""
-    from jobs.sweep import compare as compare_rows
+    from jobs.leaderboard import compare as compare_rows
 
     try:
         rows = compare_rows(state_root(root), sweep)

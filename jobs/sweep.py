@@ -25,49 +25,26 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from jobs.leaderboard import CANDIDATE_KIND, SWEEP_KIND, WINNER_TAG, leaderboard
 from pipeline.settings import DEFAULT_EXPERIMENT
 from pipeline.sweep import ensemble as ens
 from pipeline.sweep.candidate import fit_evaluate
 from pipeline.sweep.features import backbone_latency as measure_or_lookup_latency
 from pipeline.sweep.features import plan_features, read_features, split_records
 from pipeline.sweep.folds import fold_lookup, plan_selection
-from pipeline.sweep.leaderboard import (
-    CANDIDATE_TAG,
-    HEAD_DIR_TAG,
-    candidates_from_rows,
-    display_rows,
-    leaderboard_row,
-    rows_csv,
-    sort_rows,
-)
-from pipeline.sweep.outcome import (
-    Outcome,
-    combined_latency,
-    paired_inputs,
-    save_candidate,
-    subset_info,
-)
-from pipeline.sweep.plan import (
-    DEFAULT_HEADS,
-    FeatureSetRef,
-    HeadConfig,
-    candidate_name,
-    loggable_params,
-    short_backbones,
-    skip_reason,
-    slug,
-    sweep_inputs,
-    task_params,
-)
+from pipeline.sweep.leaderboard import (CANDIDATE_TAG, HEAD_DIR_TAG, candidates_from_rows,
+                                        display_rows, rows_csv)
+from pipeline.sweep.outcome import (Outcome, combined_latency, paired_inputs, save_candidate,
+                                    subset_info)
+from pipeline.sweep.plan import (DEFAULT_HEADS, FeatureSetRef, HeadConfig, candidate_name,
+                                 loggable_params, short_backbones, skip_reason, slug, sweep_inputs,
+                                 task_params)
 from pipeline.sweep.report import hardest_png_bytes, write_report
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 0.005
-SWEEP_KIND = "sweep"
-CANDIDATE_KIND = "candidate"
 SWEEP_TAG = "tlpipe.sweep_run_id"
-WINNER_TAG = "tlpipe.winner_run_id"
 WINNER_NAME_TAG = "tlpipe.winner"
 WHY_TAG = "tlpipe.selection_why"
 SELECTION_ERROR_TAG = "tlpipe.selection_error"
@@ -179,62 +156,6 @@ def _log_candidate(d: Outcome, *, parent_id: str, experiment_id: str, sweep_dir:
     except Exception as exc:  # logging this candidate failed: its run ended FAILED; go on
         logger.warning("could not log candidate %s: %s: %s", d.name, type(exc).__name__, exc)
         return None
-
-
-# ----------------------------------------------------------------------------- reading back
-
-def _row_from_run(run: Any, winner_run_id: str | None) -> dict[str, Any]:
-    return leaderboard_row(run.data.params, run.data.metrics, run.data.tags,
-                           status=run.info.status, run_id=run.info.run_id,
-                           run_name=run.info.run_name, winner=bool(winner_run_id)
-                           and run.info.run_id == winner_run_id)
-
-
-def leaderboard(parent_run_id: str) -> list[dict[str, Any]]:
-    """Rows of one sweep (its child runs' params / metrics / tags), best selection score first."""
-    from jobs.tracking import client
-
-    c = client()
-    parent = c.get_run(parent_run_id)
-    winner = parent.data.tags.get(WINNER_TAG)
-    runs, token = [], None
-    while True:
-        page = c.search_runs([parent.info.experiment_id],
-                             filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                             max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    runs = [r for r in runs if r.data.tags.get("tlpipe.kind") == CANDIDATE_KIND]
-    return sort_rows([_row_from_run(r, winner) for r in runs])
-
-
-def latest_sweep_run_id(experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """The most recent FINISHED sweep of `experiment` (tracking URI already set)."""
-    from jobs.tracking import KIND_TAG, client
-
-    c = client()
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        raise LookupError(f"no MLflow experiment {experiment!r} here; run a sweep first")
-    runs = c.search_runs([exp.experiment_id],
-                         filter_string=f"tags.`{KIND_TAG}` = '{SWEEP_KIND}' and "
-                                       "attributes.status = 'FINISHED'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise LookupError(f"no finished sweep in experiment {experiment!r}; run a sweep first")
-    return runs[0].info.run_id
-
-
-def compare(root: str | os.PathLike, sweep_run_id: str | None = None, *,
-            experiment: str = DEFAULT_EXPERIMENT) -> list[dict[str, Any]]:
-    """Leaderboard rows of the latest finished sweep (or `sweep_run_id`), read back from MLflow."""
-    from jobs.tracking import quiet_mlflow, tracking_uri_for, use_tracking_uri
-
-    quiet_mlflow()
-    use_tracking_uri(tracking_uri_for(root))
-    return leaderboard(sweep_run_id or latest_sweep_run_id(experiment))
 
 
 # ----------------------------------------------------------------------------- the sweep

@@ -77,12 +77,12 @@ def test_compare_prints_both_kinds_of_sweep(monkeypatch):
     from typer.testing import CliRunner
 
     import cli.app as cli
-    import jobs.sweep
+    import jobs.leaderboard
 
     runner = CliRunner()
     failed = [{**r, "status": "FAILED", "selection_score": None} for r in NEW]
     for rows, note in ((NEW, False), (OLD, True), (failed, False), ([], False)):
-        monkeypatch.setattr(jobs.sweep, "compare", lambda root, sweep, _rows=rows: _rows)
+        monkeypatch.setattr(jobs.leaderboard, "compare", lambda root, sweep, _rows=rows: _rows)
         monkeypatch.setattr(cli, "console", Console(width=160, color_system=None))
         result = runner.invoke(cli.app, ["compare", "abc"])
         assert result.exit_code == 0, result.output

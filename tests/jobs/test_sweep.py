@@ -195,7 +195,7 @@ def test_selection_respects_the_latency_budget(main_sweep):
 
 
 def test_compare_reads_back_the_same_rows(main_sweep, world):
-    from jobs.sweep import compare
+    from jobs.leaderboard import compare
     from pipeline.sweep.leaderboard import ROW_KEYS
 
     rows = compare(world["root"], experiment="main")
@@ -221,7 +221,8 @@ def test_saved_heads_load_and_predict(main_sweep, world):
 
 
 def test_failed_head_is_a_failed_child_and_equivalent_goes_to_the_cheaper(world, ray_local):
-    from jobs.sweep import HeadConfig, compare, run_sweep
+    from jobs.leaderboard import compare
+    from jobs.sweep import HeadConfig, run_sweep
 
     # two perfectly separable backbones: a paired test shows them equivalent, so the faster wins
     slow, fast = "fakenet/sharp.slow", "tinynet/sharp.fast"
