@@ -381,6 +381,8 @@ def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, 
     text = logfile.read_text(errors="replace")
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-60:])
+        if not keep_root:
+            shutil.rmtree(root, ignore_errors=True)
         raise SystemExit(f"tlpipe run failed (exit {proc.returncode}) after {out['total_s']:.1f} s; "
                          f"last lines of {logfile}:\n{tail}")
     log(f"tlpipe run: {out['total_s']:.1f} s")
