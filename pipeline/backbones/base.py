@@ -7,12 +7,10 @@ normalisation happens inside the backbone. This module imports no torch.
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
+from .speclike import SpecLike
 
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .spec import BackboneSpec
 
 __all__ = ["Backbone", "WeightsUnavailableError", "UnknownBackboneError", "as_uint8_batch"]
 
@@ -71,7 +69,7 @@ class Backbone(abc.ABC):
     ``batch_size`` (``embed`` splits larger inputs into chunks of this many images).
     """
 
-    spec: "BackboneSpec"
+    spec: "SpecLike"
     engine: str = "torch"
     device: str = "cpu"
     dtype: str = "float32"

