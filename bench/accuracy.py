@@ -390,6 +390,22 @@ def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, 
     uri = tracking_uri_for(root)
     try:
         _read_deployed(out, data, root, uri, model_name, backbones, text, t_start_wall, predict_batch)
+        # the same command again: every embedding is in the feature store now, so this is
+        # tlpipe's whole run "on the same features" the script's CV had
+        cmd2 = [c if c != model_name else f"{model_name}-rerun" for c in cmd]
+        out["rerun_command"] = " ".join(["tlpipe"] + ["DATA" if c == str(data.root) else c
+                                                      for c in cmd2[len(tlpipe_command()):]])
+        out["rerun_load_before"] = load_average()
+        t0 = time.perf_counter()
+        with open(logfile.with_suffix(".rerun.log"), "w") as fh:
+            proc = subprocess.run(cmd2, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(root))
+        out["rerun_s"] = time.perf_counter() - t0
+        out["rerun_load_after"] = load_average()
+        rerun_text = logfile.with_suffix(".rerun.log").read_text(errors="replace")
+        if proc.returncode != 0:
+            raise SystemExit(f"tlpipe rerun failed (exit {proc.returncode}); see {logfile.with_suffix('.rerun.log')}")
+        out["rerun_extracted"] = {b: row for b, row in parse_extract_table(rerun_text, backbones).items()}
+        log(f"tlpipe rerun on cached features: {out['rerun_s']:.1f} s")
     finally:
         # mlflow.set_tracking_uri / set_registry_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI:
         # left set, the next dataset's `tlpipe run` would register into this root's store
@@ -483,7 +499,7 @@ def verdicts(s: dict, t: dict) -> dict:
     return {"need_acc": need,
             "acc_top1": t["top1_acc"] >= need - 1e-12,
             "acc_deployed": t["deployed_acc"] >= need - 1e-12,
-            "time": t["total_s"] < s["cv_s"]}
+            "time": t["rerun_s"] < s["cv_s"]}
 
 
 def render(data: BenchData, s: dict, t: dict, cpu: dict, command: str) -> tuple[str, str]:
@@ -511,6 +527,8 @@ def render(data: BenchData, s: dict, t: dict, cpu: dict, command: str) -> tuple[
                  "selection score": score, "test acc": pct(t["top1_acc"]), "test balanced acc": pct(t["top1_bal_acc"]),
                  "extraction s": sec(t["extract_s"]), "selection+fit s": sec(t["select_fit_s"]),
                  "total s": sec(t["total_s"])})
+    rows.append({"arm": "tlpipe", "model": "the same command again: features cached (whole run on the same features)",
+                 "selection+fit s": sec(t["rerun_s"]), "total s": sec(t["rerun_s"])})
     dec = ", ".join(f"{k} {v}" for k, v in sorted(t["decisions"].items()))
     rows.append({"arm": "tlpipe", "model": f"same model as deployed: `label` column, abstentions counted wrong ({dec})",
                  "test acc": pct(t["deployed_acc"]), "test balanced acc": pct(t["deployed_bal_acc"])})
@@ -528,9 +546,10 @@ def render(data: BenchData, s: dict, t: dict, cpu: dict, command: str) -> tuple[
         f"({short(s['best_by_cv'])}, test {pct(best['test_acc'])}) + 0.5 pt = {pct(v['need_acc'])} → "
         f"classifier top-1 {pct(t['top1_acc'])} {mark(v['acc_top1'])}; with abstentions counted wrong "
         f"{pct(t['deployed_acc'])} {mark(v['acc_deployed'])}. "
-        f"tlpipe's whole run faster than the script's CV on the same features → "
-        f"{t['total_s']:.1f} s vs {s['cv_s']:.1f} s {mark(v['time'])} "
-        f"(the script's total, extraction included: {s['total_s']:.1f} s).",
+        f"tlpipe's whole run faster than the script's CV on the same features → tlpipe run again "
+        f"with every embedding cached {t['rerun_s']:.1f} s vs the script's CV {s['cv_s']:.1f} s "
+        f"{mark(v['time'])} (first run, extraction included: tlpipe {t['total_s']:.1f} s vs the "
+        f"script's {s['total_s']:.1f} s).",
         "",
         f"tlpipe: `{t['command'].replace(t['root'], 'ROOT')}` (fresh state root), wall time of the whole command; "
         f"extraction = start to the sweep's MLflow parent run (imports, validation, Ray start, extraction), "
@@ -554,7 +573,8 @@ def render(data: BenchData, s: dict, t: dict, cpu: dict, command: str) -> tuple[
         f"what its user can pick; its best on test is an oracle, shown for reference.",
         "",
         f"Machine: {describe_cpu(cpu)}. Load average (1/5/15 min) before / after: script "
-        f"{s['load_before']} / {s['load_after']}, tlpipe {t['load_before']} / {t['load_after']} "
+        f"{s['load_before']} / {s['load_after']}, tlpipe {t['load_before']} / {t['load_after']}, "
+        f"tlpipe rerun {t['rerun_load_before']} / {t['rerun_load_after']} "
         f"(shared machine: wall times include other work).",
     ]
     title = f"Accuracy — tlpipe run vs the practitioner's script, {data.title}"

@@ -106,3 +106,16 @@ def cluster_has_gpu() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+#: threads one task may usefully take for a batched solve (more gain little on one node)
+MAX_TASK_CPUS = 8
+
+
+def node_cpus(cap: int = MAX_TASK_CPUS) -> int:
+    """CPUs of the largest live node (at most `cap`): what a task that runs alone may ask for
+    and still be placed."""
+    import ray
+
+    cpus = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return int(max(1, min(cap, max(cpus, default=1))))

@@ -220,7 +220,7 @@ def run_sweep(
 
     from feature_store import FeatureStore
     from jobs.finetune import sweep_finetunes
-    from jobs.ray_runtime import ensure_ray
+    from jobs.ray_runtime import ensure_ray, node_cpus
     from jobs.tracking import (
         KIND_TAG,
         format_markdown_table,
@@ -273,7 +273,7 @@ def run_sweep(
         log_json(plan.to_dict(), "selection_plan.json", run_id=parent_id)
 
         ensure_ray()
-        task = ray.remote(fit_evaluate).options(num_cpus=cpus_per_task, max_retries=1)
+        remote_fit = ray.remote(fit_evaluate)
         skipped: list[dict[str, str]] = []
         head_dirs: dict[str, str] = {}
         figures_by_name: dict[str, dict[str, bytes]] = {}
@@ -348,7 +348,10 @@ def run_sweep(
                 raise
 
         def submit_for(rs: list[FeatureSetRef], data_info: Callable[[], tuple], kind: str,
-                       cfgs: Sequence[HeadConfig], name_of: Callable[[HeadConfig], str]):
+                       cfgs: Sequence[HeadConfig], name_of: Callable[[HeadConfig], str],
+                       cpus: float = cpus_per_task):
+            run = remote_fit.options(num_cpus=cpus, max_retries=1)
+
             def go():
                 data, info = data_info()
                 obj = ray.put(data)  # one copy in the object store, shared by these heads
@@ -360,8 +363,8 @@ def run_sweep(
                     if why:
                         skipped.append({"backbone": rs[0].backbone, "head": hc.label, "reason": why})
                         continue
-                    params = task_params(hc, rs[0], text_embedders, int(max(1, cpus_per_task)))
-                    fut = task.remote(obj, hc.head, params, classes,
+                    params = task_params(hc, rs[0], text_embedders, int(max(1, cpus)))
+                    fut = run.remote(obj, hc.head, params, classes,
                                       selection_metric=selection_metric, n_bootstrap=n_bootstrap,
                                       seed=seed, hardest_k=hardest_k, latency_repeats=latency_repeats)
                     out.append((fut, (name_of(hc), rs, hc, params, kind, info, lat, group)))
@@ -383,8 +386,9 @@ def run_sweep(
                 first = read_features(store, frozen[0], kept_by[frozen[0].backbone], splits)[1]
                 return data, subset_info(first, data["ids_test"], len(data["ids"]))
             tag = "concat(" + ",".join(short_backbones([r.backbone for r in frozen])) + ")"
+            # it runs alone (every probe is done): it may use a whole node
             run_tasks([(frozen, submit_for(frozen, concat, "concat", linear,
-                                           lambda hc: f"{tag}+{hc.label}"))])
+                                           lambda hc: f"{tag}+{hc.label}", node_cpus()))])
         if ensembles:
             made = ens.ensemble_candidate(done, [r for r, _ in plans], head_dirs, read,
                                        lat_by_backbone, classes, folds, metric=selection_metric,

@@ -228,8 +228,8 @@ def eval_figures(report: Any, *, hardest: Sequence[Mapping[str, Any]] | None = N
     figs = {"confusion_matrix.png": plots.png_bytes(plots.confusion_matrix_figure(report)),
             "reliability.png": plots.png_bytes(plots.reliability_figure(report))}
     if hardest is not None and hardest_images is not None:
-        figs["hardest_examples.png"] = plots.png_bytes(plots.hardest_examples_figure(
-            list(hardest_images), plots.hardest_captions(hardest)))
+        figs["hardest_examples.png"] = plots.hardest_examples_png(
+            list(hardest_images), plots.hardest_captions(hardest))
     return figs
 
 

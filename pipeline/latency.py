@@ -22,15 +22,22 @@ def machine_info() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+#: timed calls a batch size gets at least, whatever the time budget
+MIN_REPEATS = 3
+
+
 def measure_latency(fn: Callable[[Any], Any], make_batch: Callable[[int], Any],
                     batch_sizes: Iterable[int] = (1, 32), warmup: int = 2, repeats: int = 5,
-                    *, sync: Callable[[], Any] | None = None) -> dict[str, Any]:
+                    *, sync: Callable[[], Any] | None = None,
+                    budget_s: float | None = None) -> dict[str, Any]:
     """Median wall-clock milliseconds per image of ``fn(make_batch(bs))`` for each batch size.
 
     ``make_batch(bs)`` is called once per batch size, outside the timed region. ``fn`` runs
     ``warmup`` untimed times, then ``repeats`` timed times (``time.perf_counter``). For
     asynchronous engines (CUDA) pass ``sync`` (e.g. ``torch.cuda.synchronize``); it is called
-    before the clock starts and before it stops.
+    before the clock starts and before it stops. With ``budget_s``, a batch size stops repeating
+    once its timed calls took that long and at least ``MIN_REPEATS`` ran (slow large batches
+    would otherwise dominate the measuring time; the repeats done are in ``batches``).
 
     Returns ``{"latency_ms_b<bs>": median ms per image, "latency_noise_ms_b<bs>": interquartile
     range of the repeats per image, ..., "batches": [per batch size details],
@@ -50,8 +57,11 @@ def measure_latency(fn: Callable[[Any], Any], make_batch: Callable[[int], Any],
             fn(batch)
         if sync is not None:
             sync()
-        times_ms = []
+        times_ms: list[float] = []
         for _ in range(repeats):
+            if (budget_s is not None and len(times_ms) >= min(MIN_REPEATS, repeats)
+                    and sum(times_ms) > 1000.0 * budget_s):
+                break
             if sync is not None:
                 sync()
             t0 = time.perf_counter()
@@ -66,7 +76,7 @@ def measure_latency(fn: Callable[[Any], Any], make_batch: Callable[[int], Any],
         result[f"latency_noise_ms_b{bs}"] = float(q75 - q25) / bs
         details.append({"batch_size": bs, "median_ms_per_image": med / bs,
                         "median_ms_per_batch": med, "min_ms_per_batch": min(times_ms),
-                        "max_ms_per_batch": max(times_ms),
+                        "max_ms_per_batch": max(times_ms), "repeats": len(times_ms),
                         "images_per_s": (bs * 1000.0 / med) if med > 0 else None})
     result.update({"batches": details, "warmup": int(warmup), "repeats": int(repeats),
                    "machine": machine_info()})

@@ -136,32 +136,77 @@ def _load_thumbnail(item: Any):
     return np.asarray(img)
 
 
-def hardest_examples_figure(images: Sequence[Any], captions: Sequence[str], *, ncols: int = 4,
-                            title: str = "Most confident mistakes") -> Figure:
-    """Thumbnail grid. ``images``: PIL images, paths or bytes (opened with pipeline.images)."""
+#: tile background of an image that could not be opened (tests look for it)
+UNREADABLE_TILE = (230, 230, 230)
+
+
+def _fit_tile(thumb: np.ndarray) -> np.ndarray:
+    """Scale an RGB array so its longer side is one tile (small images are enlarged)."""
+    from PIL import Image
+
+    h, w = thumb.shape[:2]
+    scale = _THUMB / max(h, w)
+    if scale == 1:
+        return thumb
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BICUBIC))
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    # matplotlib's DejaVu Sans: always installed with matplotlib, has the arrow glyph
+    path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+    try:
+        return ImageFont.truetype(path, size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def hardest_examples_png(images: Sequence[Any], captions: Sequence[str], *, ncols: int = 4,
+                         title: str = "Most confident mistakes") -> bytes:
+    """Thumbnail grid as PNG bytes. ``images``: PIL images, paths or bytes (opened with
+    pipeline.images); one that cannot be opened becomes a grey tile saying why.
+
+    Drawn with PIL: a sweep makes one per candidate in its driver, and a matplotlib subplot
+    per tile cost about a second of CPU each."""
+    from PIL import Image, ImageDraw
+
     if len(images) != len(captions):
         raise ValueError(f"got {len(images)} images but {len(captions)} captions")
     n = len(images)
-    if n == 0:
-        fig = _new_figure(4, 1.5)
-        fig.text(0.5, 0.5, "no mistakes on this split", ha="center", va="center")
-        return fig
     ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    fig = _new_figure(2.4 * ncols, 2.7 * nrows + 0.4)
+    nrows = max(1, math.ceil(n / ncols))
+    title_h, cap_h, pad = 30, 18, 8  # pixels
+    cell_w, cell_h = _THUMB + pad, _THUMB + cap_h + pad
+    width = max(ncols * cell_w + pad, 320)
+    canvas = Image.new("RGB", (width, title_h + nrows * cell_h + (40 if n == 0 else 0)), "white")
+    draw = ImageDraw.Draw(canvas)
+    big, small = _font(15), _font(10)
+    draw.text((width / 2, title_h / 2), title, fill="black", font=big, anchor="mm")
+    if n == 0:
+        draw.text((width / 2, title_h + 25), "no mistakes on this split", fill="black", font=small,
+                  anchor="mm")
     for i, (item, cap) in enumerate(zip(images, captions)):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        r, c = divmod(i, ncols)
+        x0, y0 = pad + c * cell_w, title_h + r * cell_h + cap_h
         try:
-            ax.imshow(_load_thumbnail(item))
+            thumb = _fit_tile(_load_thumbnail(item))
+            h, w = thumb.shape[:2]
+            canvas.paste(Image.fromarray(thumb), (x0 + (_THUMB - w) // 2, y0 + (_THUMB - h) // 2))
         except Exception as e:  # show the failure in the tile instead of losing the whole grid
-            ax.text(0.5, 0.5, f"cannot open:\n{type(e).__name__}", ha="center", va="center",
-                    fontsize=7, transform=ax.transAxes, wrap=True)
-        ax.set_title(str(cap), fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+            draw.rectangle((x0, y0, x0 + _THUMB - 1, y0 + _THUMB - 1), fill=UNREADABLE_TILE)
+            draw.multiline_text((x0 + _THUMB / 2, y0 + _THUMB / 2),
+                                f"cannot open:\n{type(e).__name__}", fill="black", font=small,
+                                anchor="mm", align="center")
+        text = str(cap)
+        while len(text) > 4 and draw.textlength(text, font=small) > cell_w:
+            text = text[:-2]
+        draw.text((x0 + _THUMB / 2, y0 - 3), text if text == str(cap) else text + "\u2026",
+                  fill="black", font=small, anchor="md")
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
 
 
 def hardest_captions(examples: Sequence[Mapping[str, Any]]) -> list[str]:

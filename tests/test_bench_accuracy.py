@@ -80,7 +80,7 @@ def test_lscpu_facts():
     assert "amx ✗" in acc.describe_cpu(acc.parse_lscpu("Model name: AMD EPYC\nFlags: sse avx2\n"))
 
 
-def _results(tl_top1: float, tl_total: float):
+def _results(tl_top1: float, tl_rerun: float):
     bb = {LITES[0]: dict(extract_s=50, cv_s=40, cv_score=0.80, C=0.01, test_acc=0.81, test_bal_acc=0.80),
           LITES[1]: dict(extract_s=70, cv_s=45, cv_score=0.84, C=0.0316, test_acc=0.83, test_bal_acc=0.82),
           LITES[2]: dict(extract_s=90, cv_s=50, cv_score=0.83, C=0.01, test_acc=0.85, test_bal_acc=0.84)}
@@ -91,7 +91,8 @@ def _results(tl_top1: float, tl_total: float):
              selection_std=0.01, selection_on="5-fold CV on train+val", selection_metric="balanced_accuracy",
              reported_test_score=0.85, top1_acc=tl_top1, top1_bal_acc=tl_top1, deployed_acc=tl_top1 - 0.02,
              deployed_bal_acc=tl_top1 - 0.02, decisions={"classifier": 36, "abstain": 4}, extract_s=60,
-             select_fit_s=tl_total - 60, total_s=tl_total, command="tlpipe run D --root /tmp/r", root="/tmp/r",
+             select_fit_s=300, total_s=360, rerun_s=tl_rerun, command="tlpipe run D --root /tmp/r", root="/tmp/r",
+             rerun_load_before="1/1/1", rerun_load_after="1/1/1",
              exports_cached=[True, True, True], predict_s=3.0, n_test=40, load_before="1/1/1", load_after="1/1/1")
     return s, t
 
@@ -103,10 +104,11 @@ def test_section_marks_targets_and_writes(tmp_path, monkeypatch):
     s, t = _results(0.836, 120.0)  # best by CV is Lite1 at 83.0: 83.6 >= 83.5 met; 120 s < 135 s met
     title, body = acc.render(data, s, t, cpu, "python -m bench.accuracy --dataset cifar")
     assert "= 83.50 → classifier top-1 83.60 ✓" in body and "81.60 ✗" in body
-    assert "120.0 s vs 135.0 s ✓" in body and "best on test (oracle)" in body and "avx2 ✓" in body
+    assert "cached 120.0 s vs the script's CV 135.0 s ✓" in body and "tlpipe 360.0 s" in body
+    assert "features cached (whole run on the same features)" in body and "best on test (oracle)" in body and "avx2 ✓" in body
     s, t = _results(0.834, 200.0)
     _, body2 = acc.render(data, s, t, cpu, "cmd")
-    assert "83.40 ✗" in body2 and "200.0 s vs 135.0 s ✗" in body2
+    assert "83.40 ✗" in body2 and "cached 200.0 s vs the script's CV 135.0 s ✗" in body2
 
     from bench import report
     from bench.report import write_section

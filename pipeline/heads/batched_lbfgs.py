@@ -274,7 +274,13 @@ def fit_sweep(
     )
 
 
-def second_moment_basis(X: np.ndarray, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+#: widest feature block whose second-moment matrix is eigendecomposed whole; wider inputs (e.g.
+#: several backbones side by side) get a block-diagonal preconditioner of blocks this wide at most
+MAX_BLOCK = 1536
+
+
+def second_moment_basis(X: np.ndarray, max_rows: int | None = None,
+                        max_block: int = MAX_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (D,) and eigenvectors (D, D) of X^T X / N, float32 (a preconditioner only).
 
     Estimated from at most ``max_rows`` evenly spaced rows (default max(8192, 4 D)): enough
@@ -282,17 +288,32 @@ def second_moment_basis(X: np.ndarray, max_rows: int | None = None) -> tuple[np.
     preconditioner over-scales those directions and L-BFGS needs ~50 % more iterations), while
     keeping the (D, N) x (N, D) product cheap. The eigendecomposition runs single-threaded:
     LAPACK's threaded path gains little at D ~ 1e3 and stalls badly on a busy machine.
+
+    Above ``max_block`` columns the matrix is split into equal contiguous blocks and each block
+    is decomposed alone (V block-diagonal): the cost falls from D^3 to D^3 / blocks^2, and since
+    the preconditioner never changes the minimiser, only the iteration count, ignoring the
+    correlations between blocks costs a few iterations where a full decomposition of a 4k-wide
+    concatenation would cost more than the whole fit.
     """
     Xa = np.asarray(X, dtype=np.float32)
     rows = max(8192, 4 * Xa.shape[1]) if max_rows is None else int(max_rows)
     if len(Xa) > rows:
         Xa = Xa[np.linspace(0, len(Xa) - 1, rows).astype(np.int64)]
-    Xt = torch.from_numpy(np.ascontiguousarray(Xa))
-    M = (Xt.T @ Xt) / Xt.shape[0]
+    D = Xa.shape[1]
+    n_blocks = max(1, -(-D // max(1, int(max_block))))
+    edges = np.linspace(0, D, n_blocks + 1).astype(np.int64)
+    e = np.zeros(D, dtype=np.float32)
+    V = np.zeros((D, D), dtype=np.float32)
     old = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        e, V = torch.linalg.eigh(M)
+        for a, b in zip(edges[:-1], edges[1:]):
+            Xt = torch.from_numpy(np.ascontiguousarray(Xa[:, a:b]))
+            M = (Xt.T @ Xt) / Xt.shape[0]
+            torch.set_num_threads(1)
+            eb, Vb = torch.linalg.eigh(M)
+            torch.set_num_threads(old)
+            e[a:b] = eb.clamp_min(0).numpy()
+            V[a:b, a:b] = Vb.numpy()
     finally:
         torch.set_num_threads(old)
-    return e.clamp_min(0).numpy(), V.contiguous().numpy()
+    return e, V

@@ -186,7 +186,10 @@ class LinearProbe(Head):
             raise ValueError(f"weight_decays must be non-empty, finite and >= 0, got {lams}")
         return lams
 
-    def fit(self, X, y, X_val=None, y_val=None) -> "LinearProbe":
+    def fit(self, X, y, X_val=None, y_val=None, *, basis=None) -> "LinearProbe":
+        """`basis`: a precomputed preconditioner ``second_moment_basis(standardised X)``, e.g.
+        one computed on every row and shared by the folds of a cross-validation. It changes how
+        fast the solver converges, never what it converges to."""
         from pipeline.heads.batched_lbfgs import fit_sweep, second_moment_basis
 
         if self.scoring not in ("accuracy", "log_loss"):
@@ -212,7 +215,10 @@ class LinearProbe(Head):
         )
 
         with torch_threads(self.n_threads):
-            basis = second_moment_basis(Xs)
+            if basis is None:
+                basis = second_moment_basis(Xs)
+            elif np.shape(basis[0]) != (X.shape[1],):
+                raise ValueError(f"basis has {np.shape(basis[0])} eigenvalues for {X.shape[1]} features")
             if val is not None:
                 fit_idx = np.arange(len(codes))
                 Xv, cv = scaler.transform(val[0]), val[1]

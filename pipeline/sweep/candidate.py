@@ -62,7 +62,7 @@ def fit_evaluate(data: Mapping[str, Any], head_name: str, params: Mapping[str, A
         X, y = data["X"], np.asarray(data["y"], dtype=str)
         cv = cross_validate(head_name, params, X, y, data["folds"], classes, metric=selection_metric)
         t0 = time.perf_counter()
-        head = refit(head_name, cv.refit_params, X, y)
+        head = refit(head_name, cv.refit_params, X, y, **cv.fit_kwargs)
         fit_s = cv.fit_seconds + time.perf_counter() - t0
         result = evaluate_head(head, data, classes, fit_seconds=fit_s,
                                selection_metric=selection_metric, n_bootstrap=n_bootstrap,

@@ -32,6 +32,7 @@ class CVResult:
     refit_params: dict[str, Any]     # head params for the final fit on all rows
     fit_seconds: float
     chosen: dict[str, Any] = field(default_factory=dict)  # e.g. {"weight_decay": ..., "C": ...}
+    fit_kwargs: dict[str, Any] = field(default_factory=dict)  # for `refit` (speed only)
 
     @property
     def std(self) -> float | None:
@@ -131,8 +132,18 @@ def _cv_plain(head_name, params, X, y, folds, classes, metric, held) -> CVResult
                     fold_scores=fold_scores, refit_params=dict(params), fit_seconds=0.0)
 
 
+def shared_basis(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The linear probe's preconditioner from every row (no labels), shared by all folds and the
+    refit: one eigendecomposition instead of one per fit (see `LinearProbe.fit`)."""
+    from pipeline.heads.batched_lbfgs import second_moment_basis
+    from pipeline.heads.extmath import Standardizer
+
+    return second_moment_basis(Standardizer.fit(X).transform(X))
+
+
 def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
     C = len(classes)
+    basis = shared_basis(X)
     totals = None       # (S, N, C) summed member probabilities
     count = np.zeros(X.shape[0], dtype=np.int64)
     per_fold: list[tuple[np.ndarray, int]] = []  # (test mask, n_fit) of the first repeat
@@ -141,7 +152,8 @@ def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
     for r in range(folds.shape[0]):
         for f in _fold_ids(folds, r):
             test = folds[r] == f
-            probe = _fit("LinearProbe", params, X[~test], y[~test], X_val=X[test], y_val=y[test])
+            probe = _fit("LinearProbe", params, X[~test], y[~test], X_val=X[test], y_val=y[test],
+                         basis=basis)
             lams, member = probe.member_proba(X[test])
             if totals is None:
                 totals = np.zeros((len(lams), X.shape[0], C), dtype=np.float64)
@@ -169,7 +181,7 @@ def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
               "C": (1.0 / (lam_refit * X.shape[0])) if lam_refit > 0 else None,
               "cv_score": float(scores[best])}
     return CVResult(rows=held, proba=proba, score=float(scores[best]), fold_scores=fold_scores,
-                    refit_params=refit, fit_seconds=0.0, chosen=chosen)
+                    refit_params=refit, fit_seconds=0.0, chosen=chosen, fit_kwargs={"basis": basis})
 
 
 def _codes(y: np.ndarray, classes: Sequence[str]) -> np.ndarray:
@@ -177,6 +189,8 @@ def _codes(y: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     return np.asarray([index[str(v)] for v in y])
 
 
-def refit(head_name: str, params: Mapping[str, Any], X: np.ndarray, y: np.ndarray):
-    """The final head: fitted on every labelled row with the chosen hyper-parameters."""
-    return _fit(head_name, params, X, y)
+def refit(head_name: str, params: Mapping[str, Any], X: np.ndarray, y: np.ndarray,
+          **fit_kwargs: Any):
+    """The final head: fitted on every labelled row with the chosen hyper-parameters
+    (`fit_kwargs`: `CVResult.fit_kwargs`, which only make the fit faster)."""
+    return _fit(head_name, params, X, y, **fit_kwargs)

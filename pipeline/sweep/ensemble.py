@@ -30,8 +30,8 @@ POOL_SIZE = 6
 
 #: weight decays tried on a concatenation: this many values, spanning this many decades either side
 #: of what cross-validation chose for the single backbones (the grid of one is the default)
-CONCAT_GRID_SIZE = 9
-CONCAT_GRID_DECADES = 1.5
+CONCAT_GRID_SIZE = 5
+CONCAT_GRID_DECADES = 1.0
 
 
 def concat_head_config(hc: Any, done: Sequence["Outcome"]) -> Any:

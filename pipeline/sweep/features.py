@@ -10,6 +10,8 @@ import numpy as np
 from pipeline.sweep.plan import FeatureSetRef
 
 LATENCY_BATCH_SIZES = (1, 32)
+#: seconds of timed calls per batch size after which a backbone's measurement may stop
+LATENCY_BUDGET_S = 1.0
 
 
 def split_records(dataset: Any) -> dict[str, list[Any]]:
@@ -91,7 +93,8 @@ def measure_backbone_latency(ref: FeatureSetRef, *, device: str = "cpu",
     rng = np.random.default_rng(0)
     result = measure_latency(
         backbone.embed, lambda bs: rng.integers(0, 256, size=(bs, 3, size, size), dtype=np.uint8),
-        batch_sizes=batch_sizes, warmup=warmup, repeats=repeats, sync=sync)
+        batch_sizes=batch_sizes, warmup=warmup, repeats=repeats, sync=sync,
+        budget_s=LATENCY_BUDGET_S)
     result["device"] = str(device)
     if backbone.params_m is not None:
         result["params_m"] = float(backbone.params_m)

@@ -78,8 +78,7 @@ def hardest_png_bytes(hardest: Sequence[Mapping[str, Any]]) -> bytes:
     """The most confident mistakes as one PNG grid (items need `path`)."""
     from pipeline import plots
 
-    return plots.png_bytes(plots.hardest_examples_figure(
-        [h["path"] for h in hardest], plots.hardest_captions(hardest)))
+    return plots.hardest_examples_png([h["path"] for h in hardest], plots.hardest_captions(hardest))
 
 
 def calibration_section(calibration: Mapping[str, Any]) -> str:

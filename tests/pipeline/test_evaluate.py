@@ -1,3 +1,4 @@
+import io
 import json
 import re
 import time
@@ -9,7 +10,8 @@ from sklearn import metrics as skm
 
 from pipeline.evaluate import EvalReport, evaluate, hardest_examples
 from pipeline.latency import count_params, measure_latency
-from pipeline.plots import (confusion_matrix_figure, hardest_captions, hardest_examples_figure,
+from pipeline.plots import (UNREADABLE_TILE, confusion_matrix_figure, hardest_captions,
+                            hardest_examples_png,
                             pareto_figure, per_class_csv, png_bytes, reliability_figure,
                             report_html, save_png)
 from pipeline.select import Candidate
@@ -219,11 +221,12 @@ def test_figures_render_png(tmp_path):
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (40 + 10 * i, 60, 3), dtype=np.uint8))
             for i in range(len(ex))]
-    grid = hardest_examples_figure(imgs, hardest_captions(ex), ncols=3)
-    assert _is_png(png_bytes(grid))
-    assert _is_png(png_bytes(hardest_examples_figure([], [])))
+    grid = hardest_examples_png(imgs, hardest_captions(ex), ncols=3)
+    assert _is_png(grid)
+    assert Image.open(io.BytesIO(grid)).size[0] >= 3 * 160  # three tiles a row
+    assert _is_png(hardest_examples_png([], []))
     with pytest.raises(ValueError, match="captions"):
-        hardest_examples_figure(imgs, [])
+        hardest_examples_png(imgs, [])
 
     cands = [Candidate(f"m{i}", f"bb{i}", "logreg", fam, 0.6 + 0.05 * i, metric_std=0.02,
                        latency_ms_b1=1.5 * (i + 1), params_m=5.0 * (i + 1))
@@ -470,8 +473,24 @@ def test_hardest_grid_opens_paths_through_pipeline_images(tmp_path):
     Image.fromarray(np.full((300, 200, 3), 120, dtype=np.uint8)).save(good, quality=90)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image at all")
-    fig = hardest_examples_figure([str(good), good.read_bytes(), str(bad)], ["a", "b", "c"])
-    assert _is_png(png_bytes(fig))
-    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
-    assert any(t.startswith("cannot open") for t in texts)
-    assert sum(1 for ax in fig.axes if ax.images) == 2
+    png = hardest_examples_png([str(good), good.read_bytes(), str(bad)], ["a", "b", "c"])
+    assert _is_png(png)
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+    grey = (pixels == 120).all(axis=1).sum()  # the readable photo, twice
+    unreadable = (pixels == UNREADABLE_TILE).all(axis=1).sum()  # the bad file's tile
+    assert grey >= 2 * 100 * 100 and unreadable >= 100 * 100
+
+
+def test_latency_budget_stops_slow_batches_after_the_minimum_repeats():
+    calls = {1: 0, 8: 0}
+
+    def fn(batch):
+        calls[len(batch)] += 1
+        time.sleep(0.001 if len(batch) == 1 else 0.04)
+
+    res = measure_latency(fn, lambda bs: [0] * bs, batch_sizes=(1, 8), warmup=1, repeats=9,
+                          budget_s=0.05)
+    by_bs = {b["batch_size"]: b["repeats"] for b in res["batches"]}
+    assert by_bs[8] == 3 and calls[8] == 1 + 3          # 3 x 40 ms > 50 ms: stopped at the minimum
+    assert by_bs[1] == 9                                # 1 ms calls fit the budget: all repeats
+    assert res["latency_ms_b8"] >= 4.0

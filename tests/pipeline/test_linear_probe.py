@@ -229,3 +229,31 @@ def test_large_sets_sweep_all_values_on_a_subsample_then_finalists_on_every_row(
     # small sets and single values never halve
     small = LinearProbe(subsample=2000).fit(Xtr, ytr, X_val=Xte, y_val=yte)
     assert all(r.get("rows") is None for r in small.sweep_results_)
+
+
+def test_block_diagonal_and_shared_preconditioners_reach_the_same_optimum(problem):
+    """The preconditioner only changes the path: a block-diagonal basis (wide concatenations) and
+    a basis from other rows (shared by CV folds) give the full basis's optimum."""
+    from pipeline.heads.batched_lbfgs import second_moment_basis
+
+    Xtr, ytr, _, _ = problem
+    Xs = Standardizer.fit(Xtr).transform(Xtr)
+    lams = [1e-3, 1e-2]
+    e, V = second_moment_basis(Xs, max_block=16)  # 40 columns -> blocks 0:13, 13:26, 26:40
+    assert not V[:13, 13:].any() and not V[13:, :13].any() and V[:13, :13].any()
+    np.testing.assert_allclose(V.T @ V, np.eye(Xs.shape[1]), atol=1e-4)
+    other = second_moment_basis(Xs[::3])
+    full = fit_sweep(Xs, ytr, 4, lams, tol=1e-6)
+    for basis in ((e, V), other):
+        fit = fit_sweep(Xs, ytr, 4, lams, tol=1e-6, basis=basis)
+        for s, lam in enumerate(lams):
+            assert _objective(fit.coef[s], fit.intercept[s], Xs, ytr, lam) == pytest.approx(
+                _objective(full.coef[s], full.intercept[s], Xs, ytr, lam), abs=1e-6)
+
+
+def test_a_basis_of_the_wrong_width_is_refused(problem):
+    from pipeline.heads.batched_lbfgs import second_moment_basis
+
+    Xtr, ytr, _, _ = problem
+    with pytest.raises(ValueError, match="eigenvalues for 40 features"):
+        LinearProbe(weight_decays=[1e-2]).fit(Xtr, ytr, basis=second_moment_basis(Xtr[:, :10]))
