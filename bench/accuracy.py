@@ -561,7 +561,7 @@ def render(data: BenchData, s: dict, t: dict, cpu: dict, command: str) -> tuple[
         f"{pct(t['reported_test_score'])}. Test numbers above come from "
         f"`mlflow.pyfunc.load_model(\"models:/NAME@challenger\")` on the test photos "
         f"({t['predict_s']:.1f} s for {t['n_test']}): \"classifier top-1\" = first entry of `top_k`, "
-        f"\"abstentions counted wrong\" = the `label` column, None when `decision` is abstain "
+        f"\"abstentions counted wrong\" = the `label` column, an image whose `decision` is abstain counted as a miss "
         f"(fallback answers count with their k-NN label). ONNX exports already cached before the run: "
         f"{sum(t['exports_cached'])}/{len(t['exports_cached'])} (built once per machine, outside the timing "
         f"when cached).",

@@ -21,6 +21,7 @@ from cli.console import (
     state_root,
     stats_table,
 )
+from cli.next_steps import threshold_lines
 from pipeline import settings
 from pipeline.sweep.plan import DEFAULT_HEADS
 
@@ -258,6 +259,8 @@ def run(
     console.print(f"report: {result.sweep.report_path}")
     if result.version:
         console.print(f"registered [bold]{result.model_name}[/] version {result.version} as @challenger")
+        for line in threshold_lines(result.calibration):
+            console.print(line)
         if promote_after:
             print_promotion(result.model_name, None, False, root)
         from cli.next_steps import print_after_run
@@ -265,6 +268,31 @@ def run(
         print_after_run(console, result, state_root(root))
     else:  # nothing to serve: say why and exit non-zero, so scripts and CI notice
         fail(f"no model registered: {result.sweep.selection_error or 'no candidate finished'}", code=1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    data: str = typer.Argument(..., help="Dataset path as the cluster sees it (a local one is made absolute)."),
+    address: Optional[str] = typer.Option(
+        None, help="Ray Jobs API, e.g. http://HEAD:8265 (default $RAY_ADDRESS if http, else http://127.0.0.1:8265)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's logs and exit with its status."),
+    submission_id: Optional[str] = typer.Option(None, help="Job id to use (default: Ray makes one)."),
+) -> None:
+    """Submit `tlpipe run DATA ...` to a Ray cluster as a job (Ray's Jobs API).
+
+    Every option that is not one of these goes to `tlpipe run` on the cluster."""
+    from jobs.submit import SubmitError, submit_run
+
+    try:
+        job_id, status = submit_run(data, list(ctx.args), address=address, wait=wait,
+                                    submission_id=submission_id, echo=lambda line: print(line, flush=True))
+    except SubmitError as exc:
+        fail(str(exc))
+    if wait:
+        print(f"job {job_id}: {status}", flush=True)
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -367,13 +395,18 @@ def serve(
 ) -> None:
     """Serve a model on Ray Serve (local Ray unless RAY_ADDRESS names a cluster)."""
     from deploy.app import run as serve_run
+    from deploy.model_source import ModelSourceError
+    from deploy.preflight import ServeStartError
     from jobs.tracking import tracking_uri_for
 
     console.print(f"serving {model} on http://{host}:{port} (docs at /docs)")
-    serve_run(model, host=host, port=port, tracking_uri=tracking_uri_for(state_root(root)),
-              state_root=str(state_root(root)), engine=engine, max_batch_size=max_batch_size,
-              batch_wait_timeout_s=batch_wait_timeout_s, intra_op_num_threads=intra_op_threads,
-              direct_ingress=direct_ingress, colocate_backbone=colocate, blocking=True)
+    try:
+        serve_run(model, host=host, port=port, tracking_uri=tracking_uri_for(state_root(root)),
+                  state_root=str(state_root(root)), engine=engine, max_batch_size=max_batch_size,
+                  batch_wait_timeout_s=batch_wait_timeout_s, intra_op_num_threads=intra_op_threads,
+                  direct_ingress=direct_ingress, colocate_backbone=colocate, blocking=True)
+    except (ModelSourceError, ServeStartError) as exc:
+        fail(str(exc))
 
 
 @app.command()

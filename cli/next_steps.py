@@ -100,6 +100,32 @@ def example_image(dataset) -> str | None:
     return None
 
 
+#: below this share of classifier answers on held-out images, `tlpipe run` says so
+LOW_COVERAGE = 0.5
+
+
+def threshold_lines(calibration: dict | None) -> list[str]:
+    """What the registered thresholds do, in one line (plus a warning when the classifier would
+    answer few images at the target precision: tiny or hard sets)."""
+    if not calibration:
+        return []
+    target = float(calibration.get("target_precision", 0.0))
+    oof = calibration.get("oof_coverage")
+    test = calibration.get("test") or {}
+    pct = lambda v: "n/a" if v is None else f"{100 * float(v):.0f} %"  # noqa: E731
+    lines = [f"thresholds: the classifier answers {pct(oof)} of held-out images at the "
+             f"{pct(target)} precision target (out of fold); on the test split it answered "
+             f"{pct(test.get('classifier_rate'))} at {pct(test.get('classifier_precision'))} "
+             f"precision, abstained on {pct(test.get('abstain_rate'))}"]
+    rates = [v for v in (oof, test.get("classifier_rate")) if v is not None]
+    if rates and min(rates) < LOW_COVERAGE:
+        lines.append(f"[yellow]warning:[/] at a {pct(target)} precision target the classifier "
+                     f"answers only {pct(min(rates))} of images; the rest go to the k-NN fallback "
+                     "or abstain. Label more images, or lower --target-precision if wrong answers "
+                     "cost less than no answer.")
+    return lines
+
+
 def print_after_run(console, result, root: str | os.PathLike) -> list[tuple[str, str]]:
     """The next commands after `jobs.run.run` registered `result.version` (nothing when it did
     not): reads where @champion points now, so a run that promoted says serve, not promote."""

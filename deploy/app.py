@@ -38,6 +38,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from deploy.backbone import DEFAULT_CAPACITY, BackbonePool, EmbedResult
+from deploy.preflight import ServeStartError, check_model, replica_failure
 from pipeline.settings import state_root as resolve_state_root
 
 BACKBONE_DEPLOYMENT = "Backbone"
@@ -369,6 +370,9 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DE
         raise ValueError("direct_ingress=True needs the local Ray that run() starts itself (its environment "
                          "must be set before Ray starts): call run() before ray.init(), or export "
                          "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 before starting the cluster and pass direct_ingress=False")
+    if model is not None:  # a wrong reference is one error here, before Ray starts
+        check_model(model, tracking_uri=kwargs.get("tracking_uri"), state_root=kwargs.get("state_root"),
+                    engine=kwargs.get("engine"))
     if local:
         # a local Ray started here: pass one request's pixels (a 224 px image is 150 KB) inline
         # in the actor call instead of through the object store (3x cheaper per request)
@@ -381,7 +385,17 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DE
         proxy_port = proxy_port or free_port(host)
         log.info("direct ingress: the app answers on http://%s:%s, Serve's proxy on port %s", host, port, proxy_port)
     serve.start(http_options={"host": host, "port": int(proxy_port if direct_ingress else port)})
-    handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
+    try:
+        handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
+    except Exception:
+        cause = replica_failure(name)  # Serve's exception only says "Failed to update the deployments"
+        if cause is None:
+            raise
+        try:
+            serve.delete(name)
+        except Exception:  # the replica's cause is what matters; a failing cleanup adds nothing
+            pass
+        raise ServeStartError(f"the model server did not start: {cause}") from None
     if not blocking:
         return handle
     try:

@@ -131,17 +131,36 @@ class ModelSource:
             return ResolvedModel(ref, ref.name, f"local-{digest}", str(d))
         from mlflow.exceptions import MlflowException
 
+        uri = str(self.tracking_uri or "")
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            raise ModelSourceError(f"no MLflow store at {uri[len('sqlite:///'):]}: nothing was registered "
+                                   f"under this state root; run `tlpipe run` first, or point --root / "
+                                   f"MLFLOW_TRACKING_URI at the store that holds {ref.name}")
         try:
             if ref.kind == "alias":
                 mv = self.client.get_model_version_by_alias(ref.name, ref.alias)
             else:
                 mv = self.client.get_model_version(ref.name, ref.version)
         except MlflowException as exc:
+            why = str(getattr(exc, "message", exc)).strip().rstrip(".")
             raise ModelSourceError(
-                f"cannot resolve {ref} in the registry at {self.tracking_uri}: {exc.message if hasattr(exc, 'message') else exc}. "
-                f"Register a model with `tlpipe run` and set the alias (`tlpipe promote`), or check "
-                f"--tracking-uri / MLFLOW_TRACKING_URI") from exc
+                f"cannot resolve {ref} in the registry at {self.tracking_uri}: {why}. "
+                + (self._what_exists(ref.name) or
+                   "Register a model with `tlpipe run`, or check --root / MLFLOW_TRACKING_URI "
+                   "(`tlpipe compare` lists what is registered)")) from None
         return ResolvedModel(ref, ref.name, str(mv.version), f"models:/{ref.name}/{mv.version}")
+
+    def _what_exists(self, name: str) -> str | None:
+        """'NAME has versions 1, 2; aliases: challenger -> 2. …' (None when NAME is not registered)."""
+        try:
+            rm = self.client.get_registered_model(name)
+            versions = sorted(int(v.version) for v in self.client.search_model_versions(f"name='{name}'"))
+        except Exception:  # not registered (or the store is unreachable): nothing to list
+            return None
+        aliases = ", ".join(f"{a} -> {v}" for a, v in sorted((rm.aliases or {}).items())) or "none"
+        return (f"{name} has versions {', '.join(map(str, versions)) or 'none'}; aliases: {aliases}. "
+                f"Serve one of those (e.g. {name}/{versions[-1] if versions else 1}), or make the "
+                f"challenger the champion with `tlpipe promote {name}`")
 
     def fetch(self, resolved: ResolvedModel) -> Path:
         """The local directory of the resolved version's saved predictor (downloaded once)."""

@@ -30,7 +30,8 @@ class ScoredLabel(_Model):
 class ImagePrediction(_Model):
     index: int = Field(..., description="position of the image in the request")
     filename: str | None = Field(None, description="multipart file name, when given")
-    label: str | None = Field(..., description="None when the decision is abstain")
+    label: str | None = Field(..., description="the answer; with decision abstain, the head's best guess "
+                                               "below every calibrated threshold (do not act on it unreviewed)")
     score: float = Field(..., description="classifier probability, or k-NN vote agreement for fallback")
     decision: Decision
     top_k: list[ScoredLabel] = Field(..., description="the classifier's top scores (its view)")

@@ -35,6 +35,7 @@ class RunResult:
     version: str | None = None
     promotion: Any = None
     predictor_dir: str | None = None
+    calibration: dict | None = None  # the registered predictor's thresholds and what they deliver
 
 
 def model_name_for(dataset) -> str:
@@ -202,4 +203,5 @@ def run(
     result.version = register_predictor(pdir, name, run_id=sweep.parent_run_id,
                                         tags={k: v for k, v in tags.items() if v is not None})
     result.model_name, result.predictor_dir = name, str(pdir)
+    result.calibration = dict(predictor.info["calibration"])
     return result

@@ -37,8 +37,8 @@ from pipeline.sweep.leaderboard import (CANDIDATE_TAG, HEAD_DIR_TAG, candidates_
 from pipeline.sweep.outcome import (Outcome, combined_latency, paired_inputs, save_candidate,
                                     subset_info)
 from pipeline.sweep.plan import (DEFAULT_HEADS, FeatureSetRef, HeadConfig, candidate_name,
-                                 loggable_params, short_backbones, skip_reason, slug, sweep_inputs,
-                                 task_params)
+                                 expected_candidates, loggable_params, short_backbones, skip_reason,
+                                 slug, sweep_inputs, task_params)
 from pipeline.sweep.report import hardest_png_bytes, write_report
 
 logger = logging.getLogger(__name__)
@@ -145,10 +145,8 @@ def _log_candidate(d: Outcome, *, parent_id: str, experiment_id: str, sweep_dir:
             head_dir = save_candidate(d, sweep_dir / "candidates" / slug(d.name), run_id,
                                        parent_id, classes, selection_metric)
             log_dir(head_dir / "head", "head", run_id=run_id)
-            log_json(json.loads((head_dir / "candidate.json").read_text()), "candidate.json",
-                     run_id=run_id)
-            log_json(json.loads((head_dir / "selection.json").read_text()), "selection.json",
-                     run_id=run_id)
+            for doc in ("candidate.json", "selection.json"):
+                log_json(json.loads((head_dir / doc).read_text()), doc, run_id=run_id)
             log_tags({HEAD_DIR_TAG: str(head_dir / "head")}, run_id=run_id)
             return str(head_dir / "head")
     except CandidateFailed:
@@ -273,7 +271,7 @@ def run_sweep(
         log_json(plan.to_dict(), "selection_plan.json", run_id=parent_id)
 
         ensure_ray()
-        remote_fit = ray.remote(fit_evaluate)
+        task = ray.remote(fit_evaluate).options(num_cpus=cpus_per_task, max_retries=1)
         skipped: list[dict[str, str]] = []
         head_dirs: dict[str, str] = {}
         figures_by_name: dict[str, dict[str, bytes]] = {}
@@ -288,12 +286,8 @@ def run_sweep(
             else:
                 plans.append((ref, kept))
         kept_by = {ref.backbone: kept for ref, kept in plans}
-        # candidates to come, at most: probes, the concat head, the ensemble, the fine-tunes
-        expected = (sum(skip_reason(h, ref, text_embedders) is None
-                        for ref, _ in plans for h in head_cfgs)
-                    + (1 if ensembles and len(plans) >= 2
-                       and any(h.head == "LinearProbe" for h in head_cfgs) else 0)
-                    + (1 if ensembles else 0) + len(plans) * len(ft_cfgs))
+        expected = expected_candidates([r for r, _ in plans], head_cfgs, ft_cfgs, text_embedders,
+                                       ensembles=ensembles)
         if on_progress:
             on_progress(0, expected)
         # backbone latency first, one backbone at a time, before any head task competes for CPU
@@ -349,9 +343,7 @@ def run_sweep(
 
         def submit_for(rs: list[FeatureSetRef], data_info: Callable[[], tuple], kind: str,
                        cfgs: Sequence[HeadConfig], name_of: Callable[[HeadConfig], str],
-                       cpus: float = cpus_per_task):
-            run = remote_fit.options(num_cpus=cpus, max_retries=1)
-
+                       threads: int | None = None):
             def go():
                 data, info = data_info()
                 obj = ray.put(data)  # one copy in the object store, shared by these heads
@@ -363,8 +355,9 @@ def run_sweep(
                     if why:
                         skipped.append({"backbone": rs[0].backbone, "head": hc.label, "reason": why})
                         continue
-                    params = task_params(hc, rs[0], text_embedders, int(max(1, cpus)))
-                    fut = run.remote(obj, hc.head, params, classes,
+                    params = task_params(hc, rs[0], text_embedders,
+                                         threads or int(max(1, cpus_per_task)))
+                    fut = task.remote(obj, hc.head, params, classes,
                                       selection_metric=selection_metric, n_bootstrap=n_bootstrap,
                                       seed=seed, hardest_k=hardest_k, latency_repeats=latency_repeats)
                     out.append((fut, (name_of(hc), rs, hc, params, kind, info, lat, group)))
@@ -386,7 +379,7 @@ def run_sweep(
                 first = read_features(store, frozen[0], kept_by[frozen[0].backbone], splits)[1]
                 return data, subset_info(first, data["ids_test"], len(data["ids"]))
             tag = "concat(" + ",".join(short_backbones([r.backbone for r in frozen])) + ")"
-            # it runs alone (every probe is done): it may use a whole node
+            # alone now: threads for a whole node, 1 CPU asked of Ray (no actor can block it)
             run_tasks([(frozen, submit_for(frozen, concat, "concat", linear,
                                            lambda hc: f"{tag}+{hc.label}", node_cpus()))])
         if ensembles:

@@ -11,7 +11,9 @@ Decision per image:
 2. else a similarity-weighted k-NN vote over the support index (training embeddings plus any
    examples added later, including classes the head has never seen); agreement ≥
    `knn_threshold` → `fallback`;
-3. else `abstain` (label None).
+3. else `abstain`: the label is still the head's best guess (its top class), below every
+   calibrated threshold — a caller that must not act on unsure answers checks `decision`, and
+   one that needs an answer for every image (or an accuracy) gets one.
 
 `save(dir)` / `load(dir)` mirror each other: `predictor.json` + `head/` (JSON + safetensors) +
 `support/` (FAISS + npy + JSON) + `backbone/` (local weights, when a spec has them). No pickle
@@ -165,7 +167,7 @@ class Predictor:
             if label is not None and agreement >= self.knn_threshold:
                 out.append(Prediction(str(label), agreement, "fallback", tops))
             else:
-                out.append(Prediction(None, p, "abstain", tops))
+                out.append(Prediction(tops[0]["label"], p, "abstain", tops))
         return out
 
     @property

@@ -19,6 +19,43 @@ from pipeline.heads.linear_probe import per_class_weights
 from pipeline.heads.registry import register
 
 
+class AdamW:
+    """AdamW (Loshchilov & Hutter; torch.optim.AdamW's defaults and update, no amsgrad).
+
+    Written out because constructing any ``torch.optim`` optimizer imports ``torch._dynamo``,
+    seconds of CPU in every fresh worker process that fits one small head."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 1e-2,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        import torch
+
+        self.params = list(params)
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v):
+                if p.grad is None:
+                    continue
+                p.mul_(1 - self.lr * self.weight_decay)
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v.sqrt() / bc2 ** 0.5).add_(self.eps)
+                p.addcdiv_(m, denom, value=-self.lr / bc1)
+
+
 @register
 class MLP(Head):
     """Parameters
@@ -88,9 +125,8 @@ class MLP(Head):
                 nn.Dropout(float(self.dropout)),
                 nn.Linear(int(self.hidden), C),
             )
-            opt = torch.optim.AdamW(
-                model.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay)
-            )
+            opt = AdamW(list(model.parameters()), lr=float(self.lr),
+                        weight_decay=float(self.weight_decay))
             loss_fn = nn.CrossEntropyLoss(
                 weight=weight, label_smoothing=float(self.label_smoothing)
             )
@@ -107,7 +143,7 @@ class MLP(Head):
                 perm = torch.randperm(len(Xt), generator=gen)
                 for i in range(0, len(Xt), bs):
                     idx = perm[i : i + bs]
-                    opt.zero_grad(set_to_none=True)
+                    opt.zero_grad()
                     loss = loss_fn(model(Xt[idx]), yt[idx])
                     loss.backward()
                     opt.step()

@@ -170,6 +170,16 @@ def skip_reason(hc: HeadConfig, ref: FeatureSetRef, text_embedders: Mapping[str,
     return None
 
 
+def expected_candidates(refs: Sequence[FeatureSetRef], head_cfgs: Sequence[HeadConfig],
+                        ft_cfgs: Sequence[HeadConfig], text_embedders: Mapping[str, Any], *,
+                        ensembles: bool) -> int:
+    """How many candidates a sweep will make at most: probes that can run, the linear probe on the
+    concatenated backbones, the ensemble, the fine-tunes (for progress reports)."""
+    probes = sum(skip_reason(h, ref, text_embedders) is None for ref in refs for h in head_cfgs)
+    concat = ensembles and len(refs) >= 2 and any(h.head == "LinearProbe" for h in head_cfgs)
+    return probes + int(concat) + int(bool(ensembles)) + len(refs) * len(ft_cfgs)
+
+
 def text_embedder_for(ref: FeatureSetRef, text_embedders: Mapping[str, Any]) -> Any:
     return text_embedders.get(ref.backbone) or BackboneTextEmbedder(ref.spec)
 

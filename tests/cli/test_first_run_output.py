@@ -76,6 +76,8 @@ def test_plain_progress_lines_in_a_pipe(first_run):
     assert "sweep: started, 1 candidates" in out
     assert re.search(r"^sweep: done, 1/1 candidates in [\d.]+ s", out, re.M), out
     assert "\x1b[" not in out  # no terminal control sequences in a log
+    assert re.search(r"^thresholds: the classifier answers \d+ % of held-out images at the 90 % "
+                     r"precision target", out, re.M), out
 
 
 def next_commands(out: str) -> list[str]:

@@ -173,7 +173,7 @@ def test_fallback_and_abstain_one_by_one(served, serving_model):
         assert (p["decision"], p["label"]) == ("fallback", photo.label), photo.path
     for photo in serving_model.abstain:
         (p,) = served.post("/v1/predict", files=files(photo)).json()["predictions"]
-        assert (p["decision"], p["label"]) == ("abstain", None), photo.path
+        assert p["decision"] == "abstain" and p["label"] == p["top_k"][0]["label"], photo.path  # best guess
 
 
 def test_model_classes_health_and_docs(served, serving_model):
@@ -557,17 +557,24 @@ from ray import serve
 from deploy.app import run
 
 model, port, proxy_port, root, photo = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-run(model, host="127.0.0.1", port=port, proxy_port=proxy_port, name="t", blocking=False, engine="torch",
-    poll_interval_s=0, state_root=root)
+run(model, host="127.0.0.1", port=port, proxy_port=proxy_port, name="t", blocking=False,
+    poll_interval_s=0, state_root=root)  # the default engine: OpenVINO on a CPU
 try:
     data = open(photo, "rb").read()
-    out = {"deployments": sorted(serve.status().applications["t"].deployments)}
+    out = {"deployments": sorted(serve.status().applications["t"].deployments),
+           "engine": httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=60).json()["engine"]}
     for key, p in (("direct", port), ("proxy", proxy_port)):
         r = httpx.post(f"http://127.0.0.1:{p}/v1/predict", content=data, headers={"Content-Type": "image/jpeg"},
                        timeout=60)
         out[key] = [r.status_code, r.json()["predictions"][0]["label"]]
         owner = [c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == p and c.status == "LISTEN"]
         out[key + "_listener"] = " ".join(psutil.Process(owner[0]).cmdline()) if owner else None
+    try:  # a model whose replica cannot start: the replica's own error, not Serve's summary
+        run(sys.argv[6], name="bad", route_prefix="/bad", blocking=False, engine="torch", poll_interval_s=0,
+            state_root=root, colocate_backbone=True)
+        out["bad"] = "started"
+    except Exception as exc:
+        out["bad"] = [type(exc).__name__, str(exc), "bad" in serve.status().applications]
     print("RESULT " + json.dumps(out), flush=True)
 finally:
     serve.shutdown()
@@ -576,26 +583,50 @@ finally:
 
 
 def test_run_serves_directly_from_the_ingress_replica_on_a_local_ray(serving_model, tmp_path):
-    """`tlpipe serve`'s defaults on its own local Ray (a subprocess): the backbone colocated in the
-    ingress, and the ingress replica itself listening on the requested port (direct ingress, no
-    proxy hop); Serve's proxy still answers on `proxy_port`."""
+    """`tlpipe serve`'s defaults on its own local Ray (a subprocess): the default engine (OpenVINO
+    on a CPU), the backbone colocated in the ingress, and the ingress replica itself listening on
+    the requested port (direct ingress, no proxy hop); Serve's proxy still answers on
+    `proxy_port`. Then a model whose replica cannot start is reported by the replica's cause."""
     import os
     import subprocess
 
     port, proxy_port = free_port(), free_port()
     photo = serving_model.classifier[0]
+    bad = _inconsistent_predictor(serving_model, tmp_path / "bad")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TLPIPE_SERVE_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", _RUN_SCRIPT, str(serving_model.predictor_dir), str(port),
-                           str(proxy_port), str(tmp_path / "state"), str(photo.path)],
+                           str(proxy_port), str(tmp_path / "state"), str(photo.path), str(bad)],
                           env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     out = json.loads(lines[0][len("RESULT "):])
     assert out["deployments"] == ["Ingress"]  # colocated backbone: no Backbone deployment
+    assert out["engine"] == "openvino"  # what `tlpipe serve` runs on a CPU by default
     assert out["direct"] == [200, photo.label] and out["proxy"] == [200, photo.label]
     assert "ServeReplica" in out["direct_listener"] and "Ingress" in out["direct_listener"]
     assert "ProxyActor" in out["proxy_listener"]
+    kind, message, left = out["bad"]
+    assert kind == "ServeStartError" and "Failed to update" not in message
+    assert message.startswith("the model server did not start: ") and "head expects 1000" in message, message
+    assert "\n" not in message and not left  # one line; the failed application was deleted
+
+
+def _inconsistent_predictor(serving_model, dest: Path) -> Path:
+    """The served predictor with a head for 1000-d inputs: it loads (classes match), but the
+    backbone gives 1280-d embeddings, which only a replica finds out."""
+    import shutil
+
+    from pipeline.heads import LinearProbe
+
+    shutil.copytree(serving_model.predictor_dir, dest)
+    classes = list(serving_model.extra["predictor"].classes)
+    rng = np.random.default_rng(0)
+    y = np.asarray(classes * 10)
+    head = LinearProbe(weight_decays=[1e-2]).fit(rng.normal(size=(len(y), 1000)).astype(np.float32), y)
+    shutil.rmtree(dest / "head")
+    head.save(dest / "head")
+    return dest
 
 
 def test_run_refuses_direct_ingress_on_a_running_ray(ray_serve):
@@ -843,3 +874,43 @@ def test_support_fingerprint_covers_every_backbone_and_keeps_single_ones(lite0_6
     assert both != _fingerprint_all(Backbones.of([lite1, lite0_64]))  # the order changes the vectors
     groups = Backbones.of([lite0_64, lite1, lite1.replace(input_size=80)]).groups
     assert [idx for _, idx in groups] == [(0, 1), (2,)]  # same preprocessing: decoded once
+
+
+def test_serve_fails_fast_with_one_line_on_a_wrong_reference(registry, tmp_path, monkeypatch):
+    """`tlpipe serve` resolves the reference in the driver: a wrong name, a missing alias or an
+    empty state root is one `error:` line naming the fix, exit 2, before Ray or Serve start."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    runner = CliRunner()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    cases = [("nope@champion", r"Registered Model with name=nope not found\. Register a model with `tlpipe run`"),
+             (f"{NAME}@staging", rf"{NAME} has versions [0-9, ]+; aliases: champion -> \d+\. .*"
+                                 rf"`tlpipe promote {NAME}`"),
+             (f"{NAME}/999", rf"{NAME} has versions")]
+    for ref, expected in cases:
+        t0 = time.perf_counter()
+        res = runner.invoke(app, ["serve", "--model", ref, "--root", str(registry.root), "--port", str(free_port())])
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert res.exit_code == 2 and len(errors) == 1 and "Traceback" not in res.output, res.output
+        assert re.search(expected, errors[0]), errors[0]
+        assert time.perf_counter() - t0 < 60
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    res = runner.invoke(app, ["serve", "--model", f"{NAME}@champion", "--root", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and "error: no MLflow store at" in res.output, res.output
+    assert not (tmp_path / "empty").exists()  # nothing created by looking
+
+
+def test_replica_errors_are_read_from_tracebacks():
+    from deploy.preflight import last_error_line
+
+    text = ("The deployment failed to start 3 times in a row. See controller logs for details. Error:\n"
+            "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    raise X\n"
+            "ray.exceptions.RayTaskError(ModelSourceError): deploy.model_source.ModelSourceError: "
+            "m@1: the head expects 1000\n")
+    assert last_error_line(text).endswith("(ModelSourceError)") and "head expects 1000" in last_error_line(text)
+    assert last_error_line("plain words: no exception here\n") is None
+    assert last_error_line("") is None

@@ -523,3 +523,33 @@ def test_ensemble_rejects_bad_slices_members_and_weights(data, partial_members):
         Ensemble.from_fitted([a, b], slices, weights=[0, 0])
     with pytest.raises(HeadInputError, match="has 65 features but this head was fitted on 64"):
         Ensemble.from_fitted([a, b], slices).predict_proba(np.zeros((2, DIM + 1), np.float32))
+
+
+def test_mlp_adamw_matches_torch_adamw_without_importing_dynamo():
+    import copy
+    import subprocess
+    import sys
+
+    import torch
+
+    from pipeline.heads.mlp import AdamW
+
+    torch.manual_seed(0)
+    m1 = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    m2 = copy.deepcopy(m1)
+    o1 = AdamW(list(m1.parameters()), lr=1e-2, weight_decay=1e-2)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2, weight_decay=1e-2)
+    x, y = torch.randn(50, 20), torch.randint(0, 3, (50,))
+    for _ in range(30):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # fitting an MLP in a fresh process never imports torch._dynamo (seconds per Ray worker)
+    code = ("import sys, numpy as np; from pipeline.heads import MLP; "
+            "X = np.random.default_rng(0).normal(size=(60, 8)).astype('float32'); "
+            "MLP(max_epochs=2).fit(X, np.arange(60) % 3); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -234,6 +234,6 @@ def test_pyfunc_model_of_a_registered_two_backbone_predictor(two_backbone, tmp_p
         finally:
             mlflow.set_tracking_uri(previous)
     assert len(local.specs) == 2
-    assert [None if pd.isna(v) else v for v in served["label"]] == [p.label for p in want]  # abstain: NaN
+    assert list(served["label"]) == [p.label for p in want]  # abstain too: the best guess
     assert list(served["decision"]) == [p.decision for p in want]
     np.testing.assert_allclose(served["score"].to_numpy(), [p.score for p in want], rtol=1e-5)
