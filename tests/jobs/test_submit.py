@@ -55,7 +55,9 @@ def head():
 
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a limit
     token = secrets.token_hex(16)
-    gcs, dash = _free_port(), _free_port()
+    # every port its own: the suite's other Rays hold the defaults (the dashboard agent's 52365,
+    # the client server's 10001), and a head whose job agent cannot bind takes no jobs
+    gcs, dash, agent, agent_grpc, client, metrics, runtime_env = (_free_port() for _ in range(7))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     bin_dir = str(Path(sys.executable).parent)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
@@ -64,6 +66,9 @@ def head():
     ray_exe = str(Path(bin_dir) / "ray")
     proc = subprocess.run([ray_exe, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+                           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                           f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
+                           f"--runtime-env-agent-port={runtime_env}",
                            f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                           env=env, capture_output=True, text=True, timeout=180)
     try:
