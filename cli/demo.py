@@ -12,6 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
+from cli.next_steps import print_after_run, threshold_lines
+
 DEMO_BACKBONES = (
     "efficientnet/tf_efficientnet_lite0.in1k",
     "efficientnet/tf_efficientnet_lite1.in1k",
@@ -51,10 +53,10 @@ def main(data: str, root: str = ".tlpipe", backbones: tuple[str, ...] = DEMO_BAC
     if result.version:
         console.rule("[bold]promote")
         console.print(f"registered {result.model_name} v{result.version} as @challenger")
+        for line in threshold_lines(result.calibration):
+            console.print(line)
         print_promotion(result.model_name, None, False, Path(root))
     console.print(f"demo finished in {time.perf_counter() - t0:.1f} s — state under {root}/")
-    from cli.next_steps import print_after_run
-
     print_after_run(console, result, root)
     return {"model": result.model_name, "version": result.version,
             "rows": result.sweep.rows}
