@@ -396,15 +396,15 @@ def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, 
         out["rerun_command"] = " ".join(["tlpipe"] + ["DATA" if c == str(data.root) else c
                                                       for c in cmd2[len(tlpipe_command()):]])
         out["rerun_load_before"] = load_average()
+        rerun_log = logfile.with_suffix(".rerun.log")
         t0 = time.perf_counter()
-        with open(logfile.with_suffix(".rerun.log"), "w") as fh:
+        with open(rerun_log, "w") as fh:
             proc = subprocess.run(cmd2, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(root))
         out["rerun_s"] = time.perf_counter() - t0
         out["rerun_load_after"] = load_average()
-        rerun_text = logfile.with_suffix(".rerun.log").read_text(errors="replace")
         if proc.returncode != 0:
-            raise SystemExit(f"tlpipe rerun failed (exit {proc.returncode}); see {logfile.with_suffix('.rerun.log')}")
-        out["rerun_extracted"] = {b: row for b, row in parse_extract_table(rerun_text, backbones).items()}
+            raise SystemExit(f"tlpipe rerun failed (exit {proc.returncode}); see {rerun_log}")
+        out["rerun_extracted"] = parse_extract_table(rerun_log.read_text(errors="replace"), backbones)
         log(f"tlpipe rerun on cached features: {out['rerun_s']:.1f} s")
     finally:
         # mlflow.set_tracking_uri / set_registry_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI:

@@ -110,6 +110,14 @@ class ModelSource:
         self.cache_dir = Path(cache_dir)
         self._client = None
 
+    @classmethod
+    def for_settings(cls, settings) -> "ModelSource":
+        """The source a serving replica with these `ServeSettings` reads: its model reference,
+        tracking URI and download cache (``<state_root>/serve/<model>/versions``)."""
+        ref = parse_model_ref(settings.model)
+        return cls(ref, tracking_uri=settings.resolved_tracking_uri,
+                   cache_dir=settings.serve_dir(ref.key) / "versions")
+
     # ------------------------------------------------------------------ registry
     @property
     def client(self):

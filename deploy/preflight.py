@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deploy.model_source import ModelSource, ModelSourceError, ResolvedModel, parse_model_ref
+from deploy.model_source import ModelSource, ModelSourceError, ResolvedModel
 from deploy.settings import ServeSettings
 
 
@@ -28,11 +28,9 @@ def check_model(model: str, *, tracking_uri: str | None = None, state_root: str 
                                                   "engine": engine}.items() if v is not None}
     settings = ServeSettings(model=model, **overrides)
     try:
-        ref = parse_model_ref(model)
+        source = ModelSource.for_settings(settings)
     except ValueError as exc:
         raise ModelSourceError(str(exc)) from None
-    source = ModelSource(ref, tracking_uri=settings.resolved_tracking_uri,
-                         cache_dir=settings.serve_dir(ref.key) / "versions")
     resolved = source.resolve()
     try:
         source.load(resolved, engine=settings.engine)

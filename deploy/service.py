@@ -31,7 +31,7 @@ import numpy as np
 from deploy.backbone import EmbedResult, spec_key
 from deploy.errors import ApiError, decode_error
 from deploy.metrics import ServeMetrics
-from deploy.model_source import ModelSource, ModelSourceError, ResolvedModel, parse_model_ref
+from deploy.model_source import ModelSource, ModelSourceError, ResolvedModel
 from deploy.settings import ServeSettings
 from deploy.support_store import CombinedSupport, Example, SupportStore, check_class_name
 from pipeline.images import ImageValidationError
@@ -137,10 +137,9 @@ class ServingService:
         self.settings = settings
         self.embedder = embedder
         self.metrics = metrics or ServeMetrics()
-        self.ref = parse_model_ref(settings.model)
+        self.source = ModelSource.for_settings(settings)
+        self.ref = self.source.ref
         self.root = settings.serve_dir(self.ref.key)
-        self.source = ModelSource(self.ref, tracking_uri=settings.resolved_tracking_uri,
-                                  cache_dir=self.root / "versions")
         self.store = SupportStore(self.root / "support")
         self.poll_interval_s = float(settings.poll_interval_s)
         self.last_poll_error: str | None = None

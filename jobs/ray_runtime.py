@@ -113,8 +113,8 @@ MAX_TASK_CPUS = 8
 
 
 def node_cpus(cap: int = MAX_TASK_CPUS) -> int:
-    """CPUs of the largest live node (at most `cap`): what a task that runs alone may ask for
-    and still be placed."""
+    """CPUs of the largest live node (at most `cap`): the threads a task that runs alone can
+    use."""
     import ray
 
     cpus = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]

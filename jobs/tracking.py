@@ -62,8 +62,6 @@ def metric_key(name: str) -> str:
     return key[:_MAX_KEY_LEN] or "_"
 
 
-
-
 def log_metrics(metrics: Mapping[str, Any], *, run_id: str | None = None,
                 step: int = 0) -> dict[str, float]:
     """Log every finite numeric value (None / NaN / inf / non-numbers skipped); returns what was

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import math
@@ -152,6 +153,7 @@ def _fit_tile(thumb: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BICUBIC))
 
 
+@functools.lru_cache(maxsize=None)
 def _font(size: int):
     from PIL import ImageFont
 
@@ -254,8 +256,6 @@ def _tick_ms(v: float, _pos: Any = None) -> str:
     if abs(v) < 1e-9:
         return "0"
     return f"{v:,.3f}".rstrip("0").rstrip(".")
-
-
 
 
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:

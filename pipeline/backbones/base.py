@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import abc
 from typing import Any, Sequence
-from .speclike import SpecLike
 
 import numpy as np
+
+from .speclike import SpecLike
 
 __all__ = ["Backbone", "WeightsUnavailableError", "UnknownBackboneError", "as_uint8_batch"]
 

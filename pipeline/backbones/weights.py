@@ -6,7 +6,6 @@ hub ids by the source adapter's hub files + revision (``adapters.py``).
 """
 from __future__ import annotations
 
-
 from .adapters import hub_identity
 from .hashing import dir_sha256, file_sha256, is_local_path, local_path
 from .packages import package_identity

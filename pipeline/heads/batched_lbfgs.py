@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.heads.base import torch_threads
+
 
 
 @dataclass(frozen=True)
@@ -304,16 +306,11 @@ def second_moment_basis(X: np.ndarray, max_rows: int | None = None,
     edges = np.linspace(0, D, n_blocks + 1).astype(np.int64)
     e = np.zeros(D, dtype=np.float32)
     V = np.zeros((D, D), dtype=np.float32)
-    old = torch.get_num_threads()
-    try:
-        for a, b in zip(edges[:-1], edges[1:]):
-            Xt = torch.from_numpy(np.ascontiguousarray(Xa[:, a:b]))
-            M = (Xt.T @ Xt) / Xt.shape[0]
-            torch.set_num_threads(1)
+    for a, b in zip(edges[:-1], edges[1:]):
+        Xt = torch.from_numpy(np.ascontiguousarray(Xa[:, a:b]))
+        M = (Xt.T @ Xt) / Xt.shape[0]
+        with torch_threads(1):
             eb, Vb = torch.linalg.eigh(M)
-            torch.set_num_threads(old)
-            e[a:b] = eb.clamp_min(0).numpy()
-            V[a:b, a:b] = Vb.numpy()
-    finally:
-        torch.set_num_threads(old)
+        e[a:b] = eb.clamp_min(0).numpy()
+        V[a:b, a:b] = Vb.numpy()
     return e, V

@@ -35,8 +35,6 @@ DISPLAY_COLUMNS = ("rank", "name", "kind", "status", "selection_score", "selecti
                    "latency_ms_b1", "latency_ms_b32", "params_m", "winner", "run_id")
 
 
-
-
 def leaderboard_row(params: Mapping[str, str], metrics: Mapping[str, float],
                     tags: Mapping[str, str], *, status: str, run_id: str, run_name: str,
                     winner: bool) -> dict[str, Any]:
