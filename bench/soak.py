@@ -17,6 +17,13 @@ connection errors), latency p50 / p99 per minute, and the RSS of every Ray / Ser
 
     python -m bench.soak --minutes 10 [--rate R | --fraction 0.8] [--write]
 
+``--overhead`` measures instead what production monitoring costs (issue #17): the closed-loop
+peak with monitoring and capture off, then on (drift reference, decision windows, capture of
+every fallback/abstain image to a local folder), alternating for ``--rounds`` rounds on one Ray,
+with traffic that includes the held-out class (so the capture really writes).
+
+    python -m bench.soak --overhead [--peak-seconds 20] [--rounds 2] [--write]
+
 The driver (`drive`, `SoakPlan`, `SoakEvent`, `add_class_event`, `hot_reload_event`,
 `ray_processes_rss`) is shared with the CI version, tests/deploy/test_soak.py.
 """
@@ -412,7 +419,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     parser.add_argument("--poll-interval", type=float, default=2.0, help="registry alias poll period (s)")
     parser.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
+    parser.add_argument("--overhead", action="store_true", help="measure monitoring + capture cost instead")
+    parser.add_argument("--rounds", type=int, default=2, help="--overhead: off/on rounds")
     args = parser.parse_args()
+    if args.overhead:
+        return monitoring_overhead(args)
 
     import mlflow
     import ray
@@ -501,6 +512,78 @@ def main() -> None:
                       "python -m bench.soak " + " ".join(sys.argv[1:]), text)
     if res.server_errors or res.lost or not res.events_ok:
         raise SystemExit(1)
+
+
+def monitoring_overhead(args) -> None:
+    """Closed-loop peak with monitoring + capture off vs on, alternating, same Ray and topology."""
+    import mlflow
+    import ray
+    from ray import serve
+
+    from bench.report import markdown_table, write_section
+    from bench.serve import build_champion, closed_loop, clothing_root, free_port, multipart_bodies, split_files
+    from jobs.ray_runtime import ensure_ray
+    from pipeline.predictor import Predictor
+
+    root = clothing_root(args.data)
+    work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-monitor-"))
+    view = _held_out_view(root, args.new_class, work / "data")
+    state = work / "state"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    _, pdir, predictor, _ = build_champion(view, state, args.per_class)
+    predictor = Predictor.load(pdir)
+    predictor.fit_reference(predictor.support.vectors, predictor.support.labels)  # the training embeddings
+    monitored = work / "monitored"
+    predictor.save(monitored)
+    photos = [p for p, _ in split_files(root, "test")]  # includes the class the head never saw
+    bodies = multipart_bodies(photos)
+    configs = {"off": {"monitor": False}, "on": {"monitor": True, "capture": str(work / "capture")}}
+    rows, captured = [], {}
+    port = free_port()
+    try:
+        ensure_ray("local")
+        for rnd in range(args.rounds):
+            for name, extra in configs.items():
+                url = start_app(str(monitored), state_root=str(state), tracking_uri=mlflow.get_tracking_uri(),
+                                port=port, admin_token="x" * 16, poll_interval_s=0, app_name="monitor",
+                                engine="auto", intra_op_num_threads=args.threads, max_batch_size=16,
+                                batch_wait_timeout_s=0.01, decode_threads=2, colocate_backbone=True, **extra)
+                r = asyncio.run(closed_loop(url + "/v1/predict", bodies, args.peak_clients, args.peak_seconds, 3.0))
+                if name == "on":
+                    import httpx
+
+                    captured = httpx.get(url + "/v1/monitor", timeout=30).json()
+                rows.append({"round": rnd + 1, "monitoring + capture": name, "req/s": round(r["req_s"], 1),
+                             "p50 ms": round(r["p50_ms"], 1), "p99 ms": round(r["p99_ms"], 1),
+                             "errors": r["errors"]})
+                print(rows[-1], flush=True)
+                serve.delete("monitor")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    mean = {n: float(np.mean([r["req/s"] for r in rows if r["monitoring + capture"] == n])) for n in configs}
+    cost = 1.0 - mean["on"] / mean["off"]
+    cap = captured.get("capture") or {}
+    (model,) = [m for m in captured.get("models", {}).values() if m.get("serving")] or [{}]
+    win = (model.get("windows") or [{}])[0]
+    text = "\n".join([
+        markdown_table(rows, ["round", "monitoring + capture", "req/s", "p50 ms", "p99 ms", "errors"]), "",
+        f"Mean closed-loop peak ({args.peak_clients} clients, {args.peak_seconds:.0f} s per measurement): "
+        f"off {mean['off']:.1f} req/s, on {mean['on']:.1f} req/s: **monitoring + capture cost {cost:+.1%} of "
+        f"peak throughput** (negative: faster with it on, i.e. within noise).", "",
+        f"With it on (last round): {cap.get('written', 0)} images captured (every fallback/abstain answer; "
+        f"{cap.get('dropped_queue_full', 0)} dropped by a full queue, {cap.get('dropped_write_error', 0)} by "
+        f"write errors), decision rates in the {win.get('window', '?')} window {win.get('rates')}, drift "
+        f"{(win.get('drift') or {}).get('score')} vs threshold {(win.get('drift') or {}).get('threshold')}.", "",
+        f"Server: `deploy.app.build_app` on a local Ray through Serve's proxy, backbone colocated in the ingress, "
+        f"EfficientNet-Lite0 @224 (engine auto, {args.threads} threads) + LinearProbe on clothing-small without "
+        f"`{args.new_class}`; requests: all {len(photos)} clothing-small test photos (with `{args.new_class}`), "
+        "one JPEG per multipart request over loopback."])
+    print(text)
+    if args.write:
+        write_section("soak-monitoring", "Serving — cost of production monitoring and capture",
+                      "python -m bench.soak " + " ".join(sys.argv[1:]), text)
 
 
 def report(res: SoakResult, *, peak: float | None, fraction: float | None, version: str, peak_clients: int,

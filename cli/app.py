@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from cli.backbones import backbones_app, use_root
 from cli.console import (
     RootOpt,
     clean_errors,
@@ -22,6 +23,7 @@ from cli.console import (
     stats_table,
 )
 from cli.next_steps import threshold_lines
+from cli.suggest import suggest as suggest_command
 from pipeline import settings
 from pipeline.sweep.plan import DEFAULT_HEADS
 
@@ -32,7 +34,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-backbones_app = typer.Typer(help="The backbone registry.", no_args_is_help=True)
 features_app = typer.Typer(help="The content-addressed feature store.", no_args_is_help=True)
 app.add_typer(backbones_app, name="backbones")
 app.add_typer(features_app, name="features")
@@ -70,9 +71,10 @@ def extract(
     """Embed the dataset with each backbone; only images not yet in the feature store are computed."""
     from feature_store import FeatureStore
 
+    use_root(root)  # registered backbone names live in the state root
     ds = load_dataset_arg(data, seed, None)
     console.print(ds.card.render())
-    stats = _extract_with_progress(ds, backbones, FeatureStore(state_root(root) / "features"),
+    stats = _extract_with_progress(ds, backbones, FeatureStore(settings.features_root(root)),
                                    engine=engine, layout=layout, micro_batch=batch_size)
     console.print(stats_table(stats))
 
@@ -86,60 +88,14 @@ def _extract_with_progress(ds, backbones, store, **kw):
         return extract_features(files, backbones, store=store, on_progress=progress.extract, **kw)
 
 
-@backbones_app.command("list")
-@clean_errors
-def backbones_list(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """Every registered backbone, and whether its weights are available on this machine."""
-    from pipeline.backbones import list_specs, weights_available
-
-    rows = []
-    for spec in list_specs():
-        ok, why = weights_available(spec)
-        rows.append(dict(name=spec.name, family=spec.family, source=spec.source,
-                         params_m=spec.params_m, input_size=spec.input_size,
-                         embed_dim=spec.embed_dim, available=ok, reason=why))
-    if json_out:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"{len(rows)} backbones")
-    for col in ("name", "family", "source", "params (M)", "input", "dim", "weights here"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], r["family"], r["source"],
-                      f"{r['params_m']:.1f}" if r["params_m"] else "?", str(r["input_size"]),
-                      str(r["embed_dim"]), "[green]yes[/]" if r["available"] else "[yellow]no[/]")
-    console.print(table)
-
-
-@backbones_app.command("show")
-@clean_errors
-def backbones_show(name: str) -> None:
-    """The full spec of one backbone (unknown names list what exists)."""
-    from dataclasses import asdict
-
-    from pipeline.backbones import get_spec, weights_available
-
-    try:
-        spec = get_spec(name)
-    except (KeyError, ValueError) as exc:
-        fail(exc.args[0] if exc.args else str(exc))
-    ok, why = weights_available(spec)
-    d = asdict(spec)
-    d["fingerprint"] = spec.fingerprint
-    d["weights_available"] = ok
-    if why:
-        d["weights_note"] = why
-    console.print_json(json.dumps(d, default=str))
-
-
 @features_app.command("ls")
 @clean_errors
 def features_ls(root: Optional[Path] = RootOpt) -> None:
     """Feature sets in the store: backbone, fingerprint, rows, shards, size."""
     from feature_store import FeatureStore
 
-    infos = FeatureStore(state_root(root) / "features").ls()
-    table = Table(title=f"feature store {state_root(root) / 'features'}")
+    infos = FeatureStore(settings.features_root(root)).ls()
+    table = Table(title=f"feature store {settings.features_root(root)}")
     for col in ("backbone", "fingerprint", "dim", "rows", "shards", "MB"):
         table.add_column(col)
     for i in infos:
@@ -158,7 +114,7 @@ def features_gc(
     """Remove interrupted writes and corrupt shards, and feature sets not kept."""
     from feature_store import FeatureStore
 
-    store = FeatureStore(state_root(root) / "features")
+    store = FeatureStore(settings.features_root(root))
     keep_fps = None
     if keep:
         keep_fps = [i.fingerprint for i in store.ls() if any(i.fingerprint.startswith(k) for k in keep)]
@@ -236,6 +192,7 @@ def run(
     head_params = parse_head_params(set_params)
     if head_params:
         check_head_params(_csv_list(heads), head_params)
+    use_root(root)  # registered backbone names live in the state root
     ds = load_dataset_arg(data, seed, None)
     console.print(ds.card.render())
     from jobs.progress import StageProgress
@@ -334,6 +291,9 @@ def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"), ro
     from jobs.tracking import tracking_uri_for
 
     uri = tracking_uri_for(state_root(root))
+    if uri.lower().startswith(("http://", "https://")):  # a tracking server serves its own UI
+        console.print(f"the runs are on the MLflow tracking server {uri}: open it in a browser")
+        return
     console.print(f"MLflow UI on http://{host}:{port} (store {uri})")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     raise typer.Exit(subprocess.call(cmd))
@@ -391,6 +351,9 @@ def serve(
     colocate: Optional[bool] = typer.Option(
         None, "--colocate/--separate-backbone",
         help="Backbone inside the ingress replica (default on a local CPU-only Ray) or its own deployment."),
+    capture: Optional[str] = typer.Option(
+        None, "--capture", help="Capture fallback/abstain images + embeddings for `tlpipe suggest`: a folder, "
+        "an fsspec URL, or 'auto' (<root>/serve/<model>/capture)."),
     root: Optional[Path] = RootOpt,
 ) -> None:
     """Serve a model on Ray Serve (local Ray unless RAY_ADDRESS names a cluster)."""
@@ -404,9 +367,12 @@ def serve(
         serve_run(model, host=host, port=port, tracking_uri=tracking_uri_for(state_root(root)),
                   state_root=str(state_root(root)), engine=engine, max_batch_size=max_batch_size,
                   batch_wait_timeout_s=batch_wait_timeout_s, intra_op_num_threads=intra_op_threads,
-                  direct_ingress=direct_ingress, colocate_backbone=colocate, blocking=True)
+                  direct_ingress=direct_ingress, colocate_backbone=colocate, capture=capture, blocking=True)
     except (ModelSourceError, ServeStartError) as exc:
         fail(str(exc))
+
+
+app.command(name="suggest")(suggest_command)
 
 
 @app.command()

@@ -52,10 +52,13 @@ def clean_errors(command):
             from pipeline.archives import ArchiveError
             from pipeline.backbones import UnknownBackboneError, WeightsUnavailableError
             from pipeline.data import DatasetError
+            from jobs.mlflow_setup import TrackingServerError
             from pipeline.select import NoEligibleCandidateError
+            from pipeline.settings import StateRootError
 
             known = (DatasetError, ArchiveError, UnknownBackboneError, WeightsUnavailableError,
-                     NoEligibleCandidateError, FileNotFoundError, PermissionError)
+                     NoEligibleCandidateError, FileNotFoundError, PermissionError,
+                     TrackingServerError, StateRootError)
             if not isinstance(exc, known) or os.environ.get("TLPIPE_DEBUG"):
                 raise
             fail(str(exc) or type(exc).__name__)

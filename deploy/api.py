@@ -223,7 +223,11 @@ def create_api(service: ServingService) -> FastAPI:
 
     @api.get("/metrics", tags=["health"], response_class=Response)
     async def metrics():
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(service.render_metrics(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/monitor", response_model=schemas.MonitorResponse, tags=["model"], responses=_ERRORS)
+    async def monitor():
+        return service.monitor_snapshot()
 
     # ---------------------------------------------------------------- model
     @api.get("/v1/model", response_model=schemas.ModelInfo, tags=["model"], responses=_ERRORS)

@@ -246,6 +246,12 @@ class Ingress:
         if not self.service.ready:
             raise RuntimeError("no model loaded")
 
+    def __del__(self) -> None:
+        # Serve calls this on graceful shutdown: write the captured records still queued
+        monitor = getattr(getattr(self, "service", None), "monitor", None)
+        if monitor is not None and monitor.capture is not None:
+            monitor.capture.close(timeout=5.0)
+
 
 # ---------------------------------------------------------------------------- builders
 class AppArgs(BaseModel):
@@ -290,6 +296,9 @@ def build_app(model: str | None, *, tracking_uri: str | None = None, state_root:
     overrides: dict[str, Any] = {k: v for k, v in settings.items() if v is not None}
     if state_root is not None:
         overrides["state_root"] = _absolute(state_root)
+    capture = overrides.get("capture")
+    if isinstance(capture, str) and capture != "auto" and "://" not in capture:
+        overrides["capture"] = _absolute(capture)  # replicas do not share the caller's cwd
     if tracking_uri is not None:
         overrides["tracking_uri"] = tracking_uri
     if engine is not None:

@@ -42,10 +42,59 @@ class ServeMetrics:
                                    registry=r)
         self.errors = Counter("tlpipe_client_errors", "Rejected requests by error code", ["code"],
                               registry=r)
+        # production monitoring (deploy/monitor.py), set at scrape time over sliding windows
+        w = ["model", "window"]
+        self.mon_images = Gauge("tlpipe_monitor_images", "Images answered in the window", w, registry=r)
+        self.mon_rate = Gauge("tlpipe_monitor_decision_rate", "Share of the window's images per decision",
+                              w + ["decision"], registry=r)
+        self.mon_confidence = Gauge("tlpipe_monitor_confidence_images",
+                                    "Images per bin of the head's top probability (bin lower edge `ge`)",
+                                    w + ["ge"], registry=r)
+        self.mon_predicted = Gauge("tlpipe_monitor_predicted_share", "Share of the window's images per "
+                                   "predicted class", w + ["label"], registry=r)
+        self.mon_prior = Gauge("tlpipe_monitor_prior_distance", "Total variation distance between the "
+                               "predicted-class mix and the training prior", w, registry=r)
+        self.mon_drift = Gauge("tlpipe_monitor_drift_score", "Mean embedding-drift residual of the window",
+                               w, registry=r)
+        self.mon_drift_threshold = Gauge("tlpipe_monitor_drift_threshold", "Calibrated drift threshold "
+                                         "for the window's image count", w, registry=r)
+        self.mon_drifted = Gauge("tlpipe_monitor_drifted", "1 when the window's drift score is above its "
+                                 "threshold", w, registry=r)
+        self.capture = Gauge("tlpipe_capture", "Capture writer counters and sizes", ["what"], registry=r)
+        self._monitor_gauges = (self.mon_images, self.mon_rate, self.mon_confidence, self.mon_predicted,
+                                self.mon_prior, self.mon_drift, self.mon_drift_threshold, self.mon_drifted)
 
     def set_model(self, name: str, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(name=name, version=version).set(1)
+
+    def monitor_clear(self) -> None:
+        for g in self._monitor_gauges:
+            g.clear()
+
+    def set_window(self, model: str, summary: dict) -> None:
+        """The gauges of one `pipeline.monitoring.DecisionWindows.summary`."""
+        lab = {"model": model, "window": summary["window"]}
+        self.mon_images.labels(**lab).set(summary["images"])
+        for decision, rate in summary["rates"].items():
+            if rate is not None:
+                self.mon_rate.labels(**lab, decision=decision).set(rate)
+        for edge, count in zip(summary["confidence"]["edges"], summary["confidence"]["counts"]):
+            self.mon_confidence.labels(**lab, ge=f"{edge:g}").set(count)
+        for label, share in summary["predicted"].items():
+            self.mon_predicted.labels(**lab, label=label).set(share)
+        if summary["prior_distance"] is not None:
+            self.mon_prior.labels(**lab).set(summary["prior_distance"])
+        drift = summary["drift"]
+        if drift.get("available") and drift.get("score") is not None:
+            self.mon_drift.labels(**lab).set(drift["score"])
+            self.mon_drift_threshold.labels(**lab).set(drift["threshold"])
+            self.mon_drifted.labels(**lab).set(1.0 if drift["drifted"] else 0.0)
+
+    def set_capture(self, stats: dict) -> None:
+        for key, value in stats.items():
+            if isinstance(value, (int, float)):
+                self.capture.labels(what=key).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -139,7 +139,13 @@ class ModelSource:
             return ResolvedModel(ref, ref.name, f"local-{digest}", str(d))
         from mlflow.exceptions import MlflowException
 
+        from jobs.mlflow_setup import TrackingServerError, check_tracking_server
+
         uri = str(self.tracking_uri or "")
+        try:  # a server that is down: one line now, not MLflow's minutes of retries
+            check_tracking_server(uri)
+        except TrackingServerError as exc:
+            raise ModelSourceError(f"cannot resolve {ref}: {exc}") from None
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
             raise ModelSourceError(f"no MLflow store at {uri[len('sqlite:///'):]}: nothing was registered "
                                    f"under this state root; run `tlpipe run` first, or point --root / "

@@ -108,6 +108,17 @@ class ReloadResponse(_Model):
     previous: str | None
 
 
+class MonitorResponse(BaseModel):
+    """Production monitoring of this replica, per model version it served (see deploy/monitor.py)."""
+
+    model_config = ConfigDict(extra="allow")
+    current: str | None = Field(None, description="the version being served")
+    enabled: bool = Field(..., description="decision/drift windows are kept (setting `monitor`)")
+    models: dict = Field(..., description="per version: windows with decision rates, confidence histogram, "
+                         "predicted-class mix vs training prior, drift score vs calibrated threshold")
+    capture: dict | None = Field(None, description="capture writer counters (None: capture off)")
+
+
 class Health(_Model):
     status: str
     model: str | None = None

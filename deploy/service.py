@@ -10,6 +10,10 @@ EmbedResult`` — the Serve backbone deployment's handle in production, `LocalEm
 A predictor over several backbones (`Predictor.specs`) is served the same way: each image is
 decoded once per distinct preprocessing, the embedder is called once per backbone, and the
 embeddings are concatenated in spec order (`Backbones`).
+
+Every answered request is also handed to the production monitor (`deploy.monitor`: decision
+windows, drift against the predictor's reference, capture of uncertain images), which never
+blocks or fails the request.
 """
 
 from __future__ import annotations
@@ -106,13 +110,15 @@ def _fingerprint(spec, key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def _fingerprint_all(backbones: Backbones) -> str:
+def backbones_fingerprint(backbones: Backbones) -> str:
     """Names the added-examples index: a single backbone keeps its own fingerprint (so serving
     state written before multi-backbone models stays valid); several hash theirs in order."""
     if len(backbones.specs) == 1:
         return _fingerprint(backbones.specs[0], backbones.keys[0])
     parts = [_fingerprint(s, k) for s, k in zip(backbones.specs, backbones.keys)]
     return hashlib.sha256(("multi:" + "|".join(parts)).encode()).hexdigest()[:32]
+
+
 
 
 def decode_base64(text: str, index: int) -> bytes:
@@ -148,6 +154,38 @@ class ServingService:
         self._lock: asyncio.Lock | None = None
         self._reload_lock: asyncio.Lock | None = None
         self._poll_task: asyncio.Task | None = None
+        self.monitor = self._monitor(settings)
+
+    def _monitor(self, settings: ServeSettings):
+        """The production monitor and capture writer this replica feeds (None when both are off)."""
+        from deploy.capture import CaptureWriter
+        from deploy.monitor import ServingMonitor
+
+        capture = None
+        url = settings.capture_url(self.ref.key)
+        if url is not None:
+            try:
+                capture = CaptureWriter(url, max_bytes=settings.capture_max_bytes,
+                                        max_age_s=settings.capture_max_age_s, sample=settings.capture_sample,
+                                        queue_size=settings.capture_queue)
+            except (OSError, ValueError, ImportError) as exc:
+                raise ValueError(f"capture {url!r} cannot be opened ({type(exc).__name__}: {exc}); pass a "
+                                 "writable folder or fsspec URL to --capture") from None
+        if not settings.monitor and capture is None:
+            return None
+        return ServingMonitor(settings.monitor_windows_s, last=settings.monitor_last, capture=capture,
+                              track=settings.monitor)
+
+    def monitor_snapshot(self) -> dict:
+        current = self._state.label if self._state is not None else None
+        if self.monitor is None:
+            return {"current": current, "enabled": False, "models": {}, "capture": None}
+        return {"enabled": self.monitor.track, **self.monitor.snapshot(current)}
+
+    def render_metrics(self) -> bytes:
+        if self.monitor is not None:
+            self.monitor.export(self.metrics, self._state.label if self._state is not None else None)
+        return self.metrics.render()
 
     # ------------------------------------------------------------------ state
     @property
@@ -204,7 +242,7 @@ class ServingService:
             labels, counts = np.unique(predictor.support.labels, return_counts=True)
             base_counts = {str(a): int(b) for a, b in zip(labels, counts)}
         async with self.lock:
-            fp = _fingerprint_all(bb)
+            fp = backbones_fingerprint(bb)
             added, token = await self._reconcile(bb, fp, None)
             state = ServingState(resolved=resolved, base=predictor, predictor=predictor, added=None, key=bb.keys[0],
                                  fingerprint=fp, engine=probe.engine or self.settings.engine,
@@ -271,6 +309,8 @@ class ServingService:
         if self._poll_task is not None:
             self._poll_task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.monitor is not None and self.monitor.capture is not None:
+            await asyncio.to_thread(self.monitor.capture.close)
 
     # ------------------------------------------------------------------ decoding
     def _prepare(self, data: bytes, spec) -> np.ndarray:
@@ -331,6 +371,8 @@ class ServingService:
                 m.batch_requests.observe(res.batch_requests)
         for p in preds:
             m.decisions.labels(decision=p.decision).inc()
+        if self.monitor is not None:
+            self.monitor.observe(state, items, embeddings, preds)
         return state, preds
 
     # ------------------------------------------------------------------ support examples

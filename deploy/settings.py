@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from pipeline.backbones.registry import ENGINE_CHOICES
+from pipeline.monitoring import DEFAULT_LAST, DEFAULT_WINDOWS_S
 from pipeline.settings import DEFAULT_STATE_ROOT
 
 ENV_PREFIX = "TLPIPE_SERVE_"
@@ -50,6 +51,16 @@ class ServeSettings(BaseModel):
     engine: str = Field("auto", description=f"backbone engine, one of {ENGINE_CHOICES}")
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding + preparing images")
     top_k: int | None = Field(None, ge=1, le=1000, description="default top_k (None: the predictor's)")
+    monitor: bool = Field(True, description="drift and decision monitoring (GET /v1/monitor, gauges on /metrics)")
+    monitor_windows_s: tuple[float, ...] = Field(DEFAULT_WINDOWS_S, min_length=1,
+                                                 description="sliding windows the monitor summarises, seconds")
+    monitor_last: int | None = Field(DEFAULT_LAST, ge=1, description="also summarise the last N images (None: no)")
+    capture: str | None = Field(None, description="capture fallback/abstain images + embeddings here: a folder, "
+                                "an fsspec URL, or 'auto' (<state_root>/serve/<model>/capture); None: off")
+    capture_max_bytes: int = Field(2 * 1024**3, ge=1, description="capture size bound (oldest records go first)")
+    capture_max_age_s: float = Field(30 * 86400.0, gt=0, description="capture age bound")
+    capture_sample: float = Field(0.0, ge=0.0, le=1.0, description="share of the other answers captured too")
+    capture_queue: int = Field(256, ge=1, description="records waiting for the writer; more are dropped")
 
     @field_validator("engine")
     @classmethod
@@ -58,7 +69,12 @@ class ServeSettings(BaseModel):
             raise ValueError(f"engine must be one of {ENGINE_CHOICES}, got {v!r}")
         return v
 
-    @field_validator("model", "tracking_uri", mode="before")
+    @field_validator("monitor_windows_s", mode="before")
+    @classmethod
+    def _windows_list(cls, v: Any) -> Any:
+        return [x for x in str(v).replace(",", " ").split()] if isinstance(v, str) else v
+
+    @field_validator("model", "tracking_uri", "capture", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -81,6 +97,12 @@ class ServeSettings(BaseModel):
     def serve_dir(self, model_key: str) -> Path:
         """``<state_root>/serve/<model key>``: downloads, support examples and their index."""
         return Path(self.state_root).expanduser().resolve() / "serve" / model_key
+
+    def capture_url(self, model_key: str) -> str | None:
+        """Where captured traffic goes (None: capture off); 'auto' is the model's serving dir."""
+        if self.capture is None:
+            return None
+        return str(self.serve_dir(model_key) / "capture") if self.capture == "auto" else self.capture
 
     def public(self) -> dict:
         """The settings without the secret (for /v1/model and logs)."""

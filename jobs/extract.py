@@ -27,7 +27,7 @@ from pipeline.backbones import BackboneSpec, get_spec, load_backbone
 from pipeline.backbones.registry import ENGINE_CHOICES
 from pipeline.devices import default_dtype
 from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.settings import DEFAULT_STATE_ROOT
+from pipeline.settings import DEFAULT_STATE_ROOT, features_root
 
 # Images per forward pass when the caller does not say. OpenVINO's CPU plugin is fastest on small
 # batches on 2 cores (see BENCHMARKS.md, extraction), and small batches let decoding of the next
@@ -513,7 +513,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs.extract DATA ...` runs on a cluster). Prints one JSON line of stats per backbone."""
     import argparse
     import json
-    from pathlib import Path
 
     from pipeline.archives import is_archive, unpack
     from pipeline.data import load_dataset
@@ -525,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--root", default=DEFAULT_STATE_ROOT,
                     help="state root; features go to ROOT/features (default .tlpipe)")
     ap.add_argument("--store", default=None, help="feature store path or fsspec URL "
-                    "(default ROOT/features)")
+                    "(default $TLPIPE_FEATURES, else ROOT/features)")
     ap.add_argument("--engine", default="auto", choices=ENGINE_CHOICES)
     ap.add_argument("--layout", default="fused", choices=("fused", "tasks"))
     ap.add_argument("--micro-batch", type=int, default=None,
@@ -539,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     data = str(unpack(args.data)) if is_archive(args.data) else args.data
     ds = load_dataset(data, seed=args.seed)
-    store = FeatureStore(args.store or Path(args.root) / "features")
+    store = FeatureStore(args.store or features_root(args.root))
     from rich.console import Console
 
     from jobs.progress import StageProgress

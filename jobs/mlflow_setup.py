@@ -3,6 +3,10 @@ reaper `setup_mlflow` runs: runs whose driver process died without ending them a
 
 Runs live under the state root unless MLFLOW_TRACKING_URI says otherwise (read at call time):
 ``sqlite:///<root>/mlflow.db`` for runs, ``<root>/mlartifacts/<experiment>/`` for artifacts.
+On a cluster, MLFLOW_TRACKING_URI names an ``mlflow server`` (http[s]://) that every node
+reaches: runs, the registry and artifacts (``mlflow-artifacts:/``, proxied by the server to its
+``--artifacts-destination``) then all go through it, and no node needs a shared disk or
+object-store credentials for MLflow (deploy/PRODUCTION.md).
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ DRIVER_PIDNS_TAG = "tlpipe.driver.pidns"   # pid namespace: containers may share
 REAPED_TAG = "tlpipe.reaped"
 #: longest tag value MLflow stores
 MAX_TAG_LEN = 8000
+
+
+class TrackingServerError(ConnectionError):
+    """The MLflow tracking server named by MLFLOW_TRACKING_URI does not answer."""
+
+
+#: how long `check_tracking_server` waits for the server's /health
+HEALTH_TIMEOUT_S = 10.0
 
 
 def _is_local_uri(uri: str) -> bool:
@@ -58,10 +70,37 @@ def artifact_location_for(root: str | os.PathLike, experiment: str,
 
 
 def quiet_mlflow() -> None:
-    """MLflow's INFO chatter (database migrations, 'View run at ...') down to warnings."""
+    """MLflow's INFO chatter (database migrations) down to warnings; no progress bars, and no
+    '🏃 View run ... at: http://...' pair on stdout for every run started against a tracking
+    server (two lines per sweep candidate; the CLI prints where the sweep is once)."""
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def check_tracking_server(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    """For an http(s) tracking URI, one GET of the server's ``/health``: raises
+    `TrackingServerError` when nothing answers there (refused, unknown host, timeout), so a job
+    fails in seconds instead of after MLflow's retries (minutes) — or after hours of extraction.
+    Any HTTP answer passes (a proxy or auth in front may answer 401 / 404): only reachability is
+    checked. Other URIs (sqlite, databricks, ...) are not checked."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as exc:
+        why = getattr(exc, "reason", None) or exc
+        raise TrackingServerError(
+            f"cannot reach the MLflow tracking server at {uri} ({why}); start it (`mlflow server "
+            "--backend-store-uri ... --artifacts-destination ...`, see deploy/PRODUCTION.md) or "
+            "unset MLFLOW_TRACKING_URI to track under the state root") from None
 
 
 def use_tracking_uri(uri: str) -> None:
@@ -86,6 +125,7 @@ def setup_mlflow(root: str | os.PathLike, experiment: str) -> str:
     quiet_mlflow()
     Path(root).expanduser().mkdir(parents=True, exist_ok=True)
     uri = tracking_uri_for(root)
+    check_tracking_server(uri)
     use_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
@@ -100,8 +140,10 @@ def setup_mlflow(root: str | os.PathLike, experiment: str) -> str:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    # a local store is tlpipe's own: all its experiments; a shared server holds other people's
+    # experiments too, so only this one is searched (one query, not one per 100 experiments)
     try:
-        reap_stale_runs(client)
+        reap_stale_runs(client, None if _is_local_uri(uri) else [exp.experiment_id])
     except Exception as exc:  # housekeeping must never stop a job from starting
         logger.warning("could not check %s for runs left RUNNING by killed drivers: %s", uri, exc)
     return exp.experiment_id

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.settings import DEFAULT_EXPERIMENT, DEFAULT_STATE_ROOT
+from pipeline.settings import DEFAULT_EXPERIMENT, DEFAULT_STATE_ROOT, features_root, state_root
 from pipeline.sweep.plan import DEFAULT_HEADS
 from pipeline.sweep.report import add_section, calibration_section
 
@@ -102,6 +102,7 @@ def build_predictor(dataset, store, winner: dict, head_dir: str, *, target_preci
         "fingerprint": fps[0], "fingerprints": fps, "engine": meta.get("engine"),
         "classes": list(map(str, head.classes_)),
     })
+    predictor.fit_reference(x_trval, [r.label for r in trval])  # what serving judges drift against
     sel = json.loads((cdir / "selection.json").read_text())
     proba = np.load(cdir / "selection_proba.npy", allow_pickle=False)
     cal = calibrate_from_oof(proba, sel["y"], predictor.classes, X=embed(sel["ids"]),
@@ -140,9 +141,9 @@ def run(
     from jobs.extract import extract_features
     from jobs.registry import TEST_PREDICTIONS, register_predictor
     from jobs.sweep import feature_sets_from_stats, run_sweep
-    from jobs.tracking import log_bytes, setup_mlflow
+    from jobs.tracking import check_tracking_server, log_bytes, setup_mlflow, tracking_uri_for
 
-    root = Path(root)
+    root = state_root(root)  # a local dir (file:// accepted); URLs are refused with the fix
     if dataset is None:
         from pipeline.archives import is_archive, unpack
         from pipeline.data import load_dataset
@@ -156,7 +157,9 @@ def run(
 
             raise WeightsUnavailableError("*", "no backbone has weights on this machine: " +
                                           "; ".join(f"{s['backbone']}: {s['reason']}" for s in skipped))
-    store = FeatureStore(root / "features")
+    check_tracking_server(tracking_uri_for(root))  # a server that is down: one line, before Ray or extraction
+    setup_mlflow(root, DEFAULT_EXPERIMENT)
+    store = FeatureStore(features_root(root))  # $TLPIPE_FEATURES (a shared fsspec URL) or <root>/features
     stats = extract_features([(r.sha256, r.path) for r in dataset.records], backbones, store=store,
                              on_progress=on_progress)
     for s in stats:

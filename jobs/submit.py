@@ -3,7 +3,9 @@
 The job's driver runs on the cluster (its head node), so paths must be ones the cluster can
 read: local paths that exist here are made absolute (a cluster on this machine, or shared
 storage mounted at the same place), others are passed as they are. The MLflow tracking URI and
-tlpipe's state and cache roots travel with the job when they are set here.
+tlpipe's state, feature store and cache roots travel with the job when they are set here: on a
+cluster of several machines, MLFLOW_TRACKING_URI names an `mlflow server` and TLPIPE_FEATURES a
+shared fsspec URL (deploy/PRODUCTION.md).
 
 Token authentication (Ray >= 2.52; `RAY_AUTH_MODE=token` on the cluster): the Jobs client sends
 the token when this process has `RAY_AUTH_MODE=token` and finds it in `RAY_AUTH_TOKEN`,
@@ -19,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-#: environment forwarded to the job when set here (where it logs, where its state lives)
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "TLPIPE_HOME", "TLPIPE_CACHE_DIR")
+#: environment forwarded to the job when set here (where it logs, where its state and features live)
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "TLPIPE_HOME", "TLPIPE_FEATURES",
+                 "TLPIPE_CACHE_DIR")
 #: `tlpipe run` options whose value is a path
 PATH_OPTIONS = ("--root",)
+#: options whose comma-separated items are backbone names or checkpoint folders
+FOLDER_LIST_OPTIONS = ("--backbones", "-b")
 #: the Jobs API address when neither --address nor RAY_ADDRESS names one
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 #: how long a submission waits for a freshly started head's job agent
@@ -50,8 +55,10 @@ def run_entrypoint(data: str, run_args: Sequence[str]) -> str:
     """The job's shell command: `tlpipe run DATA ARGS`, local paths made absolute."""
     args = list(run_args)
     for i, a in enumerate(args[:-1]):
-        if a in PATH_OPTIONS:
+        if a in PATH_OPTIONS and "://" not in args[i + 1]:  # a file:// root is already absolute
             args[i + 1] = str(Path(args[i + 1]).expanduser().resolve())
+        elif a in FOLDER_LIST_OPTIONS:  # a folder here is a folder there (same path on the cluster)
+            args[i + 1] = ",".join(_absolute_if_local(v) for v in args[i + 1].split(","))
     return shlex.join(["tlpipe", "run", _absolute_if_local(data), *args])
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from jobs.leaderboard import CANDIDATE_KIND, SWEEP_KIND, WINNER_TAG, leaderboard
-from pipeline.settings import DEFAULT_EXPERIMENT
+from pipeline.settings import DEFAULT_EXPERIMENT, features_root
 from pipeline.sweep import ensemble as ens
 from pipeline.sweep.candidate import fit_evaluate
 from pipeline.sweep.features import backbone_latency as measure_or_lookup_latency
@@ -238,7 +238,7 @@ def run_sweep(
                                             selection_metric=selection_metric, tolerance=tolerance)
     names = [r.backbone for r in refs]
     root = Path(root).expanduser()
-    store = store if store is not None else FeatureStore(root / "features")
+    store = store if store is not None else FeatureStore(features_root(root))
     if isinstance(store, (str, os.PathLike)):
         store = FeatureStore(store)
     text_embedders = dict(text_embedders or {})
@@ -293,7 +293,7 @@ def run_sweep(
         # backbone latency first, one backbone at a time, before any head task competes for CPU
         for ref, _ in plans:
             lat, why = measure_or_lookup_latency(ref, backbone_latency, latency_device,
-                                                 latency_repeats)
+                                                 latency_repeats, cache_dir=root / "latency")
             lat_by_backbone[ref.backbone] = {**lat, **({"error": why} if why else {})}
 
         def read(ref: FeatureSetRef) -> dict[str, Any]:

@@ -37,7 +37,9 @@ from jobs.mlflow_setup import (  # noqa: F401
     KIND_TAG,
     MAX_TAG_LEN,
     REAPED_TAG,
+    TrackingServerError,
     artifact_location_for,
+    check_tracking_server,
     client,
     driver_tags,
     quiet_mlflow,
@@ -221,13 +223,12 @@ def eval_figures(report: Any, *, hardest: Sequence[Mapping[str, Any]] | None = N
                  hardest_images: Sequence[Any] | None = None) -> dict[str, bytes]:
     """PNG bytes of the confusion matrix, reliability diagram and (if given) the hardest
     examples grid, keyed by their artifact file names."""
-    from pipeline import plots
+    from pipeline import charts
 
-    figs = {"confusion_matrix.png": plots.png_bytes(plots.confusion_matrix_figure(report)),
-            "reliability.png": plots.png_bytes(plots.reliability_figure(report))}
+    figs = charts.evaluation_pngs(report)
     if hardest is not None and hardest_images is not None:
-        figs["hardest_examples.png"] = plots.hardest_examples_png(
-            list(hardest_images), plots.hardest_captions(hardest))
+        figs["hardest_examples.png"] = charts.hardest_examples_png(
+            list(hardest_images), charts.hardest_captions(hardest))
     return figs
 
 

@@ -1,9 +1,11 @@
 """Device / thread helpers shared by extraction and serving. torch is imported only when needed."""
 from __future__ import annotations
 
+import glob
 import os
+import sys
 
-__all__ = ["resolve_device", "default_dtype", "cpu_count"]
+__all__ = ["resolve_device", "cuda_possible", "default_dtype", "cpu_count"]
 
 
 def resolve_device(device: str | None = "cpu") -> str:
@@ -12,6 +14,8 @@ def resolve_device(device: str | None = "cpu") -> str:
     if d == "cpu":
         return "cpu"
     if d == "auto":
+        if not cuda_possible():
+            return "cpu"
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,6 +26,17 @@ def resolve_device(device: str | None = "cpu") -> str:
             raise ValueError(f"device {device!r} requested but no CUDA GPU is visible: use device='cpu' or 'auto'")
         return d
     raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+
+
+def cuda_possible() -> bool:
+    """False when this machine certainly has no usable CUDA GPU: CUDA_VISIBLE_DEVICES hides every
+    device, or (Linux) no NVIDIA driver is loaded. Answers 'auto' without importing torch
+    (seconds of CPU in every process that asks); True means "ask torch"."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    if sys.platform.startswith("linux"):
+        return os.path.exists("/proc/driver/nvidia") or bool(glob.glob("/dev/nvidia[0-9]*"))
+    return True
 
 
 def default_dtype(device: str) -> str:

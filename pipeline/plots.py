@@ -1,15 +1,15 @@
-"""Figures and the self-contained HTML report for an evaluation / selection.
+"""The sweep's Pareto plot and the self-contained HTML report for an evaluation / selection
+(per-candidate figures: `pipeline.charts`).
 
 Uses matplotlib's object API with the Agg canvas only: no pyplot, so no global figure state and
-no backend switching. Every figure function returns a `matplotlib.figure.Figure`; `save_png`
-writes one to disk and `png_bytes` renders one in memory (for `report_html`).
+no backend switching. `pareto_figure` returns a `matplotlib.figure.Figure`; `save_png` writes
+one to disk and `png_bytes` renders one in memory (for `report_html`).
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import functools
 import html
 import io
 import math
@@ -26,8 +26,6 @@ from pipeline.numeric import finite_float
 from pipeline.select import Candidate, pareto_front
 
 _DPI = 110
-_MAX_ANNOTATED_CLASSES = 20
-_THUMB = 160
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -55,165 +53,6 @@ def save_png(fig: Figure, path: str | os.PathLike, *, dpi: int = _DPI) -> str:
     with open(path, "wb") as f:
         f.write(data)
     return path
-
-
-# ----------------------------------------------------------------------------- evaluation plots
-
-def confusion_matrix_figure(report: EvalReport, *, title: str | None = None) -> Figure:
-    """Confusion matrix normalised per row (true class), with class labels."""
-    cm = np.asarray(report.confusion_matrix, dtype=np.float64)
-    classes = list(report.classes)
-    c = len(classes)
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    side = min(24.0, max(4.5, 0.45 * c + 2.5))
-    fig = _new_figure(side + 1.0, side)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(norm, vmin=0.0, vmax=1.0, cmap="Blues", interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    fs = max(4.0, min(9.0, 180.0 / max(c, 1)))
-    ax.set_xticks(range(c))
-    ax.set_yticks(range(c))
-    ax.set_xticklabels(classes, rotation=90, fontsize=fs)
-    ax.set_yticklabels(classes, fontsize=fs)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if c <= _MAX_ANNOTATED_CLASSES:
-        for i in range(c):
-            for j in range(c):
-                if cm[i, j] == 0:
-                    continue
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=fs,
-                        color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_title(title or f"Confusion matrix (row-normalised, n={report.n_samples})")
-    fig.tight_layout()
-    return fig
-
-
-def reliability_figure(report: EvalReport, *, title: str | None = None) -> Figure:
-    """Reliability diagram: per-bin accuracy bars, mean confidence, diagonal; counts below."""
-    bins = report.reliability
-    lower = np.array([b["lower"] for b in bins])
-    upper = np.array([b["upper"] for b in bins])
-    centers = (lower + upper) / 2
-    width = upper - lower
-    counts = np.array([b["count"] for b in bins])
-    acc = np.array([b["accuracy"] if b["accuracy"] is not None else 0.0 for b in bins])
-    conf = np.array([b["mean_confidence"] if b["mean_confidence"] is not None else np.nan
-                     for b in bins])
-    fig = _new_figure(5.5, 6.0)
-    gs = fig.add_gridspec(2, 1, height_ratios=[3, 1], hspace=0.08)
-    ax = fig.add_subplot(gs[0])
-    ax.bar(centers, acc, width=width, edgecolor="black", color="#4C72B0", alpha=0.85,
-           label="accuracy")
-    has = counts > 0
-    ax.bar(centers[has], conf[has] - acc[has], bottom=acc[has], width=width[has],
-           color="#DD8452", alpha=0.35, edgecolor="#DD8452", hatch="//", label="gap to confidence")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.tick_params(labelbottom=False)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(title or f"Reliability diagram  (ECE = {report.ece:.4f}, n={report.n_samples})")
-    ax2 = fig.add_subplot(gs[1], sharex=ax)
-    ax2.bar(centers, counts, width=width, color="gray", edgecolor="black")
-    ax2.set_xlabel("confidence (max probability)")
-    ax2.set_ylabel("count")
-    return fig
-
-
-def _load_thumbnail(item: Any):
-    from PIL import Image
-
-    if isinstance(item, Image.Image):
-        img = item
-    else:
-        from pipeline.images import open_image  # lazy: keeps plotting import-light
-
-        img = open_image(item, draft_size=(_THUMB, _THUMB))
-    img = img.convert("RGB")
-    img.thumbnail((_THUMB, _THUMB))
-    return np.asarray(img)
-
-
-#: tile background of an image that could not be opened (tests look for it)
-UNREADABLE_TILE = (230, 230, 230)
-
-
-def _fit_tile(thumb: np.ndarray) -> np.ndarray:
-    """Scale an RGB array so its longer side is one tile (small images are enlarged)."""
-    from PIL import Image
-
-    h, w = thumb.shape[:2]
-    scale = _THUMB / max(h, w)
-    if scale == 1:
-        return thumb
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BICUBIC))
-
-
-@functools.lru_cache(maxsize=None)
-def _font(size: int):
-    from PIL import ImageFont
-
-    # matplotlib's DejaVu Sans: always installed with matplotlib, has the arrow glyph
-    path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
-    try:
-        return ImageFont.truetype(path, size)
-    except OSError:
-        return ImageFont.load_default(size=size)
-
-
-def hardest_examples_png(images: Sequence[Any], captions: Sequence[str], *, ncols: int = 4,
-                         title: str = "Most confident mistakes") -> bytes:
-    """Thumbnail grid as PNG bytes. ``images``: PIL images, paths or bytes (opened with
-    pipeline.images); one that cannot be opened becomes a grey tile saying why.
-
-    Drawn with PIL: a sweep makes one per candidate in its driver, and a matplotlib subplot
-    per tile cost about a second of CPU each."""
-    from PIL import Image, ImageDraw
-
-    if len(images) != len(captions):
-        raise ValueError(f"got {len(images)} images but {len(captions)} captions")
-    n = len(images)
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, math.ceil(n / ncols))
-    title_h, cap_h, pad = 30, 18, 8  # pixels
-    cell_w, cell_h = _THUMB + pad, _THUMB + cap_h + pad
-    width = max(ncols * cell_w + pad, 320)
-    canvas = Image.new("RGB", (width, title_h + nrows * cell_h + (40 if n == 0 else 0)), "white")
-    draw = ImageDraw.Draw(canvas)
-    big, small = _font(15), _font(10)
-    draw.text((width / 2, title_h / 2), title, fill="black", font=big, anchor="mm")
-    if n == 0:
-        draw.text((width / 2, title_h + 25), "no mistakes on this split", fill="black", font=small,
-                  anchor="mm")
-    for i, (item, cap) in enumerate(zip(images, captions)):
-        r, c = divmod(i, ncols)
-        x0, y0 = pad + c * cell_w, title_h + r * cell_h + cap_h
-        try:
-            thumb = _fit_tile(_load_thumbnail(item))
-            h, w = thumb.shape[:2]
-            canvas.paste(Image.fromarray(thumb), (x0 + (_THUMB - w) // 2, y0 + (_THUMB - h) // 2))
-        except Exception as e:  # show the failure in the tile instead of losing the whole grid
-            draw.rectangle((x0, y0, x0 + _THUMB - 1, y0 + _THUMB - 1), fill=UNREADABLE_TILE)
-            draw.multiline_text((x0 + _THUMB / 2, y0 + _THUMB / 2),
-                                f"cannot open:\n{type(e).__name__}", fill="black", font=small,
-                                anchor="mm", align="center")
-        text = str(cap)
-        while len(text) > 4 and draw.textlength(text, font=small) > cell_w:
-            text = text[:-2]
-        draw.text((x0 + _THUMB / 2, y0 - 3), text if text == str(cap) else text + "\u2026",
-                  fill="black", font=small, anchor="md")
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
-
-
-def hardest_captions(examples: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Captions for `hardest_examples` output: 'true → predicted (confidence)'."""
-    return [f"{e['true']} \u2192 {e['predicted']} ({e['confidence']:.2f})" for e in examples]
 
 
 # ----------------------------------------------------------------------------- selection plot

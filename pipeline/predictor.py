@@ -16,7 +16,9 @@ Decision per image:
    one that needs an answer for every image (or an accuracy) gets one.
 
 `save(dir)` / `load(dir)` mirror each other: `predictor.json` + `head/` (JSON + safetensors) +
-`support/` (FAISS + npy + JSON) + `backbone/` (local weights, when a spec has them). No pickle
+`support/` (FAISS + npy + JSON) + `backbone/` (local weights, when a spec has them) + `drift/`
+(the `pipeline.drift.DriftReference` production monitoring compares traffic with; absent in
+predictors saved before it existed, which still load: `reference` is then None). No pickle
 anywhere. predictor.json v2 lists `specs`; v1 files (one `spec`) still load.
 """
 
@@ -97,6 +99,7 @@ class Predictor:
         self.knn_threshold = float(knn_threshold)
         self.top_k = int(top_k)
         self.info = dict(info or {})
+        self.reference = None  # pipeline.drift.DriftReference: the training embeddings drift is judged against
         self._backbones: list = [None] * len(specs)
         self.engine = "auto"
         self.device = "cpu"
@@ -141,6 +144,14 @@ class Predictor:
             "knn_threshold": self.knn_threshold, "val_samples": int(len(y_val)),
             "val_coverage": float(1 - passed.mean()),
         }
+        return self
+
+    def fit_reference(self, X_train, y_train, *, seed: int = 0) -> "Predictor":
+        """Keep a seeded sample of training embeddings + a drift threshold calibrated on held-out
+        ones (`pipeline.drift`), saved with the predictor for production monitoring."""
+        from pipeline.drift import DriftReference
+
+        self.reference = DriftReference.fit(X_train, y_train, seed=seed)
         return self
 
     # ------------------------------------------------------------------ prediction
@@ -221,6 +232,8 @@ class Predictor:
         self.head.save(d / "head")
         if self.support is not None:
             self.support.save(d / "support")
+        if self.reference is not None:
+            self.reference.save(d / "drift")
         specs, bundled = [], {}
         for i, s in enumerate(self.specs):
             spec = s.to_dict()
@@ -239,7 +252,8 @@ class Predictor:
             "format": FORMAT, "version": FORMAT_VERSION, "specs": specs,
             "classes": self.classes, "threshold": self.threshold, "knn_k": self.knn_k,
             "knn_threshold": self.knn_threshold, "top_k": self.top_k,
-            "has_support": self.support is not None, "info": self.info,
+            "has_support": self.support is not None, "has_reference": self.reference is not None,
+            "info": self.info,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (d / "predictor.json").write_text(json.dumps(config, indent=2, default=str))
@@ -288,5 +302,9 @@ class Predictor:
         if pred.classes != cfg["classes"]:
             raise ValueError(f"{d}: head classes {pred.classes} differ from predictor.json "
                              f"{cfg['classes']}; the artifact is inconsistent, re-save it")
+        if cfg.get("has_reference"):
+            from pipeline.drift import DriftReference
+
+            pred.reference = DriftReference.load(d / "drift")
         pred.engine, pred.device = engine, device
         return pred

@@ -2,7 +2,9 @@
 
 Importing this package loads no model and imports no torch; library adapters are imported on
 first load. One `SourceAdapter` per weights source (``sources.py``) answers every source-specific
-question; see ARCHITECTURE.md for the module layering.
+question; see ARCHITECTURE.md for the module layering. A weights folder is a backbone too: its
+spec is derived from the files (``folders.py``) and can be registered by name in the state root
+(``named.py``, `tlpipe backbones add`); `get_spec` resolves both.
 """
 from .adapters import SourceAdapter, get_source, register_source
 from .base import Backbone, UnknownBackboneError, WeightsUnavailableError, as_uint8_batch

@@ -29,6 +29,10 @@ __all__ = [
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".pth.tar")
 
+#: how to use a local weights folder, in every message that asks for one (commands that exist)
+LOCAL_FOLDER_HINT = ("register the folder with `tlpipe backbones add NAME DIR` and use `--backbones NAME`, "
+                     "or pass the folder itself as `--backbones DIR`")
+
 
 class SourceAdapter:
     """The source-specific parts of finding, checking, fingerprinting and loading weights."""
@@ -57,17 +61,20 @@ class SourceAdapter:
         return (
             f"download them where a hub is reachable with `hf download {repo}{rev} --local-dir DIR` "
             f"(or `huggingface-cli download ...`; for transformers models `...from_pretrained('{repo}').save_pretrained(DIR)`), "
-            f"copy DIR here and pass `--weights DIR` / set the spec's weights to DIR "
-            f"(`get_spec('{spec.name}').replace(weights=DIR)`), or copy the hub cache into HF_HUB_CACHE"
+            f"copy DIR here and {LOCAL_FOLDER_HINT} (in Python: `get_spec('{spec.name}').replace(weights=DIR)`), "
+            f"or copy the hub cache folder here and point HF_HUB_CACHE (or HF_HOME) at it"
         )
 
     def local_problem(self, spec: "SpecLike") -> str:
         """'' if the local weights path looks loadable for this source, else what is wrong + fix."""
         p = local_path(spec.weights)
         if not p.exists():
+            import socket
+
             return (
-                f"weights path {p} for {spec.name} does not exist: save the model there "
-                f"({self.save_hint(spec)}) or point `--weights` at the right place"
+                f"weights path {p} for {spec.name} does not exist on this machine ({socket.gethostname()}): save "
+                f"the model there ({self.save_hint(spec)}; on a cluster, on storage every node mounts at that "
+                f"path), or {LOCAL_FOLDER_HINT} for the folder where it is"
             )
         if p.is_file():
             return ""

@@ -8,7 +8,10 @@ defaults of each hub repo, open_clip's preprocess cfg. ``params_m`` counts the e
 ones against the libraries.
 
 Besides the catalogue, ``timm/<any timm model name>`` resolves to a spec built from timm's
-pretrained cfg (embed_dim/params_m unknown until loaded).
+pretrained cfg (embed_dim/params_m unknown until loaded); a name registered with ``tlpipe
+backbones add`` resolves through ``named.py``; and a path to a weights folder resolves to the spec
+derived from its files (``folders.py``), registered in this process under ``family/<folder name>``
+so the name it reports resolves again.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ import threading
 from typing import Any
 
 from .base import UnknownBackboneError
+from .folders import spec_from_folder
+from .hashing import is_local_path, local_path
+from .named import entries, registered_spec, registered_specs
 from .spec import (
     CLIP_MEAN,
     CLIP_STD,
@@ -28,7 +34,7 @@ from .spec import (
     parse_name,
 )
 
-__all__ = ["get_spec", "list_specs", "register"]
+__all__ = ["builtin_names", "get_spec", "list_specs", "register"]
 
 
 def _s(name: str, **kw: Any) -> BackboneSpec:
@@ -116,6 +122,8 @@ _BUILTIN: tuple[BackboneSpec, ...] = (
 
 _LOCK = threading.Lock()
 _CATALOGUE: dict[str, BackboneSpec] = {s.name: s for s in _BUILTIN}
+#: specs of folders passed by path in this process, by the name they were given (not listed)
+_FOLDERS: dict[str, BackboneSpec] = {}
 
 
 def register(spec: BackboneSpec, *, overwrite: bool = False) -> BackboneSpec:
@@ -127,10 +135,17 @@ def register(spec: BackboneSpec, *, overwrite: bool = False) -> BackboneSpec:
     return spec
 
 
+def builtin_names() -> frozenset[str]:
+    """The names this package ships (a registered folder may not take one)."""
+    return frozenset(s.name for s in _BUILTIN)
+
+
 def list_specs(*, family: str | None = None, source: str | None = None) -> list[BackboneSpec]:
-    """The catalogue, sorted by name; loads nothing."""
+    """The catalogue and the registered folders (``tlpipe backbones add``), sorted by name; loads nothing."""
     with _LOCK:
         specs = list(_CATALOGUE.values())
+    known = {s.name for s in specs}
+    specs += [s for s in registered_specs() if s.name not in known]
     return sorted(
         (s for s in specs if (family is None or s.family == family) and (source is None or s.source == source)),
         key=lambda s: s.name,
@@ -145,7 +160,8 @@ def _unknown(name: str, why: str = "") -> UnknownBackboneError:
     msg = f"unknown backbone {name!r}{': ' + why if why else ''}. "
     if close:
         msg += f"Did you mean {', '.join(repr(c) for c in close[:3])}? "
-    msg += "Known backbones: " + ", ".join(ordered) + ". Any timm model also works as 'timm/<timm model name>'."
+    msg += ("Known backbones: " + ", ".join(ordered) + ". Any timm model also works as 'timm/<timm model name>'; "
+            "a weights folder works as its path, or by the name `tlpipe backbones add NAME DIR` gives it.")
     return UnknownBackboneError(name, msg)
 
 
@@ -185,12 +201,28 @@ def get_spec(name: str | BackboneSpec) -> BackboneSpec:
     """
     if isinstance(name, BackboneSpec):
         return name
+    name = str(name)
+    with _LOCK:
+        hit = _CATALOGUE.get(name)
+    if hit is not None and name in builtin_names():
+        return hit
+    named = registered_spec(name)
+    if named is not None:
+        return named
+    if hit is not None:
+        return hit
+    with _LOCK:
+        hit = _FOLDERS.get(name)
+    if hit is not None:
+        return hit
+    if is_local_path(name):
+        return _folder_spec(name)
     try:
         parsed = parse_name(name)
     except ValueError as e:
         raise _unknown(str(name), str(e)) from None
     with _LOCK:
-        hit = _CATALOGUE.get(str(parsed)) or _CATALOGUE.get(name)
+        hit = _CATALOGUE.get(str(parsed))
     if hit is not None:
         return hit
     if parsed.family is None:
@@ -202,3 +234,19 @@ def get_spec(name: str | BackboneSpec) -> BackboneSpec:
     if parsed.family == "timm":
         return _timm_spec(name, parsed.arch_tag)
     raise _unknown(name)
+
+
+def _folder_spec(path: str) -> BackboneSpec:
+    """The spec of a weights folder, remembered in this process under a name that resolves back to
+    it (a sweep looks its feature sets up by name) but not listed by `list_specs`."""
+    spec = spec_from_folder(local_path(path))
+    with _LOCK:
+        taken = _CATALOGUE.get(spec.name) or _FOLDERS.get(spec.name)
+        other = taken.weights if taken is not None else entries().get(spec.name, {}).get("path")
+        if other is not None and other != spec.weights:  # another folder with the same name
+            import hashlib
+
+            tag = hashlib.sha256(spec.weights.encode()).hexdigest()[:8]
+            spec = spec.replace(name=f"{spec.name}.p{tag}")
+        _FOLDERS[spec.name] = spec  # the folder is the truth: its latest spec wins
+    return spec

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .adapters import LOCAL_FOLDER_HINT
 from .base import WeightsUnavailableError
 from .hashing import is_local_path, local_path
 from .spec import BackboneSpec
@@ -95,10 +96,19 @@ def _source(spec: BackboneSpec) -> tuple[str, str | None]:
             raise WeightsUnavailableError(
                 spec.name,
                 f"{p} is not a transformers model folder (no config.json): write it with "
-                f"`model.save_pretrained(DIR)` (or `hf download <repo> --local-dir DIR`) and pass `--weights DIR`",
+                f"`model.save_pretrained(DIR)` (or `hf download <repo> --local-dir DIR`), then {LOCAL_FOLDER_HINT}",
             )
         return str(p), None
     return (w[len("hf-hub:"):] if w.startswith("hf-hub:") else w), spec.revision
+
+
+def _cache_dir(where: str) -> str | None:
+    """The HF hub cache as the environment names it now (None for a local folder)."""
+    import os
+
+    from .hub_cache import hub_cache_dir
+
+    return None if os.path.isdir(where) else hub_cache_dir()
 
 
 @contextlib.contextmanager
@@ -125,6 +135,7 @@ def _from_pretrained(cls: Any, spec: BackboneSpec, where: str, revision: str | N
                 where,
                 revision=revision,
                 local_files_only=not allow_download,
+                cache_dir=_cache_dir(where),
                 dtype=torch.float32,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported below as an error, with the keys named
@@ -160,7 +171,8 @@ def _text_encoder(spec: BackboneSpec, text_cls: Any, where: str, revision: str |
 
             try:
                 with _quiet_transformers():
-                    tok = AutoTokenizer.from_pretrained(where, revision=revision, local_files_only=not allow_download)
+                    tok = AutoTokenizer.from_pretrained(where, revision=revision, local_files_only=not allow_download,
+                                                        cache_dir=_cache_dir(where))
             except (OSError, ValueError) as e:
                 raise WeightsUnavailableError(
                     spec.name,
@@ -204,7 +216,8 @@ def _check_model_type(spec: BackboneSpec, where: str, revision: str | None) -> N
     if model_type and not model_type.startswith(spec.arch):
         raise ValueError(
             f"{spec.name}: the checkpoint at {where!r} is a {model_type!r} model, but this spec loads "
-            f"{spec.arch!r} (spec.arch); point --weights at a {spec.arch} checkpoint or use a matching spec"
+            f"{spec.arch!r} (spec.arch); use a {spec.arch} checkpoint, or pass the folder as `--backbones DIR` "
+            f"so its spec comes from its own config.json"
         )
 
 

@@ -1,8 +1,13 @@
 """Offline look-ups in the local Hugging Face hub cache. Never touches the network.
 
 Which files a hub-hosted backbone needs is its source adapter's answer (``adapters.py``); this
-module finds them in the local cache (``HF_HUB_CACHE`` / ``HF_HOME``); nothing is downloaded. What is not cached is
-reported with the command that fetches it on a machine that can reach a hub.
+module finds them in the local cache; nothing is downloaded. What is not cached is reported with
+the command that fetches it on a machine that can reach a hub.
+
+The cache folder is read from the environment at call time, as the hub lays it out
+(``models--ORG--NAME/{refs,snapshots/<commit>}``): ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
+huggingface_hub's default (which reads the same variables, but only once, at import).
+``HF_HUB_OFFLINE=1`` forbids downloads even where a caller allows them.
 """
 from __future__ import annotations
 
@@ -10,7 +15,24 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HubFiles", "cached_file", "cached_revision", "resolve_cached", "snapshot_dir", "strip_hub_prefix"]
+__all__ = ["HubFiles", "cached_file", "cached_revision", "hub_cache_dir", "hub_offline", "resolve_cached",
+           "snapshot_dir", "strip_hub_prefix"]
+
+
+def hub_cache_dir() -> str:
+    """The HF hub cache folder now: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else the library default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return str(Path(os.environ["HF_HUB_CACHE"]).expanduser())
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]).expanduser() / "hub")
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set to a true value (downloads are then never attempted)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 @dataclass(frozen=True)
 class HubFiles:
@@ -31,7 +53,7 @@ def cached_file(repo_id: str, filename: str, revision: str | None = None) -> str
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        hit = try_to_load_from_cache(repo_id, filename, revision=revision)
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir(), revision=revision)
     except Exception:  # malformed repo ids etc. are simply "not cached"
         return None
     return hit if isinstance(hit, str) and os.path.exists(hit) else None

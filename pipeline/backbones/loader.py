@@ -10,7 +10,7 @@ from .adapters import get_source
 from .base import Backbone, WeightsUnavailableError
 from .catalogue import get_spec
 from .hashing import is_local_path
-from .hub_cache import resolve_cached
+from .hub_cache import hub_offline, resolve_cached
 from .packages import package_weights_file
 from .spec import BackboneSpec
 
@@ -46,7 +46,9 @@ def weights_available(spec: BackboneSpec | str) -> tuple[bool, str]:
 
 def load_torch_backbone(spec: BackboneSpec, *, device: str = "cpu", dtype: str | None = None,
                         allow_download: bool = False) -> Backbone:
-    """Load the eager torch backbone through the spec's source adapter (weights checked first)."""
+    """Load the eager torch backbone through the spec's source adapter (weights checked first;
+    ``HF_HUB_OFFLINE=1`` turns ``allow_download`` off)."""
+    allow_download = allow_download and not hub_offline()
     if not allow_download:
         ok, why = weights_available(spec)
         if not ok:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .adapters import LOCAL_FOLDER_HINT
 from .base import WeightsUnavailableError, find_checkpoint
 from .hashing import is_local_path, local_path
 from .spec import BackboneSpec
@@ -68,7 +69,7 @@ def resolve_pretrained(spec: BackboneSpec, allow_download: bool) -> tuple[str, s
                 raise WeightsUnavailableError(
                     spec.name, f"no open_clip checkpoint (*.safetensors / *.bin / *.pt) in {p}: save one with "
                                f"`torch.save(model.state_dict(), DIR/'open_clip_pytorch_model.bin')` or "
-                               f"`open_clip.push_to_hf_hub`-style folder, and pass `--weights DIR`",
+                               f"`open_clip.push_to_hf_hub`-style folder, then {LOCAL_FOLDER_HINT}",
                 )
             if (p / "open_clip_config.json").is_file():
                 return f"local-dir:{p}", None, {}
@@ -76,8 +77,8 @@ def resolve_pretrained(spec: BackboneSpec, allow_download: bool) -> tuple[str, s
         if p.is_file():
             return spec.arch, str(p), {}
         raise WeightsUnavailableError(
-            spec.name, f"weights path {p} does not exist: point the spec's weights (`--weights`) at an open_clip "
-                       f"checkpoint file or folder"
+            spec.name, f"weights path {p} does not exist on this machine: copy the open_clip folder there, "
+                       f"or {LOCAL_FOLDER_HINT} for the folder where it is"
         )
 
     from .adapters import hub_files_for, not_cached_error
@@ -157,7 +158,7 @@ def _text_encoder(spec: BackboneSpec, model: nn.Module, model_name: str, device:
             except Exception as e:  # HF tokenizers need their files locally
                 raise WeightsUnavailableError(
                     spec.name, f"{spec.name}: open_clip tokenizer for {model_name!r} is not available offline ({e}); "
-                               f"put the tokenizer files in the model folder and load it with `--weights DIR`",
+                               f"put the tokenizer files in the model folder, then {LOCAL_FOLDER_HINT}",
                 ) from e
             model.to(device)
         tokens = state["tok"](prompts).to(device)

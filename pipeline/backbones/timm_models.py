@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from .adapters import LOCAL_FOLDER_HINT
 from .base import WeightsUnavailableError, find_checkpoint as _find_checkpoint
 from .hashing import is_local_path, local_path
 from .spec import BackboneSpec
@@ -164,8 +165,8 @@ def load(spec: BackboneSpec, *, device: str = "cpu", dtype: str | None = None, a
             model = _create_from_file(spec, p)
         else:
             raise WeightsUnavailableError(
-                spec.name, f"weights path {p} does not exist: point the spec's weights (`--weights`) at a timm "
-                           f"checkpoint file or a folder saved with `timm.models.save_for_hf`"
+                spec.name, f"weights path {p} does not exist on this machine: save the model there with "
+                           f"`timm.models.save_for_hf(model, DIR)`, or {LOCAL_FOLDER_HINT} for the folder where it is"
             )
     else:
         from .adapters import hub_files_for, not_cached_error

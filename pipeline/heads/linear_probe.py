@@ -186,10 +186,12 @@ class LinearProbe(Head):
             raise ValueError(f"weight_decays must be non-empty, finite and >= 0, got {lams}")
         return lams
 
-    def fit(self, X, y, X_val=None, y_val=None, *, basis=None) -> "LinearProbe":
+    def fit(self, X, y, X_val=None, y_val=None, *, basis=None, init=None) -> "LinearProbe":
         """`basis`: a precomputed preconditioner ``second_moment_basis(standardised X)``, e.g.
-        one computed on every row and shared by the folds of a cross-validation. It changes how
-        fast the solver converges, never what it converges to."""
+        one computed on every row and shared by the folds of a cross-validation. `init`: a warm
+        start (coef (S, D, C), intercept (S, C)) per weight decay, in the standardised space,
+        e.g. the previous fold's solutions (`members`). Both change how fast the solver
+        converges, never what it converges to."""
         from pipeline.heads.batched_lbfgs import fit_sweep, second_moment_basis
 
         if self.scoring not in ("accuracy", "log_loss"):
@@ -214,6 +216,10 @@ class LinearProbe(Head):
             tol=float(self.tol),
         )
 
+        if init is not None and (np.shape(init[0]) != (len(lams), X.shape[1], C)
+                                 or np.shape(init[1]) != (len(lams), C)):
+            raise ValueError(f"init has shapes {np.shape(init[0])}, {np.shape(init[1])}; expected "
+                             f"{(len(lams), X.shape[1], C)}, {(len(lams), C)}")
         with torch_threads(self.n_threads):
             if basis is None:
                 basis = second_moment_basis(Xs)
@@ -245,7 +251,8 @@ class LinearProbe(Head):
                 # the same C on fewer rows: lambda scales with (weighted) n_fit / n_sub
                 scale = (len(c_fit) / len(sub)) if sw_fit is None else float(sw_fit.sum() / sw_sub.sum())
                 coef, intercept, results = self._sweep(
-                    X_fit[sub], c_fit[sub], C, lams * scale, sw_sub, Xv, cv, basis, kw, lams_reported=lams)
+                    X_fit[sub], c_fit[sub], C, lams * scale, sw_sub, Xv, cv, basis, kw, init=init,
+                    lams_reported=lams)
                 for r in results:
                     r["rows"] = int(len(sub))
                 fin = self._ranking(results)[: int(self.finalists)]
@@ -258,7 +265,8 @@ class LinearProbe(Head):
                     coef[s_], intercept[s_] = coef_f[j], intercept_f[j]
                 best = int(fin[self._ranking(res_f)[0]])
             else:
-                coef, intercept, results = self._sweep(X_fit, c_fit, C, lams, sw_fit, Xv, cv, basis, kw)
+                coef, intercept, results = self._sweep(X_fit, c_fit, C, lams, sw_fit, Xv, cv, basis,
+                                                       kw, init=init)
                 best = self._ranking(results)[0] if Xv is not None else 0
 
             # every member's solution, for cross-validation over the weight decays
@@ -332,6 +340,15 @@ class LinearProbe(Head):
         return sweep.coef, sweep.intercept, results  # fresh arrays: the caller may overwrite members
 
     # ------------------------------------------------------------------ prediction
+    @property
+    def members(self) -> tuple[np.ndarray, np.ndarray]:
+        """(coef (S, D, C), intercept (S, C)) of every swept member, standardised space: the
+        `init` of a fit on similar rows (the next cross-validation fold). Fitting process only."""
+        members = getattr(self, "_members", None)
+        if members is None:
+            raise NotFittedError("members needs a LinearProbe fitted with X_val / y_val")
+        return members[0], members[1]
+
     def member_proba(self, X) -> tuple[np.ndarray, np.ndarray]:
         """(weight decays (S,), probabilities (S, N, C)) of every swept member on X.
 

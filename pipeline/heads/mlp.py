@@ -69,13 +69,13 @@ class MLP(Head):
 
     def __init__(
         self,
-        hidden: int = 512,
+        hidden: int = 256,
         dropout: float = 0.2,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         batch_size: int = 256,
         max_epochs: int = 100,
-        patience: int = 8,
+        patience: int = 4,
         val_fraction: float = 0.1,
         label_smoothing: float = 0.0,
         class_weight=None,

@@ -83,7 +83,7 @@ def evaluate_head(head: Any, data: Mapping[str, Any], classes: Sequence[str], *,
                   latency_repeats: int = 5) -> dict[str, Any]:
     """A fitted head on the test split (reporting only): evaluation, hardest examples, latency,
     saved files and figures. Shared by probes, ensembles and fine-tunes."""
-    from pipeline import plots
+    from pipeline.charts import evaluation_pngs
     from pipeline.evaluate import evaluate, hardest_examples
 
     X_test = data["X_test"]
@@ -106,8 +106,7 @@ def evaluate_head(head: Any, data: Mapping[str, Any], classes: Sequence[str], *,
         numbers = stored_numbers(Path(tmp))
         files = {str(p.relative_to(tmp)): p.read_bytes()
                  for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
-    figures = {"confusion_matrix.png": plots.png_bytes(plots.confusion_matrix_figure(report)),
-               "reliability.png": plots.png_bytes(plots.reliability_figure(report))}
+    figures = evaluation_pngs(report)
     return {
         "status": "ok", "report": report.to_dict(), "hardest": hardest,
         "test_proba": proba.astype(np.float32),

@@ -20,6 +20,10 @@ import numpy as np
 from pipeline.evaluate import SELECTION_METRICS
 from pipeline.heads import HEADS
 
+#: weight decays either side of the first fold's best that the other folds fit (a grid step is
+#: about a third of a decade): values further out were clearly behind on the first fold
+CV_WINDOW = 3
+
 
 @dataclass
 class CVResult:
@@ -52,9 +56,12 @@ def metric_from_proba(metric: str, y: np.ndarray, proba: np.ndarray, classes: Se
     """One selection metric of (N, C) probabilities against string labels (no bootstrap)."""
     if metric not in SELECTION_METRICS:
         raise ValueError(f"unknown selection metric {metric!r}; choose one of {SELECTION_METRICS}")
-    classes = np.asarray([str(c) for c in classes])
-    index = {c: i for i, c in enumerate(classes)}
-    yi = np.asarray([index[str(v)] for v in y])
+    return metric_from_codes(metric, label_codes(y, classes), proba)
+
+
+def metric_from_codes(metric: str, yi: np.ndarray, proba: np.ndarray) -> float:
+    """`metric_from_proba` with the labels already as column indices of `proba` (loops that
+    score many candidates on the same rows encode the labels once)."""
     pred = proba.argmax(axis=1)
     if metric == "accuracy":
         return float(np.mean(pred == yi))
@@ -62,7 +69,7 @@ def metric_from_proba(metric: str, y: np.ndarray, proba: np.ndarray, classes: Se
         k = min(5, proba.shape[1])
         topk = np.argsort(-proba, axis=1, kind="stable")[:, :k]
         return float(np.mean((topk == yi[:, None]).any(axis=1)))
-    c = len(classes)
+    c = proba.shape[1]
     cm = np.bincount(yi * c + pred, minlength=c * c).reshape(c, c)
     support, n_pred, tp = cm.sum(1), cm.sum(0), np.diag(cm)
     present = support > 0
@@ -149,11 +156,16 @@ def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
     per_fold: list[tuple[np.ndarray, int]] = []  # (test mask, n_fit) of the first repeat
     lams = None
     n_fit_sum, n_folds = 0, 0
+    last = None  # (classes, members) of the last fold, to start the refit from
+    fit_params = dict(params)
     for r in range(folds.shape[0]):
         for f in _fold_ids(folds, r):
             test = folds[r] == f
-            probe = _fit("LinearProbe", params, X[~test], y[~test], X_val=X[test], y_val=y[test],
-                         basis=basis)
+            # every fold starts cold: a start from another fold's solution would carry what
+            # that fold learnt from these held-out rows into their out-of-fold scores
+            probe = _fit("LinearProbe", fit_params, X[~test], y[~test], X_val=X[test],
+                         y_val=y[test], basis=basis)
+            last = (np.unique(y[~test]), probe.members)
             lams, member = probe.member_proba(X[test])
             if totals is None:
                 totals = np.zeros((len(lams), X.shape[0], C), dtype=np.float64)
@@ -164,12 +176,13 @@ def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
             n_folds += 1
             if r == 0:
                 per_fold.append(test)
+            if n_folds == 1 and len(lams) > 2 * CV_WINDOW + 1:
+                keep = _window(totals[:, test], y[test], classes, metric)
+                totals, lams = totals[keep], lams[keep]
+                fit_params["weight_decays"] = [float(v) for v in lams]
     probas = totals[:, held] / count[held, None]
-    scores = [metric_from_proba(metric, y[held], probas[s], classes) for s in range(len(lams))]
-    eps = 1e-12
-    losses = [float(-np.mean(np.log(np.clip(
-        probas[s][np.arange(len(held)), _codes(y[held], classes)], eps, None)))) for s in range(len(lams))]
-    best = min(range(len(lams)), key=lambda s: (-scores[s], losses[s]))
+    best = _ranking(probas, y[held], classes, metric)[0]
+    score = metric_from_proba(metric, y[held], probas[best], classes)
     proba = probas[best].astype(np.float32)
     full = totals[best] / np.maximum(count, 1)[:, None]
     fold_scores = [metric_from_proba(metric, y[m], full[m], classes) for m in per_fold]
@@ -177,14 +190,33 @@ def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
     n_fit_mean = n_fit_sum / max(n_folds, 1)
     lam_refit = float(lams[best]) * n_fit_mean / X.shape[0]
     refit = {**dict(params), "weight_decays": [lam_refit]}
+    start = None  # the refit (scored on the test split only) starts from the last fold's solution
+    if np.array_equal(last[0], np.unique(y)):
+        start = (last[1][0][best][None], last[1][1][best][None])
     chosen = {"weight_decay_cv": float(lams[best]), "weight_decay": lam_refit,
               "C": (1.0 / (lam_refit * X.shape[0])) if lam_refit > 0 else None,
-              "cv_score": float(scores[best])}
-    return CVResult(rows=held, proba=proba, score=float(scores[best]), fold_scores=fold_scores,
-                    refit_params=refit, fit_seconds=0.0, chosen=chosen, fit_kwargs={"basis": basis})
+              "cv_score": float(score)}
+    return CVResult(rows=held, proba=proba, score=float(score), fold_scores=fold_scores,
+                    refit_params=refit, fit_seconds=0.0, chosen=chosen,
+                    fit_kwargs={"basis": basis, "init": start})
 
 
-def _codes(y: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+def _ranking(probas: np.ndarray, y: np.ndarray, classes: Sequence[str], metric: str) -> list[int]:
+    """Members (S, N, C) best first: selection metric, ties broken by lower log-loss."""
+    idx = np.arange(len(y)), label_codes(y, classes)
+    scores = [metric_from_proba(metric, y, p, classes) for p in probas]
+    losses = [float(-np.mean(np.log(np.clip(p[idx], 1e-12, None)))) for p in probas]
+    return sorted(range(len(probas)), key=lambda s: (-scores[s], losses[s]))
+
+
+def _window(probas: np.ndarray, y: np.ndarray, classes: Sequence[str], metric: str) -> np.ndarray:
+    """The weight decays within `CV_WINDOW` grid steps of the first fold's best."""
+    best = _ranking(probas, y, classes, metric)[0]
+    return np.arange(max(0, best - CV_WINDOW), min(len(probas), best + CV_WINDOW + 1))
+
+
+def label_codes(y: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """String labels as column indices of `classes`."""
     index = {str(c): i for i, c in enumerate(classes)}
     return np.asarray([index[str(v)] for v in y])
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.sweep.cv import metric_from_proba
+from pipeline.evaluate import SELECTION_METRICS
+from pipeline.sweep.cv import label_codes, metric_from_codes, metric_from_proba
 
 if TYPE_CHECKING:
     from pipeline.sweep.outcome import Outcome
@@ -104,12 +105,15 @@ def ensemble_selection(probas: Mapping[str, np.ndarray], y: np.ndarray, classes:
     names = list(probas)
     if not names:
         raise ValueError("ensemble selection needs at least one candidate")
+    if metric not in SELECTION_METRICS:
+        raise ValueError(f"unknown selection metric {metric!r}; choose one of {SELECTION_METRICS}")
     counts = dict.fromkeys(names, 0)
     total = np.zeros_like(np.asarray(probas[names[0]], dtype=np.float64))
-    for r in range(1, rounds + 1):
+    yi = label_codes(y, classes)
+    for _ in range(rounds):
         best, best_score = None, -np.inf
-        for n in names:
-            s = metric_from_proba(metric, y, (total + probas[n]) / r, classes)
+        for n in names:  # the metrics read ranks only: the sum ranks as the mean does
+            s = metric_from_codes(metric, yi, total + probas[n])
             if s > best_score + 1e-12:
                 best, best_score = n, s
         counts[best] += 1

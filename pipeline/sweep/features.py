@@ -3,10 +3,12 @@ their folds, test rows), and measuring a backbone's latency on this machine."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.sweep.latency_cache import LatencyCache
 from pipeline.sweep.plan import FeatureSetRef
 
 LATENCY_BATCH_SIZES = (1, 32)
@@ -101,13 +103,19 @@ def measure_backbone_latency(ref: FeatureSetRef, *, device: str = "cpu",
     return result
 
 
-def backbone_latency(ref: FeatureSetRef, source: Any, device: str = "cpu",
-                     repeats: int = 5) -> tuple[dict[str, Any], str | None]:
+def backbone_latency(ref: FeatureSetRef, source: Any, device: str = "cpu", repeats: int = 5, *,
+                     cache_dir: str | os.PathLike | None = None) -> tuple[dict[str, Any], str | None]:
     """({latency_ms_b1, latency_ms_b32, ...} or {}, reason it is missing). `source`: None to
-    measure here, a mapping {backbone: {...}}, or a callable(ref) -> that dict."""
+    measure here (or reuse this machine's measurement kept in `cache_dir`, see
+    `pipeline.sweep.latency_cache`), a mapping {backbone: {...}}, or a callable(ref) -> that dict."""
     try:
         if source is None:
-            lat = measure_backbone_latency(ref, device=device, repeats=repeats)
+            cache = LatencyCache(cache_dir) if cache_dir is not None else None
+            lat = cache.get(ref, device) if cache is not None else None
+            if lat is None:
+                lat = measure_backbone_latency(ref, device=device, repeats=repeats)
+                if cache is not None:
+                    cache.put(ref, device, lat)
         elif callable(source):
             lat = source(ref)
         else:

@@ -76,9 +76,9 @@ def write_report(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], card: Mappi
 
 def hardest_png_bytes(hardest: Sequence[Mapping[str, Any]]) -> bytes:
     """The most confident mistakes as one PNG grid (items need `path`)."""
-    from pipeline import plots
+    from pipeline import charts
 
-    return plots.hardest_examples_png([h["path"] for h in hardest], plots.hardest_captions(hardest))
+    return charts.hardest_examples_png([h["path"] for h in hardest], charts.hardest_captions(hardest))
 
 
 def calibration_section(calibration: Mapping[str, Any]) -> str:

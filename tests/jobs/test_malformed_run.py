@@ -70,13 +70,13 @@ def mlflow_client(mixed_run):
     import mlflow
     from mlflow import MlflowClient
 
-    from jobs.tracking import tracking_uri_for
+    from jobs.tracking import tracking_uri_for, use_tracking_uri
 
     previous = mlflow.get_tracking_uri()
     uri = tracking_uri_for(mixed_run["root"])
-    mlflow.set_tracking_uri(uri)
+    use_tracking_uri(uri)  # not mlflow.set_tracking_uri: it also exports MLFLOW_TRACKING_URI
     yield MlflowClient(tracking_uri=uri)
-    mlflow.set_tracking_uri(previous)
+    use_tracking_uri(previous)
 
 
 def _excluded_expected(expected: dict[str, str]) -> dict[str, str]:

@@ -144,6 +144,9 @@ def test_entrypoint_makes_local_paths_absolute_and_address_defaults(tmp_path, mo
     assert cmd == (f"tlpipe run {tmp_path / 'data'} -b {LITE0} --root {tmp_path / 'state'} "
                    "--heads linear")
     assert run_entrypoint("s3://bucket/set", []) == "tlpipe run s3://bucket/set"  # not local: as given
+    (tmp_path / "my-clip").mkdir()  # a checkpoint folder among backbone names
+    assert run_entrypoint("data", ["--backbones", f"my-clip,{LITE0}"]) == (
+        f"tlpipe run {tmp_path / 'data'} --backbones {tmp_path / 'my-clip'},{LITE0}")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert job_address() == DEFAULT_ADDRESS
     monkeypatch.setenv("RAY_ADDRESS", "auto")  # a GCS address is not the Jobs API

@@ -28,8 +28,20 @@ from pipeline.backbones import (
 )
 from pipeline.backbones.spec import CLIP_MEAN, CLIP_STD
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tiny_models  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 LITE0 = "efficientnet/tf_efficientnet_lite0.in1k"
+
+
+@pytest.fixture(autouse=True)
+def _no_registered_backbones(tmp_path, monkeypatch):
+    """The catalogue as shipped: no folders registered in a state root (`tlpipe backbones add`)."""
+    from pipeline.backbones.named import use_state_root
+
+    monkeypatch.setenv("TLPIPE_HOME", str(tmp_path / "state"))
+    use_state_root(None)
 
 
 def _pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -245,7 +257,7 @@ def test_weights_available_reports_cause_and_fix(tmp_path, empty_hub_cache):
     ok, why = weights_available("dinov2/vit_small_patch14.lvd142m")
     assert not ok
     assert "not on this machine" in why and "facebook/dinov2-small" in why
-    assert "hf download facebook/dinov2-small" in why and "--weights DIR" in why
+    assert "hf download facebook/dinov2-small" in why and "tlpipe backbones add NAME DIR" in why
     ok, why = weights_available(get_spec("dinov2/vit_small_patch14.lvd142m").replace(weights=str(tmp_path / "nope")))
     assert not ok and "does not exist" in why
     (tmp_path / "empty").mkdir()
@@ -266,7 +278,8 @@ def test_missing_hub_weights_raise_clear_error_never_random_init(name, empty_hub
     with pytest.raises(WeightsUnavailableError) as ei:
         load_backbone(name)
     msg = str(ei.value)
-    assert "not on this machine" in msg and "--weights DIR" in msg and "hf download" in msg
+    assert "not on this machine" in msg and "hf download" in msg
+    assert "`tlpipe backbones add NAME DIR`" in msg and "`--backbones DIR`" in msg  # commands that exist
 
 
 def test_missing_local_dir_raises(tmp_path):
@@ -309,23 +322,7 @@ def _check_backbone(bb, size: int, dim: int | None = None):
 
 
 def _clip_tokenizer():
-    import transformers as tf
-
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    return tf.CLIPTokenizer(vocab=vocab, merges=[]), len(vocab)
+    return tiny_models.clip_tokenizer()
 
 
 def test_transformers_dinov2_tiny(tmp_path):

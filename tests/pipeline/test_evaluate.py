@@ -10,10 +10,9 @@ from sklearn import metrics as skm
 
 from pipeline.evaluate import EvalReport, evaluate, hardest_examples
 from pipeline.latency import count_params, measure_latency
-from pipeline.plots import (UNREADABLE_TILE, confusion_matrix_figure, hardest_captions,
-                            hardest_examples_png,
-                            pareto_figure, per_class_csv, png_bytes, reliability_figure,
-                            report_html, save_png)
+from pipeline.charts import (UNREADABLE_TILE, confusion_matrix_png, evaluation_pngs,
+                             hardest_captions, hardest_examples_png, reliability_png)
+from pipeline.plots import pareto_figure, per_class_csv, png_bytes, report_html, save_png
 from pipeline.select import Candidate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -211,11 +210,9 @@ def _is_png(data):
 def test_figures_render_png(tmp_path):
     y, p = _random_problem(400, CLASSES, 4)
     r = evaluate(y, p, CLASSES, n_bootstrap=50)
-    cm = confusion_matrix_figure(r)
-    rel = reliability_figure(r)
-    assert _is_png(png_bytes(cm)) and _is_png(png_bytes(rel))
-    out = save_png(rel, tmp_path / "sub" / "reliability.png")
-    assert open(out, "rb").read(8) == PNG_MAGIC
+    figs = evaluation_pngs(r)
+    assert sorted(figs) == ["confusion_matrix.png", "reliability.png"]
+    assert all(_is_png(b) for b in figs.values())
 
     ex = hardest_examples(y, p, CLASSES, [f"img{i}" for i in range(400)], k=5)
     rng = np.random.default_rng(0)
@@ -235,6 +232,43 @@ def test_figures_render_png(tmp_path):
     fig = pareto_figure(cands, winner="m2")
     assert _is_png(png_bytes(fig))
     assert "not shown" in fig.axes[0].get_title()
+    out = save_png(fig, tmp_path / "sub" / "pareto.png")
+    assert open(out, "rb").read(8) == PNG_MAGIC
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+
+
+@pytest.mark.parametrize("c", [3, 10, 40])
+def test_confusion_matrix_png_shows_the_matrix(c):
+    """A perfect classifier: c fully dark diagonal cells (numbers aside) and nothing else dark;
+    swapping every prediction to the next class moves the dark cells off the diagonal."""
+    classes = [f"class-{i:02d}" for i in range(c)]
+    y = np.repeat(classes, 20)
+    perfect = evaluate(y, np.eye(c)[np.repeat(np.arange(c), 20)], classes, n_bootstrap=0)
+    dark = np.array([8, 48, 107])
+    px = _pixels(confusion_matrix_png(perfect))
+    cell = min(48, max(8, 560 // c))
+    n_dark = int((px == dark).all(axis=1).sum())
+    assert 0.6 * c * cell * cell <= n_dark <= 1.05 * c * cell * cell + 2 * cell * 8 * c
+    shifted = evaluate(y, np.eye(c)[(np.repeat(np.arange(c), 20) + 1) % c], classes, n_bootstrap=0)
+    assert abs(int((_pixels(confusion_matrix_png(shifted)) == dark).all(axis=1).sum()) - n_dark) \
+        < 0.1 * n_dark
+    assert perfect.accuracy == 1.0 and shifted.accuracy == 0.0
+
+
+def test_reliability_png_bars_follow_the_bins():
+    """Accuracy bars are as tall as the bins' accuracy: a calibrated problem fills more bar
+    pixels than one whose every prediction is wrong."""
+    y, p = _random_problem(600, CLASSES, 3, signal=3.0)
+    good = evaluate(y, p, CLASSES, n_bootstrap=0)
+    wrong = evaluate(np.roll(y, 1) if len(set(y)) > 1 else y, p, CLASSES, n_bootstrap=0)
+    bar = np.array([76, 114, 176])
+    n_good = int((_pixels(reliability_png(good)) == bar).all(axis=1).sum())
+    n_wrong = int((_pixels(reliability_png(wrong)) == bar).all(axis=1).sum())
+    assert good.accuracy > wrong.accuracy + 0.2
+    assert n_good > 1.5 * n_wrong > 0
 
 
 def _sweep_candidates():
@@ -333,7 +367,7 @@ def test_no_pyplot_state_leaks():
 
     y, p = _random_problem(100, CLASSES, 4)
     r = evaluate(y, p, CLASSES, n_bootstrap=0)
-    png_bytes(confusion_matrix_figure(r))
+    png_bytes(pareto_figure([Candidate("m", "bb", "logreg", "fam", r.accuracy, latency_ms_b1=1.0)]))
     if "matplotlib.pyplot" in sys.modules:  # another test may have imported it; check no figures
         import matplotlib.pyplot as plt
         assert plt.get_fignums() == []
@@ -352,8 +386,7 @@ def test_per_class_csv():
 def test_report_html_self_contained():
     y, p = _random_problem(200, CLASSES, 6)
     r = evaluate(y, p, CLASSES, n_bootstrap=50)
-    figs = {"confusion matrix": png_bytes(confusion_matrix_figure(r)),
-            "reliability": png_bytes(reliability_figure(r))}
+    figs = {"confusion matrix": confusion_matrix_png(r), "reliability": reliability_png(r)}
     rows = [{"rank": 1, "name": "effnet-lite0/logreg", "selection_score": 0.91234,
              "latency_ms_b1": 3.2},
             {"rank": 2, "name": "clip-b32/<knn>", "selection_score": 0.9, "latency_ms_b1": 9.0}]

@@ -257,3 +257,24 @@ def test_a_basis_of_the_wrong_width_is_refused(problem):
     Xtr, ytr, _, _ = problem
     with pytest.raises(ValueError, match="eigenvalues for 40 features"):
         LinearProbe(weight_decays=[1e-2]).fit(Xtr, ytr, basis=second_moment_basis(Xtr[:, :10]))
+
+
+def test_rotation_block_by_block_equals_the_dense_products():
+    import torch
+
+    from pipeline.heads.batched_lbfgs import MAX_BLOCK, Rotation, second_moment_basis
+
+    rng = np.random.default_rng(0)
+    D = MAX_BLOCK + 64  # two blocks
+    X = rng.normal(size=(D + 50, D)).astype(np.float32)
+    _, V = second_moment_basis(X)
+    rot = Rotation(torch.from_numpy(V))
+    assert len(rot.blocks) == 2
+    Vt = torch.from_numpy(V).double()
+    M = torch.from_numpy(rng.normal(size=(D, 7)).astype(np.float32))
+    Xt = torch.from_numpy(X[:40])
+    np.testing.assert_allclose(rot.apply(M).double(), Vt @ M.double(), atol=1e-4)
+    np.testing.assert_allclose(rot.apply(M, transpose=True).double(), Vt.T @ M.double(), atol=1e-4)
+    np.testing.assert_allclose(rot.rows(Xt).double(), Xt.double() @ Vt, atol=1e-3)
+    dense = Rotation(torch.from_numpy(np.linalg.qr(rng.normal(size=(D, D)))[0].astype(np.float32)))
+    assert dense.blocks == [(0, D)]  # not block-diagonal: one block, the plain product

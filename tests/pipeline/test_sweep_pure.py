@@ -178,3 +178,96 @@ def test_report_gains_the_deployed_thresholds_section(tmp_path):
     html = page.read_text(encoding="utf-8")
     assert html.index("promise and deliver") < html.index("</body>")
     assert "93.1 %" in html and "3409 images" in html and "0.4200" in html
+
+
+def test_linear_probe_cv_on_random_labels_is_at_chance():
+    """Wide features that the weakly regularised members can memorise, labels with no signal:
+    every out-of-fold score must stay at chance (a fold that started from another fold's
+    solution, or saw its held-out rows any other way, scores far above it)."""
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c", "d"]
+    X = rng.normal(size=(400, 512)).astype(np.float32)
+    y = np.asarray(rng.choice(classes, 400))
+    folds = assign_folds(_ids(400), y, ["train"] * 400, plan_selection(y, ["train"] * 400))
+    res = cross_validate("LinearProbe", {}, X, y, folds, classes, metric="accuracy")
+    assert res.score < 0.36  # chance 0.25; 320 training rows in 512 dimensions are separable
+
+
+def test_linear_probe_cv_window_keeps_the_full_grids_choice(monkeypatch):
+    """The folds after the first fit only the weight decays near the first fold's best: the
+    choice and the score equal those of every value on every fold."""
+    from pipeline.sweep import cv as cv_mod
+
+    X, y = _blobs(80, ["a", "b", "c", "d"], dim=32, sep=0.6, seed=7)
+    folds = assign_folds(_ids(len(y)), y, ["train"] * len(y), plan_selection(y, ["train"] * len(y)))
+    windowed = cross_validate("LinearProbe", {}, X, y, folds, ["a", "b", "c", "d"],
+                              metric="balanced_accuracy")
+    monkeypatch.setattr(cv_mod, "CV_WINDOW", 100)
+    full = cross_validate("LinearProbe", {}, X, y, folds, ["a", "b", "c", "d"],
+                          metric="balanced_accuracy")
+    assert windowed.chosen["weight_decay_cv"] == full.chosen["weight_decay_cv"]
+    assert windowed.score == pytest.approx(full.score)
+    np.testing.assert_allclose(windowed.proba, full.proba, atol=1e-4)
+
+
+def _ref(fingerprint="f" * 64, engine="openvino"):
+    from pipeline.sweep.plan import FeatureSetRef
+
+    return FeatureSetRef(backbone="family/model", fingerprint=fingerprint, engine=engine)
+
+
+def test_latency_cache_reuses_only_a_stable_measurement_of_the_same_thing(tmp_path, monkeypatch):
+    from pipeline.sweep import latency_cache as lc
+    from pipeline.sweep.features import backbone_latency
+
+    cache = lc.LatencyCache(tmp_path)
+    stable = {"latency_ms_b1": 10.0, "latency_noise_ms_b1": 0.5, "latency_ms_b32": 5.0,
+              "latency_noise_ms_b32": 0.2, "params_m": 4.7}
+    assert cache.get(_ref(), "cpu") is None
+    assert cache.put(_ref(), "cpu", stable)
+    hit = cache.get(_ref(), "cpu")
+    assert hit["latency_ms_b1"] == 10.0 and hit["cached"] is True and hit["measured_at"] > 0
+    # another engine, device or feature set is another measurement
+    assert cache.get(_ref(engine="onnx"), "cpu") is None
+    assert cache.get(_ref(), "cuda") is None
+    assert cache.get(_ref(fingerprint="e" * 64), "cpu") is None
+    # a noisy measurement (a busy machine) is not kept
+    noisy = {**stable, "latency_noise_ms_b1": 6.0}
+    assert not cache.put(_ref(fingerprint="e" * 64), "cpu", noisy)
+    assert cache.get(_ref(fingerprint="e" * 64), "cpu") is None
+    # another machine (or engine version) misses
+    monkeypatch.setattr(lc, "machine_key", lambda: {"cpu": "another"})
+    assert cache.get(_ref(), "cpu") is None
+    monkeypatch.undo()
+    # too old: measured again
+    assert lc.LatencyCache(tmp_path, max_age_s=0.0).get(_ref(), "cpu") is None
+    # a damaged file is a miss, not an error
+    for p in tmp_path.glob("*.json"):
+        p.write_text("{not json")
+    assert cache.get(_ref(), "cpu") is None
+    # through the sweep's entry point: given numbers win, the cache answers before measuring
+    cache.put(_ref(), "cpu", stable)
+    lat, why = backbone_latency(_ref(), None, "cpu", cache_dir=tmp_path)
+    assert why is None and lat["cached"] is True and lat["latency_ms_b32"] == 5.0
+    lat, why = backbone_latency(_ref(), {"family/model": {"latency_ms_b1": 1.0}}, "cpu",
+                                cache_dir=tmp_path)
+    assert lat == {"latency_ms_b1": 1.0}
+
+
+def test_auto_device_without_a_gpu_driver_needs_no_torch():
+    import subprocess
+    import sys
+
+    from pipeline.devices import cuda_possible
+
+    code = ("import sys; from pipeline.devices import resolve_device; "
+            "print(resolve_device('auto'), 'torch' in sys.modules)")
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == ["cpu", "False"]  # every device hidden: answered without importing torch
+    if not cuda_possible():  # no NVIDIA driver here: the same without the variable
+        env.pop("CUDA_VISIBLE_DEVICES")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, check=True).stdout.split()
+        assert out == ["cpu", "False"]
