@@ -396,6 +396,8 @@ def tlpipe_arm(data: BenchData, backbones, *, model_name: str, keep_root: bool, 
         out["rerun_command"] = " ".join(["tlpipe"] + ["DATA" if c == str(data.root) else c
                                                       for c in cmd2[len(tlpipe_command()):]])
         out["rerun_load_before"] = load_average()
+        # backbone latencies the first run measured and kept (pipeline.sweep.latency_cache)
+        out["latency_kept"] = len(list((root / "latency").glob("*.json")))
         rerun_log = logfile.with_suffix(".rerun.log")
         t0 = time.perf_counter()
         with open(rerun_log, "w") as fh:
@@ -527,7 +529,10 @@ def render(data: BenchData, s: dict, t: dict, cpu: dict, command: str) -> tuple[
                  "selection score": score, "test acc": pct(t["top1_acc"]), "test balanced acc": pct(t["top1_bal_acc"]),
                  "extraction s": sec(t["extract_s"]), "selection+fit s": sec(t["select_fit_s"]),
                  "total s": sec(t["total_s"])})
-    rows.append({"arm": "tlpipe", "model": "the same command again: features cached (whole run on the same features)",
+    kept = t.get("latency_kept")
+    rows.append({"arm": "tlpipe", "model": "the same command again: features cached (whole run on the same features)"
+                 + (f"; backbone latencies kept by the first run: {kept} of {len(t.get('extract_table', {}))}"
+                    if kept is not None else ""),
                  "selection+fit s": sec(t["rerun_s"]), "total s": sec(t["rerun_s"])})
     dec = ", ".join(f"{k} {v}" for k, v in sorted(t["decisions"].items()))
     rows.append({"arm": "tlpipe", "model": f"same model as deployed: `label` column, abstentions counted wrong ({dec})",
