@@ -466,6 +466,10 @@ def _run_pipeline(spec, engine, device, items, *, layout, micro_batch, chunk_siz
                   cpus, use_gpu, max_pixels):
     import ray.data
 
+    from jobs.ray_runtime import quiet_ray_data
+
+    quiet_ray_data()
+
     rows = [{"key": k, "path": p} for k, p in items]
     chunk = _rows_per_chunk(len(rows), micro_batch, chunk_size, workers)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / chunk)))

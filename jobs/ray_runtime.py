@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict:
@@ -34,7 +35,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> di
                 include_dashboard=False,
                 **common,
             )
-        _quiet_ray_data()
+        if "ray.data" in sys.modules:  # else `quiet_ray_data` runs where Ray Data is first used
+            quiet_ray_data()
     return ray.cluster_resources()
 
 
@@ -64,7 +66,8 @@ def _quiet_token_auth_notice() -> None:
         log.addFilter(_DropTokenAuthEnabledNotice())
 
 
-def _quiet_ray_data() -> None:
+def quiet_ray_data() -> None:
+    """Ray Data without progress bars or per-job console lines (tlpipe prints its own)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -23,8 +23,8 @@ from pipeline.sweep.plan import FeatureSetRef
 #: a cached measurement older than this is measured again (a week)
 MAX_AGE_S = 7 * 24 * 3600
 #: a measurement is kept only when its repeats agree: interquartile range / median of a batch
-#: size at most this (one taken on a machine busy with other work is not worth reusing)
-MAX_KEPT_SPREAD = 0.2
+#: size at most this (one taken on a machine busy with other work spreads far more)
+MAX_KEPT_SPREAD = 0.5
 #: the libraries whose version changes what an engine runs
 ENGINE_PACKAGES = ("torch", "onnxruntime", "openvino")
 

@@ -184,19 +184,26 @@ def text_embedder_for(ref: FeatureSetRef, text_embedders: Mapping[str, Any]) -> 
     return text_embedders.get(ref.backbone) or BackboneTextEmbedder(ref.spec)
 
 
+#: a Tip-Adapter config's key for the prompt templates of its zero-shot base (from `--set
+#: zeroshot.templates=...`); not a TipAdapter parameter, `task_params` takes it out
+BASE_TEMPLATES = "base_templates"
+
+
 def task_params(hc: HeadConfig, ref: FeatureSetRef, text_embedders: Mapping[str, Any],
                 cpus: int) -> dict[str, Any]:
     """The head's constructor parameters for one candidate task."""
     from pipeline.heads import HEADS
 
     params = dict(hc.params)
+    templates = params.pop(BASE_TEMPLATES, None)
     names = init_params(HEADS[hc.head])
     if "text_embedder" in names and params.get("text_embedder") is None:
         params["text_embedder"] = text_embedder_for(ref, text_embedders)
     if hc.head == "TipAdapter" and params.get("base") is None and \
             (ref.backbone in text_embedders or (ref.text and ref.spec is not None)):
         # CLIP-family: Tip-Adapter on top of zero-shot (training-free end to end)
-        params["base"] = HEADS["ZeroShot"](text_embedder=text_embedder_for(ref, text_embedders))
+        params["base"] = HEADS["ZeroShot"](text_embedder=text_embedder_for(ref, text_embedders),
+                                           templates=templates)
     if "n_threads" in names and params.get("n_threads") is None:
         params["n_threads"] = max(1, int(cpus))
     return params
@@ -226,6 +233,11 @@ def sweep_inputs(feature_sets: Sequence[Any], heads: Any,
         raise ValueError(f"tolerance must be in [0, 1) (0.005 = half a point), got {tolerance}")
     probes, ft_cfgs = split_finetune_heads(heads, head_params)
     head_cfgs = head_configs(probes, head_params) if probes or not ft_cfgs else []
+    zero_shot = next((h for h in head_cfgs if h.head == "ZeroShot" and "templates" in h.params), None)
+    if zero_shot is not None:  # Tip-Adapter's zero-shot base prompts as the zero-shot head does
+        head_cfgs = [HeadConfig(h.head, {**h.params, BASE_TEMPLATES: zero_shot.params["templates"]},
+                                h.name) if h.head == "TipAdapter" and h.params.get("base") is None
+                     else h for h in head_cfgs]
     refs = [f if isinstance(f, FeatureSetRef) else FeatureSetRef.from_spec(f) for f in feature_sets]
     if not refs:
         raise ValueError("no feature sets to sweep: extract at least one backbone first")

@@ -24,7 +24,9 @@ N_PER_CLASS = 16
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cifar_subsets import copy_cifar_subset  # noqa: E402
 
-NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ray_nodes import NODE, add_node, cpu_used  # noqa: E402
+
 HEADS = ["linear", "knn", "centroid", "mlp"]
 HEAD_PARAMS = {"linear": {"weight_decays": [1e-3, 1e-1], "max_iter": 200}}
 
@@ -43,7 +45,7 @@ def cluster():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args=dict(NODE, include_dashboard=False))
     try:
-        _add_node(c)
+        add_node(c)
         ensure_ray(address=c.address)
         yield c
     finally:
@@ -51,30 +53,6 @@ def cluster():
         c.shutdown()
         if was_running:
             ensure_ray(num_cpus=2)
-
-
-def _add_node(cluster):
-    """A worker node; Ray gives a raylet 30 s to register, so on an overloaded machine try twice."""
-    for attempt in (1, 2):
-        try:
-            node = cluster.add_node(**NODE)
-            cluster.wait_for_nodes()
-            return node
-        except Exception:  # "The current node timed out during startup"
-            if attempt == 2:
-                raise
-
-
-def _cpu_used(node_id: str) -> float:
-    """CPUs in use on one node, as the GCS sees them (no dashboard needed)."""
-    import ray
-    from ray.autoscaler.v2.sdk import get_cluster_status
-
-    status = get_cluster_status(ray.get_runtime_context().gcs_address)
-    for n in status.active_nodes + status.idle_nodes:
-        if n.node_id == node_id and n.resource_usage is not None:
-            return sum(u.used for u in n.resource_usage.usage if u.resource_name == "CPU")
-    return 0.0
 
 
 def _alive_nodes() -> int:
@@ -137,7 +115,7 @@ def extracted(cluster, dataset, small_spec, tmp_path_factory):
     stop, log = threading.Event(), {}
     # the worker node's actor is up and working, and the first results are stored
     t = _remove_when(cluster, node, lambda: any(features.glob("*/shard-*.parquet"))
-                     and _cpu_used(node.node_id) > 0, stop, log)
+                     and cpu_used(node.node_id) > 0, stop, log)
     try:
         (s,) = extract_features([(r.sha256, r.path) for r in dataset.records], [small_spec],
                                 store=store, chunk_size=8, micro_batch=8, shard_rows=8)
@@ -180,13 +158,13 @@ def test_sweep_completes_after_losing_a_node(cluster, extracted, dataset, small_
     assert _alive_nodes() == 1
     single = run_sweep(dataset, [ref], HEADS, run_name="single-node", **kw)
 
-    node = _add_node(cluster)
+    node = add_node(cluster)
     assert _alive_nodes() == 2
-    assert _cpu_used(node.node_id) == 0
+    assert cpu_used(node.node_id) == 0
 
     stop, log = threading.Event(), {}
     # a head task (the only thing the sweep schedules) is running on the worker node
-    t = _remove_when(cluster, node, lambda: _cpu_used(node.node_id) > 0, stop, log)
+    t = _remove_when(cluster, node, lambda: cpu_used(node.node_id) > 0, stop, log)
     try:
         lost = run_sweep(dataset, [ref], HEADS, run_name="node-lost", **kw)
     finally:

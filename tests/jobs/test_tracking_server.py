@@ -30,6 +30,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cifar_subsets import copy_cifar_subset  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ray_nodes import NODE, add_node, cpu_used  # noqa: E402
+
 pytestmark = pytest.mark.timeout(600)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +40,6 @@ KUBERAY = REPO / "deploy" / "kuberay"
 LITE0 = "efficientnet/tf_efficientnet_lite0.in1k"
 NAME = "cifar3-shared"
 CLASSES = ("airplane", "cat", "ship")
-NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
 
 
 def _free_port() -> int:
@@ -115,30 +117,6 @@ class MlflowServer:
         self.log.close()
 
 
-def _add_node(cluster):
-    """A worker node; Ray gives a raylet 30 s to register, so on an overloaded machine try twice."""
-    for attempt in (1, 2):
-        try:
-            node = cluster.add_node(**NODE)
-            cluster.wait_for_nodes()
-            return node
-        except Exception:  # "The current node timed out during startup"
-            if attempt == 2:
-                raise
-
-
-def _cpu_used(node_id: str) -> float:
-    """CPUs in use on one node, as the GCS sees them (no dashboard needed)."""
-    import ray
-    from ray.autoscaler.v2.sdk import get_cluster_status
-
-    status = get_cluster_status(ray.get_runtime_context().gcs_address)
-    for n in status.active_nodes + status.idle_nodes:
-        if n.node_id == node_id and n.resource_usage is not None:
-            return sum(u.used for u in n.resource_usage.usage if u.resource_name == "CPU")
-    return 0.0
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """The tracking server and a head + worker Ray cluster (started while the server boots)."""
@@ -158,7 +136,7 @@ def stack(tmp_path_factory):
     previous_uri = mlflow.get_tracking_uri()
     try:
         cluster = Cluster(initialize_head=True, head_node_args=dict(NODE, include_dashboard=False))
-        worker = _add_node(cluster)
+        worker = add_node(cluster)
         ensure_ray(address=cluster.address)
         server.wait_ready()
         with pytest.MonkeyPatch.context() as mp:
@@ -198,7 +176,7 @@ def ran(stack, cifar10_dir, tmp_path_factory):
     def watch():  # did the run's Ray work use the worker node?
         while not stop.is_set():
             try:
-                seen["worker_busy"] |= _cpu_used(worker_id) > 0
+                seen["worker_busy"] |= cpu_used(worker_id) > 0
             except Exception:  # a status call racing shutdown: keep watching
                 pass
             time.sleep(0.05)

@@ -210,10 +210,10 @@ def test_linear_probe_cv_window_keeps_the_full_grids_choice(monkeypatch):
     np.testing.assert_allclose(windowed.proba, full.proba, atol=1e-4)
 
 
-def _ref(fingerprint="f" * 64, engine="openvino"):
+def _ref(fingerprint="f" * 64, engine="openvino", text=False):
     from pipeline.sweep.plan import FeatureSetRef
 
-    return FeatureSetRef(backbone="family/model", fingerprint=fingerprint, engine=engine)
+    return FeatureSetRef(backbone="family/model", fingerprint=fingerprint, engine=engine, text=text)
 
 
 def test_latency_cache_reuses_only_a_stable_measurement_of_the_same_thing(tmp_path, monkeypatch):
@@ -271,3 +271,20 @@ def test_auto_device_without_a_gpu_driver_needs_no_torch():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env=env, check=True).stdout.split()
         assert out == ["cpu", "False"]
+
+
+def test_tip_adapter_base_prompts_with_the_zero_shot_templates():
+    from pipeline.sweep.plan import BASE_TEMPLATES, sweep_inputs, task_params
+
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    ref = _ref(text=True)
+    heads, _, _ = sweep_inputs([ref], ["zeroshot", "tip"], {"zeroshot": {"templates": templates}},
+                               selection_metric="accuracy", tolerance=0.005)
+    tip = next(h for h in heads if h.head == "TipAdapter")
+    params = task_params(tip, ref, {ref.backbone: lambda prompts: np.zeros((len(prompts), 4))}, 1)
+    assert BASE_TEMPLATES not in params  # not a TipAdapter parameter
+    assert params["base"].templates == templates
+    plain, _, _ = sweep_inputs([ref], ["zeroshot", "tip"], {}, selection_metric="accuracy",
+                               tolerance=0.005)
+    tip = next(h for h in plain if h.head == "TipAdapter")
+    assert task_params(tip, ref, {ref.backbone: lambda p: np.zeros((len(p), 4))}, 1)["base"].templates is None
