@@ -15,28 +15,26 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field: value`` of ``/proc/cpuinfo`` (Linux), else None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip() or None
+                if line.lower().startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or None
+    return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+    return _cpuinfo("model name") or platform.processor() or None
 
 
 def cpu_flags() -> list[str]:
     """The CPU's feature flags (``/proc/cpuinfo`` on Linux; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("flags"):
-                    return sorted(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return []
+    return sorted((_cpuinfo("flags") or "").split())
 
 
 def machine_info() -> dict[str, Any]:

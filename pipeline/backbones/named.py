@@ -56,11 +56,15 @@ def entries(root: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
 
 
 def _write(items: Mapping[str, Any], root: str | os.PathLike | None) -> Path:
+    from fsspec.implementations.local import LocalFileSystem
+
+    from feature_store.shards import write_json_atomic
+
     path = registry_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"format": _FORMAT, "version": 1, "backbones": dict(sorted(items.items()))}, indent=2))
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    # readers see the old file or the new one, never half of one
+    write_json_atomic(LocalFileSystem(), str(path),
+                      {"format": _FORMAT, "version": 1, "backbones": dict(items)})
     return path
 
 

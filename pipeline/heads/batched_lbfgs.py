@@ -76,12 +76,10 @@ class Rotation:
 
 class _Objective:
     def __init__(self, X, targets, weights, lambdas, V, e, n_classes):
-        self.X = X  # (N, D) float32
         self.T = targets  # (N, C) float32 soft targets, rows sum to 1
         self.w = weights  # (N, 1, 1) float32, sums to 1
         self.lam = lambdas  # (S,) float32
-        self.V = V  # (D, D), orthogonal; block-diagonal for wide inputs (see `Rotation`)
-        self.rot = Rotation(V)
+        self.rot = Rotation(V)  # V (D, D) orthogonal; block-diagonal for wide inputs
         self.D = X.shape[1]
         self.C = n_classes
         kappa = 1.0 / n_classes  # softmax cross-entropy curvature at uniform probabilities

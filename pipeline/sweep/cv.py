@@ -54,14 +54,14 @@ def align_proba(proba: np.ndarray, head_classes: Sequence[Any], classes: Sequenc
 
 def metric_from_proba(metric: str, y: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> float:
     """One selection metric of (N, C) probabilities against string labels (no bootstrap)."""
-    if metric not in SELECTION_METRICS:
-        raise ValueError(f"unknown selection metric {metric!r}; choose one of {SELECTION_METRICS}")
     return metric_from_codes(metric, label_codes(y, classes), proba)
 
 
 def metric_from_codes(metric: str, yi: np.ndarray, proba: np.ndarray) -> float:
     """`metric_from_proba` with the labels already as column indices of `proba` (loops that
     score many candidates on the same rows encode the labels once)."""
+    if metric not in SELECTION_METRICS:
+        raise ValueError(f"unknown selection metric {metric!r}; choose one of {SELECTION_METRICS}")
     pred = proba.argmax(axis=1)
     if metric == "accuracy":
         return float(np.mean(pred == yi))

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.evaluate import SELECTION_METRICS
 from pipeline.sweep.cv import label_codes, metric_from_codes, metric_from_proba
 
 if TYPE_CHECKING:
@@ -105,8 +104,6 @@ def ensemble_selection(probas: Mapping[str, np.ndarray], y: np.ndarray, classes:
     names = list(probas)
     if not names:
         raise ValueError("ensemble selection needs at least one candidate")
-    if metric not in SELECTION_METRICS:
-        raise ValueError(f"unknown selection metric {metric!r}; choose one of {SELECTION_METRICS}")
     counts = dict.fromkeys(names, 0)
     total = np.zeros_like(np.asarray(probas[names[0]], dtype=np.float64))
     yi = label_codes(y, classes)

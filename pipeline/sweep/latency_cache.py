@@ -17,6 +17,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
+from fsspec.implementations.local import LocalFileSystem
+
+from feature_store.shards import write_json_atomic
 from pipeline.latency import cpu_flags, cpu_model
 from pipeline.sweep.plan import FeatureSetRef
 
@@ -76,11 +79,9 @@ class LatencyCache:
         key = self._key(ref, device)
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         entry = {"key": key, "measured_at": time.time(), "backbone": ref.backbone,
-                 "latency": dict(latency)}
-        tmp.write_text(json.dumps(entry, default=str), encoding="utf-8")
-        os.replace(tmp, path)
+                 "latency": json.loads(json.dumps(dict(latency), default=str))}
+        write_json_atomic(LocalFileSystem(), str(path), entry)
         return True
 
 
