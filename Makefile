@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - validate, extract and probe clothing-small end to end (offline, CPU)"
 	@echo "make test   - run the test suite (bootstraps .venv)"
-	@echo "make bench  - run the benchmarks (~45 min, incl. a 10-minute soak) and write BENCHMARKS.md"
+	@echo "make bench  - run the benchmarks (~100 min, incl. a 10-minute soak) and write BENCHMARKS.md"
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -39,7 +39,8 @@ bench: venv
 	$(PY) -m bench.probe --cifar 500 --write
 	$(PY) -m bench.serve --write
 	$(PY) -m bench.soak --minutes 10 --write
-	$(PY) -m bench.accuracy --dataset both --write
+	$(PY) -m bench.accuracy --dataset both --write --keep-root
+	$(PY) -m bench.selection_speed --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache

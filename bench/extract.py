@@ -9,7 +9,13 @@ Rows, side by side:
   (d) the textbook Ray Data pipeline: read_images → map_batches(ORT actor, batch 32)
   (e) a second tlpipe run after adding 10 % new images: extracts exactly the new ones
 
+With ``--int8`` (issue #14) it measures the INT8 variant against fp32 instead, in its own section:
+model only (OpenVINO and ONNX Runtime, batch 1 and 8), end to end (every clothing-small photo,
+files → store), the one-off quantization, and the accuracy delta of a linear probe (train+val →
+test) on fp32 vs INT8 features, naming the CPU's ISA.
+
     python -m bench.extract [--images 1024] [--write]
+    python -m bench.extract --int8 [--write]
 """
 
 from __future__ import annotations
@@ -129,12 +135,137 @@ def textbook_ray_data(paths: list[Path]) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def isa() -> str:
+    """The CPU's INT8-relevant instruction sets, as lscpu names them."""
+    from pipeline.latency import cpu_flags, cpu_model
+
+    flags = set(cpu_flags())
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    kind = "VNNI/AMX" if {"avx512_vnni", "avx_vnni", "amx_int8"} & flags else "AVX2-only"
+    return f"{cpu_model()} ({kind}: {' '.join(have)})"
+
+
+def _load() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+def int8_vs_fp32(write: bool) -> None:
+    """--int8: the INT8 variant of EfficientNet-Lite0 against fp32 (see the module docstring)."""
+    from feature_store import FeatureStore
+    from jobs.extract import extract_features
+    from pipeline.archives import unpack
+    from pipeline.backbones import get_spec, load_backbone
+    from pipeline.backbones.quantize import calibration_id, calibration_sample, ensure_int8
+    from pipeline.backbones.variants import remember
+    from pipeline.data import load_dataset
+    from pipeline.heads import LinearProbe
+    from pipeline.paired import metric_from_labels
+
+    from bench.report import markdown_table, write_section
+
+    shared = Path(os.environ.get("TLPIPE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    ds = load_dataset(unpack(shared / "clothing-small.tar.gz"), seed=0)
+    train = ds.split("train")
+    sample = calibration_sample([(r.sha256, r.path) for r in train])
+    spec8 = get_spec(SPEC + "@int8").replace(calibration=calibration_id([k for k, _ in sample]))
+    load_before = _load()
+    rows, q_seconds, refused = [], {}, {}
+    for engine in ("openvino", "onnx"):  # quantization once per engine (cached afterwards)
+        t0 = time.perf_counter()
+        try:
+            ensure_int8(spec8, engine, calibration_paths=[p for _, p in sample])
+        except RuntimeError as exc:  # the agreement check refused this engine's INT8 graph
+            refused[engine] = str(exc)
+        q_seconds[engine] = time.perf_counter() - t0
+    spec8, ov_path = ensure_int8(spec8, "openvino")
+    spec8 = remember(spec8)
+    import json
+
+    made = json.loads(ov_path.with_suffix(".json").read_text())
+    q_seconds["openvino"] = made["quantize_seconds"]  # NNCF alone, when it was made (maybe an earlier run)
+    fp32 = get_spec(SPEC)
+    rates, cpu = {}, {}
+    for engine in [e for e in ("openvino", "onnx") if e not in refused]:
+        for b in (1, 8):
+            models = {label: load_backbone(spec, engine=engine) for label, spec in (("fp32", fp32), ("int8", spec8))}
+            x = np.random.default_rng(0).integers(0, 256, (b, 3, 224, 224), dtype=np.uint8)
+            for bb in models.values():
+                bb.embed(x)
+            calls = max(1, 64 // b)
+            # fp32 and int8 take turns, best of 5 each: other jobs on the machine hit both alike;
+            # CPU seconds per image (this process, all its threads) are robust against that load
+            for _ in range(5):
+                for label, bb in models.items():
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    for _ in range(calls):
+                        bb.embed(x)
+                    wall, used = time.perf_counter() - t0, time.process_time() - c0
+                    rates[(engine, b, label)] = max(rates.get((engine, b, label), 0.0), calls * b / wall)
+                    cpu[(engine, b, label)] = min(cpu.get((engine, b, label), 1e9), 1e3 * used / (calls * b))
+            r32, r8 = rates[(engine, b, "fp32")], rates[(engine, b, "int8")]
+            c32, c8 = cpu[(engine, b, "fp32")], cpu[(engine, b, "int8")]
+            rows.append({"row": f"model only, {engine}, batch {b}, ready uint8 tensors", "fp32 img/s": f"{r32:.1f}",
+                         "int8 img/s": f"{r8:.1f}", "int8 / fp32": f"{r8 / r32:.2f}×",
+                         "CPU ms/img fp32 → int8": f"{c32:.1f} → {c8:.1f} ({c32 / c8:.2f}×)"})
+    work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-int8-"))
+    try:
+        files = [(r.sha256, r.path) for r in ds.records]
+        stats = {}
+        for label, spec in (("fp32", fp32), ("int8", spec8)):
+            stats[label] = extract_features(files, [spec], store=FeatureStore(work / label),
+                                            calibration=[(r.sha256, r.path) for r in train])[0]
+        s32, s8 = stats["fp32"], stats["int8"]
+        rows.append({"row": f"end to end, files → store, {len(files)} photos ({s32.engine}, {s32.executor})",
+                     "fp32 img/s": f"{s32.images_per_s:.1f}", "int8 img/s": f"{s8.images_per_s:.1f}",
+                     "int8 / fp32": f"{s8.images_per_s / s32.images_per_s:.2f}×"})
+        acc = {}
+        trval = train + ds.split("val")
+        test = ds.split("test")
+        for label, s in stats.items():
+            store = FeatureStore(work / label)
+            head = LinearProbe().fit(store.get(s.fingerprint, [r.sha256 for r in trval]),
+                                     np.array([r.label for r in trval]))
+            pred = head.predict(store.get(s.fingerprint, [r.sha256 for r in test]))
+            y = [r.label for r in test]
+            acc[label] = (metric_from_labels("accuracy", y, pred), metric_from_labels("balanced_accuracy", y, pred),
+                          pred)
+        agree = float(np.mean(acc["fp32"][2] == acc["int8"][2]))
+        rows.append({"row": f"linear probe, clothing-small test ({len(test)} photos): accuracy",
+                     "fp32 img/s": f"{100 * acc['fp32'][0]:.2f} %", "int8 img/s": f"{100 * acc['int8'][0]:.2f} %",
+                     "int8 / fp32": f"{100 * (acc['int8'][0] - acc['fp32'][0]):+.2f} points"})
+        rows.append({"row": "… balanced accuracy", "fp32 img/s": f"{100 * acc['fp32'][1]:.2f} %",
+                     "int8 img/s": f"{100 * acc['int8'][1]:.2f} %",
+                     "int8 / fp32": f"{100 * (acc['int8'][1] - acc['fp32'][1]):+.2f} points; "
+                                    f"predictions agree on {100 * agree:.1f} %"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = markdown_table(rows, ["row", "fp32 img/s", "int8 img/s", "int8 / fp32", "CPU ms/img fp32 → int8"])
+    ov8 = rates[("openvino", 8, "int8")] / rates[("openvino", 8, "fp32")]
+    ov8_cpu = cpu[("openvino", 8, "fp32")] / cpu[("openvino", 8, "int8")]
+    note = (f"CPU: {isa()}; load average {load_before} before, {_load()} after (other jobs share the 2 cores).\n"
+            f"Quantization (one-off, cached beside the export): {len(sample)} calibration images, "
+            f"NNCF {q_seconds['openvino']:.1f} s (quantization alone; cosine to fp32 on them "
+            f"{made['cosine_to_fp32_mean']:.4f} mean), ONNX Runtime {q_seconds['onnx']:.1f} s (with decoding)"
+            + "".join(f"; {e} INT8 refused: {msg.split(': ', 1)[-1]}" for e, msg in refused.items()) + ".\n"
+            f"Targets: INT8 model-only ≥ 1.3× fp32 on an AVX2-only CPU → {ov8:.2f}× img/s, {ov8_cpu:.2f}× CPU per "
+            "image (OpenVINO, batch 8); "
+            f"accuracy within 0.5 point of fp32 → {100 * (acc['int8'][0] - acc['fp32'][0]):+.2f} points.")
+    print(table)
+    print(note)
+    if write:
+        write_section("extract-int8", "INT8 vs fp32 — EfficientNet-Lite0 @224, clothing-small photos",
+                      "python -m bench.extract --int8", table + "\n\n" + note)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1024, help="photos in the first run (>= 512)")
     parser.add_argument("--naive-images", type=int, default=256, help="photos for the naive loop")
+    parser.add_argument("--int8", action="store_true", help="measure the INT8 variant against fp32 instead")
     parser.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     args = parser.parse_args()
+    if args.int8:
+        return int8_vs_fp32(args.write)
     n_new = max(1, args.images // 10)
     photos = _photos(args.images + n_new)
     first, extra = photos[: args.images], photos[args.images:]

@@ -21,6 +21,15 @@ load on the machine) and the load generator's; the report names the best configu
     python -m bench.serve [--duration 20] [--clients 1,4,16] [--configs colocated+direct:2,...] [--write]
 
 Targets: (a) peak >= 2.5x (b) peak; (c) p99 <= 250 ms; (d) HNSW p50 added <= 2 ms.
+
+``--multi`` (issue 13 item 3) measures instead, in one run, with the first ``--configs`` entry:
+three models (heads on three class subsets) on the same backbone in ONE app
+(``tlpipe serve --model A --model B --model C``; the load spread over their routes), one model
+alone (its peak), and three single-model apps side by side (each its own backbone), all deployed
+on one Ray at once, rows interleaved in ``--rounds``. Target: three models in one app >= 90 % of
+one model's peak req/s. Section ``serve-multi``.
+
+    python -m bench.serve --multi [--rounds 3] [--duration 8] [--clients 4,16] [--write]
 """
 
 from __future__ import annotations
@@ -124,6 +133,49 @@ def build_champion(root: Path, state: Path, per_class: int) -> tuple[str, Path, 
     return version, pdir, predictor, X_te
 
 
+def build_family(root: Path, state: Path, per_class: int, n: int = 3) -> list[str]:
+    """`n` champions on the one backbone (Lite0 @224), each a LinearProbe on its own class subset
+    (a window of all-but-(n-1) classes), calibrated and registered as MODEL_NAME-a, -b, ...;
+    the photos are embedded once for all. Returns the registered names."""
+    import mlflow
+
+    from feature_store.index import SupportIndex
+    from jobs.registry import register_predictor
+    from jobs.tracking import setup_mlflow
+    from pipeline.backbones import get_spec, load_backbone
+    from pipeline.heads import LinearProbe
+    from pipeline.predictor import Predictor
+    from pipeline.preprocess import load_pixels
+
+    spec = get_spec(SPEC)
+    backbone = load_backbone(spec, engine="auto")
+
+    def embed(items):
+        return np.concatenate([backbone.embed(np.stack([load_pixels(p, spec) for p, _ in items[i:i + 64]]))
+                               for i in range(0, len(items), 64)])
+
+    train, val = split_files(root, "train", per_class), split_files(root, "validation")
+    X_tr, X_val = embed(train), embed(val)
+    y_tr, y_val = np.array([c for _, c in train]), np.array([c for _, c in val])
+    classes = sorted(set(y_tr))
+    exp = setup_mlflow(state, "bench-serve-multi")
+    mlflow.set_experiment(experiment_id=exp)
+    names = []
+    for k in range(n):
+        keep = classes[k:len(classes) - (n - 1) + k]
+        tr, va = np.isin(y_tr, keep), np.isin(y_val, keep)
+        head = LinearProbe(n_threads=1).fit(X_tr[tr], y_tr[tr], X_val[va], y_val[va])
+        support = SupportIndex(X_tr.shape[1])
+        support.add(X_tr[tr], y_tr[tr])
+        predictor = Predictor(backbone.spec, head, support=support, info={"bench": "serve-multi", "classes": keep})
+        predictor.calibrate(X_val[va], y_val[va], target_precision=0.9)
+        name = f"{MODEL_NAME}-{'abcdefgh'[k]}"
+        predictor.save(state / name)
+        register_predictor(state / name, name, alias="champion")
+        names.append(name)
+    return names
+
+
 def register_torch_pyfunc(pdir: Path, state: Path) -> str:
     import mlflow
 
@@ -210,6 +262,47 @@ def start_tlpipe(state: Path, port: int, args, config: ServerConfig) -> str:
     return url
 
 
+def start_apps(state: Path, port: int, args, config: ServerConfig, apps: list[tuple[str, list[str]]]) -> dict:
+    """Several apps on ONE fresh local Ray, each `deploy.app.run` (what `tlpipe serve` calls) of its
+    models under route prefix /NAME, each with its own backbone (colocated in its ingress). With
+    direct ingress, Ray is started here with a port per app (Serve hands them out as the apps
+    deploy); each app's URL is found by asking every port for its prefix. Returns {name: URL}."""
+    import httpx
+    import ray
+
+    from deploy.app import INLINE_ARGS_ENV, LOCAL_RAY_ENV, direct_ingress_env, free_port, run
+    from jobs.ray_runtime import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    for key in (*LOCAL_RAY_ENV, *direct_ingress_env(port)):
+        os.environ.pop(key, None)
+    os.environ.update({**INLINE_ARGS_ENV, **LOCAL_RAY_ENV})
+    if config.direct:
+        os.environ.update(direct_ingress_env(port, len(apps)))
+    ensure_ray("local")
+    proxy = free_port() if config.direct else port
+    for name, models in apps:  # run() joins the Ray started here; the proxy listens on `proxy`
+        run([f"{m}@champion" for m in models] if len(models) > 1 else f"{models[0]}@champion", host="127.0.0.1",
+            port=proxy, name=name, route_prefix=f"/{name}", blocking=False, direct_ingress=False,
+            colocate_backbone=config.colocated, state_root=str(state), engine="auto", poll_interval_s=0,
+            ingress_options={"ray_actor_options": {"num_cpus": 0.2}},  # all apps on 2 CPUs
+            max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
+            decode_threads=args.decode_threads, intra_op_num_threads=config.threads, concurrent_batches=config.passes)
+    urls = {}
+    for name, _ in apps:
+        for p in ([port + i for i in range(len(apps))] if config.direct else [proxy]):
+            try:
+                if httpx.get(f"http://127.0.0.1:{p}/{name}/readyz", timeout=10).status_code == 200:
+                    urls[name] = f"http://127.0.0.1:{p}/{name}"
+                    break
+            except httpx.HTTPError:
+                continue
+        else:
+            raise RuntimeError(f"no port answers for app {name}")
+    return urls
+
+
 def start_mlflow(model_uri: str, tracking_uri: str, port: int, workers: int) -> subprocess.Popen:
     # mlflow execs `uvicorn` from PATH: put this interpreter's bin dir (the venv) first
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri,
@@ -287,10 +380,11 @@ def pct(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
 
 
-async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, duration: float,
+async def closed_loop(url: str | list[str], bodies: list[tuple[bytes, dict]], clients: int, duration: float,
                       warmup: float) -> dict:
-    """`clients` workers, each sending its next request as soon as the previous one answered."""
-    host, port, path = target_of(url)
+    """`clients` workers, each sending its next request as soon as the previous one answered;
+    several URLs: request i goes to url i mod n (each worker keeps a connection per URL)."""
+    targets = [target_of(u) for u in ([url] if isinstance(url, str) else url)]
     lat: list[float] = []
     errors = 0
     start = time.perf_counter()
@@ -299,11 +393,12 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, 
 
     async def worker(k: int):
         nonlocal errors, done_in_window, answered
-        conn = HttpConnection(host, port)
+        conns = [HttpConnection(host, port) for host, port, _ in targets]
         i = k
         try:
             while True:
                 body, headers = bodies[i % len(bodies)]
+                conn, path = conns[i % len(targets)], targets[i % len(targets)][2]
                 i += clients
                 t0 = time.perf_counter()
                 if t0 >= t_end:
@@ -320,7 +415,8 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], clients: int, 
                     lat.append(t1 - t0)
                     done_in_window += 1
         finally:
-            conn.close()
+            for conn in conns:
+                conn.close()
 
     cpu0 = time.process_time()
     await asyncio.gather(*(worker(k) for k in range(clients)))
@@ -470,8 +566,13 @@ def main() -> None:
     parser.add_argument("--skip-mlflow", action="store_true")
     parser.add_argument("--skip-fallback", action="store_true")
     parser.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
+    parser.add_argument("--rounds", type=int, default=3, help="--multi: rounds of interleaved rows")
+    parser.add_argument("--multi", action="store_true", help="three models on one backbone in one app vs one "
+                        "model vs three single-model apps (section serve-multi; the first --configs entry)")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    if args.multi:
+        return multi_main(args, clients)
 
     from bench.report import markdown_table, write_section
 
@@ -574,6 +675,101 @@ def main() -> None:
                       "python -m bench.serve " + " ".join(sys.argv[1:]), text)
 
 
+def multi_main(args, clients: list[int]) -> None:
+    """Three models on one backbone: one app vs one model's peak vs three apps side by side.
+
+    Every setup is deployed at once on one Ray (five apps: the idle ones cost memory, not CPU) and
+    the rows are interleaved in rounds, so other load on a shared machine falls on all setups alike;
+    each setup's peak is the median over rounds of its best row in the round."""
+    import mlflow
+    import ray
+    from ray import serve
+
+    from bench.accuracy import cpu_facts, describe_cpu, load_average
+    from bench.report import markdown_table, write_section
+
+    config = ServerConfig.parse(args.configs.split(",")[0])
+    photos = [p for p, _ in split_files(clothing_root(args.data), "test")]
+    state = Path(tempfile.mkdtemp(prefix="tlpipe-bench-serve-multi-"))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the temporary registry under `state`
+    t0 = time.perf_counter()
+    names = build_family(clothing_root(args.data), state, args.per_class)
+    print(f"registered {names} in {time.perf_counter() - t0:.0f}s ({mlflow.get_tracking_uri()})", flush=True)
+    bodies = multipart_bodies(photos)
+    solo = [f"solo-{n[-1]}" for n in names]
+    setups = {  # setup -> (label, apps it measures)
+        "one model": ("one app, one model (`--model A`): POST /v1/predict", ["one"]),
+        "three in one app": ("one app, three models on one backbone (`--model A --model B --model C`): requests "
+                             "round-robin over /v1/models/{A,B,C}/predict", ["three"]),
+        "three apps": ("three single-model apps side by side (each its own backbone in its ingress): requests "
+                       "round-robin over the three", solo)}
+    apps = [("one", [names[0]]), ("three", names)] + [(a, [n]) for a, n in zip(solo, names)]
+    loads = [f"start {load_average()}"]
+    urls = start_apps(state, free_port_range(len(apps)), args, config, apps)
+    targets = {"one model": urls["one"] + "/v1/predict",
+               "three in one app": [urls["three"] + f"/v1/models/{n}/predict" for n in names],
+               "three apps": [urls[a] + "/v1/predict" for a in solo]}
+    rss = {key: sum(app_rss_mib(a) for a in app_names) for key, (_, app_names) in setups.items()}
+    rows, best = [], {key: [] for key in setups}
+    try:
+        for k in range(args.rounds):
+            round_best = dict.fromkeys(setups, 0.0)
+            for c in clients:
+                for key, (label, _) in setups.items():
+                    r = measured_loop(targets[key], bodies, c, args)
+                    rows.append({"round": k + 1, "setup": label, **_fmt(r), "server RSS MiB": f"{rss[key]:.0f}"})
+                    print(rows[-1], flush=True)
+                    round_best[key] = max(round_best[key], r["req_s"])
+            for key in setups:
+                best[key].append(round_best[key])
+            loads.append(f"after round {k + 1} {load_average()}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    peaks = {key: statistics.median(v) for key, v in best.items()}
+    ratio, apps_ratio = peaks["three in one app"] / peaks["one model"], peaks["three apps"] / peaks["one model"]
+    per_round = ", ".join(f"{a / b:.0%}" for a, b in zip(best["three in one app"], best["one model"]))
+    columns = ["round", "setup", "clients", "req/s", "p50 ms", "p99 ms", "server CPU ms/req", "client CPU ms/req",
+               "server RSS MiB", "requests", "errors"]
+    body = [markdown_table(rows, columns), "",
+            f"Peak (median over {args.rounds} rounds of each round's best row): three models in one app "
+            f"**{peaks['three in one app']:.1f} req/s** = **{ratio:.0%}** of one model's **{peaks['one model']:.1f} "
+            f"req/s** (per round: {per_round}; target >= 90 %: {'met' if ratio >= 0.9 else 'NOT met'}); three "
+            f"single-model apps side by side **{peaks['three apps']:.1f} req/s** ({apps_ratio:.0%}) in "
+            f"{rss['three apps']:.0f} MiB of replicas against {rss['three in one app']:.0f} MiB for the one app.", "",
+            f"Server: {config.label}, each app its own ingress replica; max_batch_size {args.max_batch_size}, "
+            f"busy-aware batch window up to {args.batch_wait_ms:g} ms, {args.decode_threads} decode threads. All five "
+            "apps run on one local Ray at once and the rows alternate, so load from elsewhere falls on every setup "
+            f"alike. Models: {SPEC} @224 + a LinearProbe on each of three overlapping 8-class subsets of "
+            f"clothing-small ({args.per_class} train photos a class), calibrated on the validation split; requests: "
+            f"{len(photos)} clothing-small test photos, one JPEG per request, closed loop over loopback HTTP, "
+            f"{args.duration:g} s measured per row after {args.warmup:g} s warm-up, the load generator on the same "
+            "machine. server CPU ms/req: CPU of every server process over the row per answered request; server "
+            "RSS MiB: resident memory of the setup's ingress replicas (backbones included).", "",
+            f"Machine: {describe_cpu(cpu_facts())}. Load average (1/5/15 min): " + "; ".join(loads)
+            + " (a shared machine: req/s include other work; server CPU ms/req does not)."]
+    text = "\n".join(body)
+    print(text)
+    if args.write:
+        write_section("serve-multi", "Serving — three models on one backbone, one endpoint (EfficientNet-Lite0 @224)",
+                      "python -m bench.serve " + " ".join(sys.argv[1:]), text)
+
+
+def app_rss_mib(app: str) -> float:
+    """Resident memory (MiB) of the Serve replicas of `app` (process title ray::ServeReplica:APP:...)."""
+    import psutil
+
+    total = 0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if f"ServeReplica:{app}:" in " ".join(proc.cmdline()):
+                total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
 def _fmt(r: dict) -> dict:
     return {"clients": r["clients"], "req/s": f"{r['req_s']:.1f}", "p50 ms": f"{r['p50_ms']:.0f}",
             "p99 ms": f"{r['p99_ms']:.0f}", "server CPU ms/req": f"{r.get('server_cpu_ms', float('nan')):.1f}",
@@ -594,7 +790,7 @@ def server_cpu_seconds() -> dict[int, float]:
     return out
 
 
-def measured_loop(url: str, bodies, clients: int, args) -> dict:
+def measured_loop(url: str | list[str], bodies, clients: int, args) -> dict:
     """`closed_loop` plus the server processes' CPU per answered request."""
     before = server_cpu_seconds()
     r = asyncio.run(closed_loop(url, bodies, clients, args.duration, args.warmup))
@@ -607,6 +803,22 @@ def free_port() -> int:
     from deploy.app import free_port
 
     return free_port()
+
+
+def free_port_range(n: int) -> int:
+    """A port P with P .. P+n-1 all free right now (direct ingress gives app i port P+i)."""
+    import socket
+
+    for _ in range(100):
+        base = free_port()
+        try:
+            for p in range(base, base + n):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"found no {n} free consecutive ports")
 
 
 if __name__ == "__main__":

@@ -175,8 +175,10 @@ def run(
     heads: List[str] = typer.Option([",".join(DEFAULT_HEADS)], "--heads", help="Heads: linear, knn, centroid, mlp, tip, zeroshot; lora / full fine-tune the backbone (Ray Train)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Latency budget per image (batch 1) on this machine."),
     max_params: Optional[float] = typer.Option(None, "--max-params", help="Size budget in millions of parameters."),
+    precision: List[str] = typer.Option([], "--precision", help="Backbone precisions to try (comma list): fp32, int8 (post-training quantized on a seeded sample of <= 300 training images; CPU, openvino/onnx). Default fp32."),
+    sizes: List[str] = typer.Option([], "--sizes", help="Input sizes to evaluate each backbone's weights at (comma list, e.g. 160,192,224); default: each backbone's own."),
     set_params: List[str] = typer.Option([], "--set", help="Head / fine-tune parameter HEAD.PARAM=VALUE (repeat), e.g. --set lora.epochs=3 --set lora.lr=5e-4 --set lora.num_workers=2 --set linear.class_weight=balanced."),
-    metric: str = typer.Option("balanced_accuracy", help="Selection metric."),
+    metric: str = typer.Option("balanced_accuracy", help="Selection metric (multi-label data: map (default), micro_f1, macro_f1, subset_accuracy)."),
     tolerance: float = typer.Option(0.005, help="Selection metric a cheaper candidate may lose and still win (paired test; 0.005 = half a point)."),
     selection: str = typer.Option("auto", help="Score candidates by k-fold CV on train+val ('cv'), on the validation split ('val'), or 'auto' (CV up to 20k images)."),
     ensembles: bool = typer.Option(True, "--ensembles/--no-ensembles", help="Also try a head on the concatenated backbones and a weighted ensemble of the best candidates."),
@@ -185,15 +187,30 @@ def run(
     promote_after: bool = typer.Option(False, "--promote", help="Promote the challenger if it beats the champion."),
     seed: int = typer.Option(0),
     root: Optional[Path] = RootOpt,
+    multi_label: Optional[bool] = typer.Option(None, "--multi-label/--no-multi-label", help="Images carry label sets (default: detected from a `labels` manifest column, JSONL lists or a HF Sequence(ClassLabel)); multi-label runs sweep one-vs-rest linear, k-NN voting and sigmoid MLP heads."),
+    label_separator: str = typer.Option("|", help="Separator of the labels in one manifest cell (multi-label CSV)."),
 ) -> None:
     """validate → extract → sweep → select → register (alias `challenger`)."""
     from jobs.run import run as run_job
 
+    from pipeline.backbones.variants import parse_precisions, parse_sizes
+
     head_params = parse_head_params(set_params)
     if head_params:
         check_head_params(_csv_list(heads), head_params)
+    try:
+        precisions, input_sizes = parse_precisions(precision), parse_sizes(sizes)
+    except ValueError as e:
+        fail(str(e))
     use_root(root)  # registered backbone names live in the state root
-    ds = load_dataset_arg(data, seed, None)
+    if multi_label is None and label_separator == "|":
+        ds = load_dataset_arg(data, seed, None)
+    else:  # label sets forced on/off or split on another separator
+        from pipeline.archives import is_archive, unpack
+        from pipeline.data import load_dataset
+
+        ds = load_dataset(str(unpack(data)) if is_archive(data) else data, seed=seed,
+                          multi_label=multi_label, label_separator=label_separator)
     console.print(ds.card.render())
     from jobs.progress import StageProgress
 
@@ -204,7 +221,8 @@ def run(
                          selection_metric=metric, tolerance=tolerance, selection=selection,
                          ensembles=ensembles, target_precision=target_precision,
                          model_name=model_name, seed=seed, on_progress=progress.extract,
-                         on_sweep_progress=progress.sweep, dataset=ds)
+                         on_sweep_progress=progress.sweep, dataset=ds,
+                         precisions=precisions, sizes=input_sizes)
     console.print(stats_table(result.extract_stats))
     for s in result.skipped_backbones:
         console.print(f"[yellow]skipped[/] {s['backbone']}: {s['reason']}")
@@ -218,6 +236,11 @@ def run(
         console.print(f"registered [bold]{result.model_name}[/] version {result.version} as @challenger")
         for line in threshold_lines(result.calibration):
             console.print(line)
+        test = (result.evaluation or {}).get("test")
+        if test:  # multi-label: the test split scored once (reported, never used for choosing)
+            console.print(f"test split: mAP {test['map']:.3f}, micro-F1 {test['micro_f1']:.3f}, "
+                          f"macro-F1 {test['macro_f1']:.3f}, subset accuracy "
+                          f"{test['subset_accuracy']:.3f} at the per-label thresholds")
         if promote_after:
             print_promotion(result.model_name, None, False, root)
         from cli.next_steps import print_after_run
@@ -338,7 +361,9 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files."),
 @app.command()
 @clean_errors
 def serve(
-    model: str = typer.Option(..., "--model", help="NAME@alias (follows the alias), NAME/version, or a predictor dir."),
+    model: List[str] = typer.Option(..., "--model", help="NAME@alias (follows the alias), NAME/version, or a predictor dir. "
+                                    "Repeat for several models on one endpoint: POST /v1/models/NAME/predict; "
+                                    "models on the same backbone share its forward passes."),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     engine: Optional[str] = typer.Option(None, help="auto | torch | onnx | openvino (default auto)."),
@@ -353,7 +378,7 @@ def serve(
         help="Backbone inside the ingress replica (default on a local CPU-only Ray) or its own deployment."),
     capture: Optional[str] = typer.Option(
         None, "--capture", help="Capture fallback/abstain images + embeddings for `tlpipe suggest`: a folder, "
-        "an fsspec URL, or 'auto' (<root>/serve/<model>/capture)."),
+        "an fsspec URL, or 'auto' (<root>/serve/<model>/capture); with several models, DIR/<name> each."),
     root: Optional[Path] = RootOpt,
 ) -> None:
     """Serve a model on Ray Serve (local Ray unless RAY_ADDRESS names a cluster)."""
@@ -362,9 +387,15 @@ def serve(
     from deploy.preflight import ServeStartError
     from jobs.tracking import tracking_uri_for
 
-    console.print(f"serving {model} on http://{host}:{port} (docs at /docs)")
+    from deploy.models import model_names
+
     try:
-        serve_run(model, host=host, port=port, tracking_uri=tracking_uri_for(state_root(root)),
+        model_names(model)  # a malformed or repeated reference: one line, before anything starts
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(f"serving {', '.join(model)} on http://{host}:{port} (docs at /docs)")
+    try:
+        serve_run(model if len(model) > 1 else model[0], host=host, port=port, tracking_uri=tracking_uri_for(state_root(root)),
                   state_root=str(state_root(root)), engine=engine, max_batch_size=max_batch_size,
                   batch_wait_timeout_s=batch_wait_timeout_s, intra_op_num_threads=intra_op_threads,
                   direct_ingress=direct_ingress, colocate_backbone=colocate, capture=capture, blocking=True)

@@ -47,7 +47,8 @@ def suggest(
     console.print(f"{res.records} captured image(s) of {res.model}: {len(res.suggestions)} cluster(s)")
     for s in res.suggestions:
         near = ", ".join(f"{n['label']} {n['share']:.0%}" for n in s.nearest) or "-"
-        console.print(f"  cluster {s.cluster}: {s.size} images; nearest known: {near}")
+        alike = f" — looks like {s.looks_like} (hard {s.looks_like} photos, not a new class?)" if s.looks_like else ""
+        console.print(f"  cluster {s.cluster}: {s.size} images; nearest known: {near}{alike}")
     console.print(f"review: {res.html}")
     if res.suggestions:
         console.print(f"accept: tlpipe suggest {model} --accept 0 --label NAME")

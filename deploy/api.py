@@ -1,4 +1,4 @@
-"""The HTTP API (FastAPI), built per replica around one `ServingService`.
+"""The HTTP API (FastAPI), built per replica around the models it serves (`deploy.models.ModelSet`).
 
 Versioned routes under ``/v1``; OpenAPI at ``/docs`` (``/openapi.json``). Every client error is a
 JSON `ErrorResponse` (``{"error": code, "message": ..., "details": [...]}``) with status 400
@@ -25,6 +25,7 @@ from deploy import schemas
 from deploy.errors import ApiError
 from deploy.metrics import CONTENT_TYPE_LATEST
 from deploy.multipart import MultipartError, parse_multipart
+from deploy.models import ModelSet
 from deploy.service import ImageInput, NotReady, ServingService, decode_base64
 
 log = logging.getLogger("tlpipe.serve")
@@ -158,18 +159,25 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> ApiError
     return ApiError(422, "invalid_request", f"the request does not match the schema: {summary}", details)
 
 
-def create_api(service: ServingService) -> FastAPI:
-    settings = service.settings
+def create_api(models: ModelSet | ServingService) -> FastAPI:
+    """The app over one model (a `ServingService`) or several (a `ModelSet`).
+
+    Every model route exists twice: ``/v1/models/{model}/...`` for any served model, and the
+    unprefixed ``/v1/...`` of a one-model app (404 naming the models when there are several).
+    """
+    if isinstance(models, ServingService):
+        models = ModelSet([models])
+    settings = models.settings
     api = FastAPI(
         title="tlpipe serving", version=API_VERSION, docs_url="/docs", openapi_url="/openapi.json",
         description="Image classification with calibrated abstention and a k-NN fallback over support "
                     "examples that can be added at run time. Admin routes need `Authorization: Bearer <token>`.")
-    api.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    api.add_middleware(MetricsMiddleware, metrics=models.metrics)
     bearer = HTTPBearer(auto_error=False, description="the server's admin token (TLPIPE_SERVE_ADMIN_TOKEN)")
 
     # ---------------------------------------------------------------- errors
     def _error_response(err: ApiError) -> JSONResponse:
-        service.metrics.errors.labels(code=err.code).inc()
+        models.metrics.errors.labels(code=err.code).inc()
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @api.exception_handler(ApiError)
@@ -217,32 +225,58 @@ def create_api(service: ServingService) -> FastAPI:
     @api.get("/readyz", response_model=schemas.Health, tags=["health"],
              responses={503: {"model": schemas.Health}})
     async def readyz():
-        if not service.ready:
-            return JSONResponse({"status": "loading", "detail": "no model loaded yet"}, status_code=503)
-        return {"status": "ready", "model": service.state.label, "detail": service.last_poll_error}
+        if not models.ready:
+            waiting = [n for n, s in models.services.items() if not s.ready]
+            return JSONResponse({"status": "loading", "detail": f"not loaded yet: {', '.join(waiting)}"
+                                 if not models.single else "no model loaded yet"}, status_code=503)
+        errors = [f"{n}: {s.last_poll_error}" if not models.single else s.last_poll_error
+                  for n, s in models.services.items() if s.last_poll_error]
+        return {"status": "ready", "model": ", ".join(s.state.label for s in models.services.values()),
+                "detail": "; ".join(errors) or None}
 
     @api.get("/metrics", tags=["health"], response_class=Response)
     async def metrics():
-        return Response(service.render_metrics(), media_type=CONTENT_TYPE_LATEST)
+        return Response(models.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
-    @api.get("/v1/monitor", response_model=schemas.MonitorResponse, tags=["model"], responses=_ERRORS)
-    async def monitor():
+    @api.get("/v1/models", response_model=schemas.ModelsResponse, tags=["model"], responses=_ERRORS)
+    async def list_models():
+        return models.describe()
+
+    # ---------------------------------------------------------------- per model
+    def one_model() -> ServingService:
+        return models.only()
+
+    def named_model(model: str = Path(..., description="the model's name (GET /v1/models)")) -> ServingService:
+        return models.get(model)
+
+    _model_routes(api, "/v1", "/v1/model", Depends(one_model), settings, admin)
+    _model_routes(api, "/v1/models/{model}", "/v1/models/{model}", Depends(named_model), settings, admin)
+    return api
+
+
+def _model_routes(api: FastAPI, prefix: str, info_path: str, pick, settings, admin: list) -> None:
+    """The routes of one model under `prefix`; `pick` is the dependency that names the service."""
+    model_errors = {**_ERRORS, 404: {"model": schemas.ErrorResponse}}
+
+    @api.get(prefix + "/monitor", response_model=schemas.MonitorResponse, tags=["model"], responses=model_errors)
+    async def monitor(service: ServingService = pick):
         return service.monitor_snapshot()
 
     # ---------------------------------------------------------------- model
-    @api.get("/v1/model", response_model=schemas.ModelInfo, tags=["model"], responses=_ERRORS)
-    async def model_info():
+    @api.get(info_path, response_model=schemas.ModelInfo, tags=["model"], responses=model_errors)
+    async def model_info(service: ServingService = pick):
         return service.model_info()
 
-    @api.get("/v1/classes", response_model=schemas.ClassesResponse, tags=["model"], responses=_ERRORS)
-    async def classes():
+    @api.get(prefix + "/classes", response_model=schemas.ClassesResponse, tags=["model"], responses=model_errors)
+    async def classes(service: ServingService = pick):
         state, rows = service.classes()
         return {"model": state.label, "classes": rows}
 
-    @api.post("/v1/predict", response_model=schemas.PredictResponse, tags=["predict"], responses=_ERRORS,
+    @api.post(prefix + "/predict", response_model=schemas.PredictResponse, tags=["predict"], responses=model_errors,
               openapi_extra=_images_body("images as multipart files, base64 JSON, or one raw image body"))
     async def predict(request: Request,
-                      top_k: int | None = Query(None, ge=1, le=1000, description="classifier scores per image")):
+                      top_k: int | None = Query(None, ge=1, le=1000, description="classifier scores per image"),
+                      service: ServingService = pick):
         t0 = time.perf_counter()
         items, body_top_k = await read_images(request, max_bytes=settings.max_request_bytes,
                                               max_images=settings.max_images_per_request)
@@ -254,10 +288,11 @@ def create_api(service: ServingService) -> FastAPI:
         return {"model": state.label, "predictions": out, "latency_ms": ms}
 
     # ---------------------------------------------------------------- admin
-    @api.post("/v1/classes/{name}/examples", response_model=schemas.AddExamplesResponse, tags=["admin"],
+    @api.post(prefix + "/classes/{name}/examples", response_model=schemas.AddExamplesResponse, tags=["admin"],
               dependencies=admin, responses=_ADMIN_ERRORS, response_model_by_alias=True,
               openapi_extra=_images_body("support images of the class (multipart files or base64 JSON)"))
-    async def add_examples(request: Request, name: str = Path(..., description="class name (new or existing)")):
+    async def add_examples(request: Request, name: str = Path(..., description="class name (new or existing)"),
+                           service: ServingService = pick):
         items, _ = await read_images(request, max_bytes=settings.max_request_bytes,
                                      max_images=settings.max_examples_per_request)
         state, results = await service.add_examples(name, items)
@@ -267,26 +302,25 @@ def create_api(service: ServingService) -> FastAPI:
             added=[schemas.AddedExample(id=ex.id, sha256=ex.sha256, path=ex.path, duplicate=dup)
                    for ex, dup in results])
 
-    @api.delete("/v1/classes/{name}/examples/{example_id}", response_model=schemas.DeleteResponse,
+    @api.delete(prefix + "/classes/{name}/examples/{example_id}", response_model=schemas.DeleteResponse,
                 tags=["admin"], dependencies=admin, responses=_ADMIN_ERRORS, response_model_by_alias=True)
-    async def delete_example(name: str, example_id: int = Path(..., ge=1)):
+    async def delete_example(name: str, example_id: int = Path(..., ge=1), service: ServingService = pick):
         state, removed = await service.remove_examples(name, example_id)
         return schemas.DeleteResponse(model=state.label, class_name=name, removed=removed)
 
-    @api.delete("/v1/classes/{name}", response_model=schemas.DeleteResponse, tags=["admin"],
+    @api.delete(prefix + "/classes/{name}", response_model=schemas.DeleteResponse, tags=["admin"],
                 dependencies=admin, responses=_ADMIN_ERRORS, response_model_by_alias=True)
-    async def delete_class(name: str):
+    async def delete_class(name: str, service: ServingService = pick):
         state, removed = await service.remove_examples(name, None)
         return schemas.DeleteResponse(model=state.label, class_name=name, removed=removed)
 
-    @api.post("/v1/reload", response_model=schemas.ReloadResponse, tags=["admin"], dependencies=admin,
+    @api.post(prefix + "/reload", response_model=schemas.ReloadResponse, tags=["admin"], dependencies=admin,
               responses=_ADMIN_ERRORS)
-    async def reload(force: bool = Query(False, description="reload even if the version did not move")):
+    async def reload(force: bool = Query(False, description="reload even if the version did not move"),
+                     service: ServingService = pick):
         try:
             changed, previous = await service.refresh(force=force)
         except Exception as exc:  # noqa: BLE001 - the old model keeps serving; tell the caller why
             raise ApiError(503, "reload_failed", f"reload failed, still serving "
                            f"{service.state.label if service.ready else 'nothing'}: {type(exc).__name__}: {exc}")
         return {"changed": changed, "model": service.state.label, "previous": previous}
-
-    return api

@@ -11,6 +11,11 @@ On one CPU-only machine `run` (``tlpipe serve``) colocates the backbone in the i
 Ray Serve's direct ingress (the ingress replica is the HTTP server: no proxy hop), which halves the
 CPU spent per request on 2 cores (bench/serve.py reports it per configuration).
 
+Several models on one endpoint (``tlpipe serve --model A@champion --model B@champion``; ``models:``
+in serve.yaml): the ingress serves each under ``/v1/models/{name}/...`` (`deploy.models.ModelSet`:
+own state, alias poll, support store, monitor), and requests of models on the same backbone meet
+in the same `@serve.batch` queue: one forward pass for all of them, each model's head on its rows.
+
 Start it with ``tlpipe serve --model NAME@champion`` (`run`), from Python with `build_app`, or with
 ``serve run deploy/serve.yaml`` (`app_builder`, arguments under ``args:``). ``deploy.app:app`` is the
 same graph with every setting read from ``TLPIPE_SERVE_*`` environment variables when the replicas
@@ -25,11 +30,12 @@ Live-tunable ``user_config`` (YAML ``deployments[].user_config``, applied by ``r
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,8 +43,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from deploy.backbone import DEFAULT_CAPACITY, BackbonePool, EmbedResult
-from deploy.preflight import ServeStartError, check_model, replica_failure
+from deploy.backbone import DEFAULT_CAPACITY, BackbonePool, EmbedResult, backbone_identity
+from deploy.preflight import ServeStartError, check_models, distinct_backbones, replica_failure
 from pipeline.settings import state_root as resolve_state_root
 
 BACKBONE_DEPLOYMENT = "Backbone"
@@ -195,47 +201,100 @@ class Backbone:
         return self.embedder.batching()
 
 
+class BackboneRoutes:
+    """The embedder over Backbone deployments: each spec key goes to the deployment built for it.
+
+    One deployment per distinct backbone (`build_app`), so every model whose backbone has that
+    spec sends its requests into the same `@serve.batch` queue: one forward pass per batch for
+    all of them. A key no deployment was built for (a model hot-reloaded to another backbone) goes
+    to the deployment holding the fewest backbones, whose pool loads it next to its own, and stays
+    there; redeploying the application gives it its own deployment.
+    """
+
+    def __init__(self, handles: Sequence[DeploymentHandle], keys: Sequence[str] | None = None):
+        if not handles:
+            raise ValueError("no Backbone deployment handle given")
+        self.handles = list(handles)
+        keys = list(keys or [])
+        if keys and len(keys) != len(self.handles):
+            raise ValueError(f"{len(keys)} backbone keys for {len(self.handles)} Backbone deployments")
+        self.route = {backbone_identity(k): i for i, k in enumerate(keys)}  # by fingerprint
+        self.load = [1 if keys else 0] * len(self.handles)
+
+    def handle_for(self, key: str) -> DeploymentHandle:
+        ident = backbone_identity(key)
+        i = self.route.get(ident)
+        if i is None:
+            i = self.route[ident] = min(range(len(self.handles)), key=self.load.__getitem__)
+            self.load[i] += 1
+            if len(self.route) > len(self.handles):
+                log.info("backbone %s has no deployment of its own: served by deployment %d",
+                         json.loads(key).get("name"), i + 1)
+        return self.handles[i]
+
+    async def __call__(self, key: str, pixels: np.ndarray) -> EmbedResult:
+        return await self.handle_for(key).embed.remote(key, pixels)
+
+
 @serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=128, ray_actor_options={"num_cpus": 1},
                   health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress()
 class Ingress:
-    """HTTP front: parsing, decoding, the head and fallback, support examples, hot reload.
+    """HTTP front: parsing, decoding, the heads and fallback, support examples, hot reload.
 
-    `backbone` is the Backbone deployment's handle, or None to host the backbone in this replica
+    Serves `model`, or each of `models` (``/v1/models/{name}/...``; `deploy.models.ModelSet`).
+    `backbone` is the Backbone deployment's handle (or a list of them, one per distinct backbone:
+    `backbone_keys` names the spec each holds), or None to host the backbone in this replica
     (`colocated`: BackbonePool arguments) — one process hop less per request, for small machines.
+    Models whose backbones have the same spec share that backbone's batches either way.
     """
 
-    async def __init__(self, backbone: DeploymentHandle | None = None, model: str | None = None,
-                       settings: dict[str, Any] | None = None, colocated: dict[str, Any] | None = None):
-        from deploy.service import ServingService
+    async def __init__(self, backbone: DeploymentHandle | Sequence[DeploymentHandle] | None = None,
+                       model: str | None = None, settings: dict[str, Any] | None = None,
+                       colocated: dict[str, Any] | None = None, models: Sequence[str] | None = None,
+                       backbone_keys: Sequence[str] | None = None):
+        from deploy.models import ModelSet, per_model_settings
         from deploy.settings import load_settings
 
         overrides = dict(settings or {})
         if model:
             overrides["model"] = model
-        self.settings = load_settings(overrides)  # defaults < TLPIPE_SERVE_* env < arguments
-        self._backbone = backbone
+        refs = list(models or [])
+        if not refs:  # one model: the argument, else TLPIPE_SERVE_MODEL (read here, at replica start)
+            refs = [load_settings(overrides).model]
+            if refs[0] is None:
+                raise ValueError("no model to serve: pass model=NAME@champion (or set TLPIPE_SERVE_MODEL)")
+        overrides.pop("model", None)
+        per_model = per_model_settings(refs, overrides)  # defaults < TLPIPE_SERVE_* env < arguments
+        self.settings = per_model[0]
         self.local = None
         if backbone is None:
             opts = dict(colocated or {})
             batch = BackboneConfig.model_validate(opts.pop("batching", {}))
+            opts.setdefault("capacity", DEFAULT_CAPACITY * len(refs))  # room for every model's backbones
             self.local = BatchedEmbedder(BackbonePool(opts.pop("engine", None) or self.settings.engine, **opts))
             self.local.configure(batch.max_batch_size, batch.batch_wait_timeout_s, batch.concurrent_batches)
-        self.service = ServingService(self.settings, self.local if self.local is not None else self._embed)
-        await self.service.start()
+            embedder = self.local
+        else:
+            handles = list(backbone) if isinstance(backbone, (list, tuple)) else [backbone]
+            embedder = BackboneRoutes(handles, backbone_keys)
+        self.models = ModelSet.build(per_model, embedder)
+        await self.models.start()
 
-    async def _embed(self, key: str, pixels: np.ndarray) -> EmbedResult:
-        return await self._backbone.embed.remote(key, pixels)
+    @property
+    def service(self):
+        """The model of a one-model app (None when several are served)."""
+        return self.models.only() if self.models.single else None
 
     def __serve_build_asgi_app__(self):
         from deploy.api import create_api
 
-        return create_api(self.service)
+        return create_api(self.models)
 
     async def reconfigure(self, config: dict | None) -> None:
         cfg = IngressConfig.model_validate(config or {})
         if cfg.poll_interval_s is not None:
-            self.service.set_poll_interval(cfg.poll_interval_s)
+            self.models.set_poll_interval(cfg.poll_interval_s)
         if self.local is not None:
             self.local.configure(cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.concurrent_batches)
 
@@ -243,14 +302,14 @@ class Ingress:
         return self.local.batching() if self.local is not None else None
 
     async def check_health(self) -> None:
-        if not self.service.ready:
+        if not self.models.ready:
             raise RuntimeError("no model loaded")
 
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown: write the captured records still queued
-        monitor = getattr(getattr(self, "service", None), "monitor", None)
-        if monitor is not None and monitor.capture is not None:
-            monitor.capture.close(timeout=5.0)
+        models = getattr(self, "models", None)
+        if models is not None:
+            models.close_captures(timeout=5.0)
 
 
 # ---------------------------------------------------------------------------- builders
@@ -259,6 +318,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="NAME@alias, NAME/version or a predictor dir")
+    models: list[str] | None = Field(None, description="several models on one endpoint (/v1/models/{name}/...), "
+                                     "instead of `model`")
     tracking_uri: str | None = None
     state_root: str | None = Field(None, description="default: $TLPIPE_HOME, else ./.tlpipe")
     engine: str | None = None
@@ -271,14 +332,31 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def build_app(model: str | None, *, tracking_uri: str | None = None, state_root: str | None = None,
+def model_list(model: str | Sequence[str] | None) -> list[str]:
+    """`model` as a list: one reference, several, or none (TLPIPE_SERVE_MODEL, read by the replica)."""
+    if model is None:
+        return []
+    return [model] if isinstance(model, str) else [str(m) for m in model]
+
+
+def build_app(model: str | Sequence[str] | None, *, tracking_uri: str | None = None, state_root: str | None = None,
               engine: str | None = None, max_batch_size: int | None = None,
               batch_wait_timeout_s: float | None = None, poll_interval_s: float | None = None,
               ingress_replicas: int | None = None, backbone_replicas: int | None = None,
               ingress_options: dict | None = None, backbone_options: dict | None = None,
               intra_op_num_threads: int | None = None, colocate_backbone: bool = False,
-              concurrent_batches: int | None = None, **settings: Any) -> Application:
-    """The Serve application for `model` (see module docstring).
+              concurrent_batches: int | None = None, backbone_keys: Sequence[str] | None = None,
+              **settings: Any) -> Application:
+    """The Serve application for `model` (see module docstring): one reference, or a list of them
+    (several models on one endpoint, ``/v1/models/{name}/...``; `deploy.models`).
+
+    Several models with a separate backbone and `backbone_keys` (the distinct backbone specs,
+    `deploy.preflight.distinct_backbones`, which `run` finds when it resolves the models) get one
+    Backbone deployment per distinct backbone (``Backbone``, ``Backbone-2``, ...), each batching
+    the requests of every model on that backbone. Without `backbone_keys` (a Serve config: the
+    builder does not reach the registry) one ``Backbone`` deployment holds every backbone and
+    makes one forward pass per distinct backbone per batch. Colocated, each ingress replica's
+    pool holds them all. Either way, models on the same backbone share its forward passes.
 
     ``colocate_backbone=True`` drops the Backbone deployment and runs the backbone (same
     `@serve.batch` batching) inside each ingress replica: one Ray call and one copy of the pixels
@@ -305,10 +383,17 @@ def build_app(model: str | None, *, tracking_uri: str | None = None, state_root:
         overrides["engine"] = engine
     if poll_interval_s is not None:
         overrides["poll_interval_s"] = poll_interval_s
-    if model is not None:
-        ref = parse_model_ref(model)  # fail early, in the caller, on a malformed reference
-        model = ref.path if ref.kind == "path" else model
-    ServeSettings(model=model, **overrides)  # validate here too: errors before any replica starts
+    models = []
+    for text in model_list(model):
+        ref = parse_model_ref(text)  # fail early, in the caller, on a malformed reference
+        models.append(ref.path if ref.kind == "path" else text)
+    for text in models or [None]:
+        ServeSettings(model=text, **overrides)  # validate here too: errors before any replica starts
+    if len(models) > 1:
+        from deploy.models import model_names
+
+        model_names(models)  # one reference per name
+    many = {"models": models} if len(models) > 1 else {"model": models[0] if models else None}
     b_opts = dict(backbone_options or {})
     i_opts = dict(ingress_options or {})
     if backbone_replicas is not None:
@@ -325,12 +410,26 @@ def build_app(model: str | None, *, tracking_uri: str | None = None, state_root:
         colocated = {"engine": engine, "intra_op_num_threads": intra_op_num_threads,
                      "batching": batching.model_dump()}
         i_opts.setdefault("user_config", ingress_config.model_dump(exclude_none=True))
-        return Ingress.options(**i_opts).bind(None, model=model, settings=overrides, colocated=colocated)
+        return Ingress.options(**i_opts).bind(None, settings=overrides, colocated=colocated, **many)
     b_opts.setdefault("user_config", batching.model_dump())
     if poll_interval_s is not None:
         i_opts.setdefault("user_config", ingress_config.model_dump(exclude_none=True))
-    backbone = Backbone.options(**b_opts).bind(engine=engine, intra_op_num_threads=intra_op_num_threads)
-    return Ingress.options(**i_opts).bind(backbone, model=model, settings=overrides)
+    if len(models) <= 1:  # one model: one Backbone deployment, whatever its backbones
+        backbone = Backbone.options(**b_opts).bind(engine=engine, intra_op_num_threads=intra_op_num_threads)
+        return Ingress.options(**i_opts).bind(backbone, settings=overrides, **many)
+    if not backbone_keys:  # not resolved (a Serve config): one deployment batching every backbone
+        backbone = Backbone.options(**b_opts).bind(engine=engine, intra_op_num_threads=intra_op_num_threads,
+                                                   capacity=DEFAULT_CAPACITY * len(models))
+        return Ingress.options(**i_opts).bind(backbone, settings=overrides, **many)
+    backbones = [Backbone.options(name=backbone_deployment_name(i), **b_opts).bind(
+        engine=engine, intra_op_num_threads=intra_op_num_threads) for i in range(len(backbone_keys))]
+    return Ingress.options(**i_opts).bind(backbones, settings=overrides, backbone_keys=list(backbone_keys), **many)
+
+
+def backbone_deployment_name(i: int) -> str:
+    """``Backbone`` for the first distinct backbone (a one-backbone app looks as before), then
+    ``Backbone-2``, ... in the order the models name them."""
+    return BACKBONE_DEPLOYMENT if i == 0 else f"{BACKBONE_DEPLOYMENT}-{i + 1}"
 
 
 def app_builder(args: AppArgs) -> Application:
@@ -339,12 +438,14 @@ def app_builder(args: AppArgs) -> Application:
         args = AppArgs.model_validate(args)
     # resolved here (the driver / Serve controller), so relative paths never depend on a replica's cwd
     state_root = str(resolve_state_root(args.state_root))
-    return build_app(args.model, tracking_uri=args.tracking_uri, state_root=state_root,
+    if args.model and args.models:
+        raise ValueError("give `model` or `models` in the application's args, not both")
+    return build_app(args.models or args.model, tracking_uri=args.tracking_uri, state_root=state_root,
                      engine=args.engine, intra_op_num_threads=args.intra_op_num_threads,
                      colocate_backbone=args.colocate_backbone, **args.settings)
 
 
-def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DEFAULT_APP_NAME,
+def run(model: str | Sequence[str], *, host: str = "127.0.0.1", port: int = 8000, name: str = DEFAULT_APP_NAME,
         route_prefix: str = "/", blocking: bool = True, ray_address: str | None = None,
         direct_ingress: bool | None = None, colocate_backbone: bool | None = None,
         proxy_port: int | None = None, **kwargs: Any):
@@ -360,6 +461,10 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DE
     - ``colocate_backbone`` (default: True for a local Ray without a GPU): the backbone runs in
       the ingress replica (`build_app`).
 
+    `model` may be a list: several models on one endpoint (`build_app`). Every reference is
+    resolved and opened here first (`deploy.preflight.check_models`): any wrong one is one error
+    naming it, before Ray starts.
+
     Returns the ingress `DeploymentHandle` when `blocking` is False; otherwise serves until
     interrupted (Ctrl-C shuts the application down).
     """
@@ -371,7 +476,13 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DE
     local = not ray.is_initialized() and not (ray_address or os.environ.get("RAY_ADDRESS"))
     if colocate_backbone is None:  # a local Ray sees this machine's devices
         colocate_backbone = local and resolve_device("auto") == "cpu"
-    application = build_app(model, colocate_backbone=colocate_backbone, **kwargs)  # argument errors first
+    models = model_list(model)
+    preflight = dict(tracking_uri=kwargs.get("tracking_uri"), state_root=kwargs.get("state_root"),
+                     engine=kwargs.get("engine"))
+    if len(models) > 1 and not colocate_backbone:  # the deployments follow the models' backbones
+        kwargs["backbone_keys"] = distinct_backbones(check_models(models, **preflight))
+    application = build_app(models if len(models) > 1 else (models or [None])[0],
+                            colocate_backbone=colocate_backbone, **kwargs)  # argument errors first
     replicas = int((kwargs.get("ingress_options") or {}).get("num_replicas") or kwargs.get("ingress_replicas") or 1)
     if direct_ingress is None:
         direct_ingress = local and replicas == 1  # replica i listens on port + i: one URL needs one replica
@@ -379,9 +490,8 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DE
         raise ValueError("direct_ingress=True needs the local Ray that run() starts itself (its environment "
                          "must be set before Ray starts): call run() before ray.init(), or export "
                          "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 before starting the cluster and pass direct_ingress=False")
-    if model is not None:  # a wrong reference is one error here, before Ray starts
-        check_model(model, tracking_uri=kwargs.get("tracking_uri"), state_root=kwargs.get("state_root"),
-                    engine=kwargs.get("engine"))
+    if models and "backbone_keys" not in kwargs:  # a wrong reference is one error here, before Ray starts
+        check_models(models, **preflight)
     if local:
         # a local Ray started here: pass one request's pixels (a 224 px image is 150 KB) inline
         # in the actor call instead of through the object store (3x cheaper per request)

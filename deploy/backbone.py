@@ -10,6 +10,7 @@ can be in flight, so the pool keeps the `capacity` most recently used backbones.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -39,6 +40,19 @@ def spec_key(spec) -> str:
     return json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=256)
+def backbone_identity(key: str) -> str:
+    """Which backbone a spec key names: its fingerprint, so keys that differ only in fields that do
+    not change the numbers (e.g. ``params_m``, filled in when the weights load) share one loaded
+    backbone and one forward pass; the key itself if the weights identity cannot be read."""
+    from pipeline.backbones.spec import BackboneSpec
+
+    try:
+        return BackboneSpec.from_dict(json.loads(key)).fingerprint
+    except Exception:  # noqa: BLE001 - no weights identity: the spec itself names the backbone
+        return key
+
+
 class BackbonePool:
     """Loaded backbones by spec JSON (LRU, thread-safe loading).
 
@@ -57,10 +71,11 @@ class BackbonePool:
         self._lock = threading.Lock()
 
     def get(self, key: str):
+        ident = backbone_identity(key)
         with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
+            if ident in self._models:
+                self._models.move_to_end(ident)
+                return self._models[ident]
             from pipeline.backbones import load_backbone
             from pipeline.backbones.spec import BackboneSpec
 
@@ -70,7 +85,7 @@ class BackbonePool:
                 kwargs["intra_op_num_threads"] = int(self.intra_op_num_threads)
             log.info("loading backbone %s (engine=%s)", spec.name, self.engine)
             model = load_backbone(spec, engine=self.engine, device=self.device, **kwargs)
-            self._models[key] = model
+            self._models[ident] = model
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
             return model
@@ -80,15 +95,16 @@ class BackbonePool:
             return [{"backbone": m.spec.name, "engine": m.engine} for m in self._models.values()]
 
     def embed_many(self, keys: Sequence[str], pixels: Sequence[np.ndarray]) -> list[EmbedResult]:
-        """One forward pass per distinct spec over all requests' pixels; results in request order."""
+        """One forward pass per distinct backbone (`backbone_identity`) over all requests' pixels,
+        whichever models sent them; results in request order."""
         if len(keys) != len(pixels):
             raise ValueError(f"got {len(keys)} spec keys for {len(pixels)} pixel arrays")
         groups: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
-            groups.setdefault(k, []).append(i)
+            groups.setdefault(backbone_identity(k), []).append(i)
         out: list[EmbedResult | None] = [None] * len(keys)
-        for key, idx in groups.items():
-            model = self.get(key)
+        for idx in groups.values():
+            model = self.get(keys[idx[0]])
             arrays = [pixels[i] for i in idx]
             batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
             emb = model.embed(batch)

@@ -39,7 +39,7 @@ class ServeMetrics:
         self.reloads = Counter("tlpipe_model_reloads", "Model reload attempts by result",
                                ["result"], registry=r)
         self.support_added = Gauge("tlpipe_support_added_examples", "Support examples added via the API",
-                                   registry=r)
+                                   ["model"], registry=r)
         self.errors = Counter("tlpipe_client_errors", "Rejected requests by error code", ["code"],
                               registry=r)
         # production monitoring (deploy/monitor.py), set at scrape time over sliding windows
@@ -60,12 +60,18 @@ class ServeMetrics:
                                          "for the window's image count", w, registry=r)
         self.mon_drifted = Gauge("tlpipe_monitor_drifted", "1 when the window's drift score is above its "
                                  "threshold", w, registry=r)
-        self.capture = Gauge("tlpipe_capture", "Capture writer counters and sizes", ["what"], registry=r)
+        self.capture = Gauge("tlpipe_capture", "Capture writer counters and sizes", ["model", "what"], registry=r)
         self._monitor_gauges = (self.mon_images, self.mon_rate, self.mon_confidence, self.mon_predicted,
-                                self.mon_prior, self.mon_drift, self.mon_drift_threshold, self.mon_drifted)
+                                self.mon_prior, self.mon_drift, self.mon_drift_threshold, self.mon_drifted,
+                                self.capture)
+        self._versions: dict[str, str] = {}  # name -> the version model_info shows
 
     def set_model(self, name: str, version: str) -> None:
-        self.model_info.clear()
+        """`name` now serves `version` (the other models of a multi-model replica keep theirs)."""
+        old = self._versions.get(name)
+        if old is not None and old != version:
+            self.model_info.remove(name, old)
+        self._versions[name] = version
         self.model_info.labels(name=name, version=version).set(1)
 
     def monitor_clear(self) -> None:
@@ -91,10 +97,10 @@ class ServeMetrics:
             self.mon_drift_threshold.labels(**lab).set(drift["threshold"])
             self.mon_drifted.labels(**lab).set(1.0 if drift["drifted"] else 0.0)
 
-    def set_capture(self, stats: dict) -> None:
+    def set_capture(self, stats: dict, model: str = "") -> None:
         for key, value in stats.items():
             if isinstance(value, (int, float)):
-                self.capture.labels(what=key).set(value)
+                self.capture.labels(model=model, what=key).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -78,12 +78,12 @@ class ServingMonitor:
                 "capture": self.capture.stats() if self.capture is not None else None,
                 "monitor_errors": self.errors}
 
-    def export(self, metrics, current: str | None) -> None:
-        """Set the monitoring gauges (at scrape time) from the current model's windows."""
-        metrics.monitor_clear()
+    def export(self, metrics, current: str | None, capture_model: str = "") -> None:
+        """Set the monitoring gauges (at scrape time) from the current model's windows; the caller
+        clears them first (once for every model of the replica)."""
         w = self.models.get(current) if current else None
         if w is not None:
             for s, n in self.windows:
                 metrics.set_window(current, w.summary(s, last=n))
         if self.capture is not None:
-            metrics.set_capture(self.capture.stats())
+            metrics.set_capture(self.capture.stats(), capture_model)

@@ -1,7 +1,7 @@
 """What `tlpipe serve` checks before it deploys anything, and how a replica's failure is told.
 
-`check_model` resolves the model reference exactly as a replica will (same tracking URI, same
-download cache), downloads the predictor once into that cache (replicas then reuse it) and opens
+`check_models` resolves every model reference exactly as a replica will (same tracking URI, same
+download cache), downloads each predictor once into that cache (replicas then reuse it) and opens
 it: a wrong name, a missing alias, an unreachable tracking server or an artifact that is not a
 predictor is one `ModelSourceError` in the driver, within seconds, before Ray starts.
 
@@ -11,8 +11,9 @@ replica raised, read from the application's status (Serve keeps it there, not in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
+from deploy.backbone import backbone_identity, spec_key
 from deploy.model_source import ModelSource, ModelSourceError, ResolvedModel
 from deploy.settings import ServeSettings
 
@@ -21,9 +22,36 @@ class ServeStartError(RuntimeError):
     """The application did not start; the message is the cause a replica reported."""
 
 
-def check_model(model: str, *, tracking_uri: str | None = None, state_root: str | None = None,
-                engine: str | None = None) -> ResolvedModel:
-    """Resolve, fetch and open `model` as a replica would; raises `ModelSourceError`."""
+def check_models(models: Sequence[str], *, tracking_uri: str | None = None, state_root: str | None = None,
+                 engine: str | None = None) -> list[tuple[ResolvedModel, list[str]]]:
+    """`open_model` for every model: (resolved, its backbone spec keys) each. Every failing
+    reference is named in ONE `ModelSourceError` (joined by '; '), not only the first."""
+    out, problems = [], []
+    for model in models:
+        try:
+            resolved, predictor = open_model(model, tracking_uri=tracking_uri, state_root=state_root, engine=engine)
+        except ModelSourceError as exc:
+            problems.append(str(exc) if len(models) == 1 else f"{model}: {exc}")
+            continue
+        out.append((resolved, [spec_key(s) for s in getattr(predictor, "specs", None) or [predictor.spec]]))
+    if problems:
+        raise ModelSourceError("; ".join(" ".join(p.split()) for p in problems))
+    return out
+
+
+def distinct_backbones(checked: Sequence[tuple[ResolvedModel, list[str]]]) -> list[str]:
+    """A spec key per distinct backbone (fingerprint, `backbone_identity`) of `check_models`'
+    answer, in order of first use: one backbone deployment each (models on it share it)."""
+    keys: dict[str, str] = {}
+    for _, model_keys in checked:
+        for k in model_keys:
+            keys.setdefault(backbone_identity(k), k)
+    return list(keys.values())
+
+
+def open_model(model: str, *, tracking_uri: str | None = None, state_root: str | None = None,
+               engine: str | None = None):
+    """(resolved, Predictor) of `model`, opened as a replica would; raises `ModelSourceError`."""
     overrides: dict[str, Any] = {k: v for k, v in {"tracking_uri": tracking_uri, "state_root": state_root,
                                                   "engine": engine}.items() if v is not None}
     settings = ServeSettings(model=model, **overrides)
@@ -33,13 +61,13 @@ def check_model(model: str, *, tracking_uri: str | None = None, state_root: str 
         raise ModelSourceError(str(exc)) from None
     resolved = source.resolve()
     try:
-        source.load(resolved, engine=settings.engine)
+        predictor = source.load(resolved, engine=settings.engine)
     except (ModelSourceError, OSError):
         raise
     except Exception as exc:  # an artifact this tlpipe cannot read: say which and why
         raise ModelSourceError(f"{resolved.label} ({resolved.source}) cannot be loaded: "
                                f"{type(exc).__name__}: {exc}") from None
-    return resolved
+    return resolved, predictor
 
 
 def replica_failure(app_name: str) -> str | None:

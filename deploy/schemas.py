@@ -49,9 +49,13 @@ class ModelInfo(_Model):
     model: str = Field(..., description="name@version being served")
     name: str
     version: str
+    served_as: str = Field(..., description="its {name} in /v1/models/{name}/... (the registered name)")
     reference: str = Field(..., description="what the server follows (e.g. NAME@champion)")
+    alias: str | None = Field(None, description="the registry alias followed (None: a pinned version or a dir)")
     source: str = Field(..., description="where the version was loaded from")
     loaded_at: str
+    fingerprint: str = Field(..., description="backbone fingerprint: models with the same one share the "
+                             "backbone and its forward passes")
     backbone: str = Field(..., description="the first (or only) backbone")
     backbones: list[str] = Field(..., description="every backbone, in the order their embeddings are concatenated")
     engine: str
@@ -67,6 +71,24 @@ class ModelInfo(_Model):
     added_examples: int = Field(..., description="support examples added through the API")
     poll_interval_s: float
     info: dict
+
+
+class ModelSummary(_Model):
+    name: str = Field(..., description="route name: /v1/models/{name}/predict")
+    reference: str
+    alias: str | None = None
+    ready: bool
+    model: str | None = Field(None, description="name@version being served (None while loading)")
+    version: str | None = None
+    classes: list[str] | None = None
+    backbones: list[str] | None = None
+    fingerprint: str | None = None
+
+
+class ModelsResponse(_Model):
+    models: list[ModelSummary]
+    shared_backbones: list[dict] = Field(..., description="each distinct backbone fingerprint and the models "
+                                         "whose requests share its forward passes")
 
 
 class ClassInfo(_Model):

@@ -137,7 +137,8 @@ def decode_base64(text: str, index: int) -> bytes:
 
 
 class ServingService:
-    def __init__(self, settings: ServeSettings, embedder: Embedder, *, metrics: ServeMetrics | None = None):
+    def __init__(self, settings: ServeSettings, embedder: Embedder, *, metrics: ServeMetrics | None = None,
+                 decode_pool: ThreadPoolExecutor | None = None):
         if not settings.model:
             raise ValueError("no model to serve: pass model=NAME@champion (or set TLPIPE_SERVE_MODEL)")
         self.settings = settings
@@ -150,7 +151,8 @@ class ServingService:
         self.poll_interval_s = float(settings.poll_interval_s)
         self.last_poll_error: str | None = None
         self._state: ServingState | None = None
-        self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tlpipe-decode")
+        # several models in one replica (deploy.models.ModelSet) share one decode pool
+        self._pool = decode_pool or ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tlpipe-decode")
         self._lock: asyncio.Lock | None = None
         self._reload_lock: asyncio.Lock | None = None
         self._poll_task: asyncio.Task | None = None
@@ -182,9 +184,15 @@ class ServingService:
             return {"current": current, "enabled": False, "models": {}, "capture": None}
         return {"enabled": self.monitor.track, **self.monitor.snapshot(current)}
 
-    def render_metrics(self) -> bytes:
+    def export_monitoring(self) -> None:
+        """Set this model's monitoring gauges (the caller clears them once for all models)."""
         if self.monitor is not None:
-            self.monitor.export(self.metrics, self._state.label if self._state is not None else None)
+            self.monitor.export(self.metrics, self._state.label if self._state is not None else None,
+                                capture_model=self.ref.key)
+
+    def render_metrics(self) -> bytes:
+        self.metrics.monitor_clear()
+        self.export_monitoring()
         return self.metrics.render()
 
     # ------------------------------------------------------------------ state
@@ -208,7 +216,7 @@ class ServingService:
     def _swap(self, state: ServingState) -> None:
         self._state = state  # one attribute assignment: atomic for every reader
         self.metrics.set_model(state.resolved.name, state.resolved.version)
-        self.metrics.support_added.set(len(state.added) if state.added is not None else 0)
+        self.metrics.support_added.labels(model=self.ref.key).set(len(state.added) if state.added is not None else 0)
 
     def _with_added(self, state: ServingState, added, token: tuple) -> ServingState:
         predictor = copy.copy(state.base)
@@ -486,8 +494,9 @@ class ServingService:
         s = self.state
         p = s.base
         return {
-            "model": s.label, "name": s.resolved.name, "version": s.resolved.version,
-            "reference": str(self.ref), "source": s.resolved.source, "loaded_at": s.loaded_at,
+            "model": s.label, "name": s.resolved.name, "version": s.resolved.version, "served_as": self.ref.key,
+            "reference": str(self.ref), "alias": self.ref.alias, "source": s.resolved.source,
+            "loaded_at": s.loaded_at, "fingerprint": s.fingerprint,
             "backbone": p.spec.name, "backbones": s.backbones.names, "engine": s.engine,
             "input_size": p.spec.input_size, "embed_dim": int(sum(s.dims)),
             "head": type(p.head).__name__, "classes": p.classes, "threshold": p.threshold,

@@ -65,6 +65,12 @@ class SupportIndex:
         n = len(self)
         return self._index.reconstruct_n(0, n) if n else np.empty((0, self.dim), np.float32)
 
+    def vectors_at(self, rows: Sequence[int]) -> np.ndarray:
+        """The stored vectors at these row positions (without materialising the others)."""
+        if not len(rows):
+            return np.empty((0, self.dim), np.float32)
+        return np.stack([self._index.reconstruct(int(r)) for r in rows])
+
     # ---------------------------------------------------------------------------- mutation
 
     def add(self, vectors, labels: Sequence[str], ids: Iterable[int] | None = None) -> None:

@@ -148,6 +148,35 @@ def resolve_engine(spec: BackboneSpec, *, device: str, engine: str = "auto"):
         return "torch", None
 
 
+def prepare_int8(spec: BackboneSpec, calibration: Sequence[tuple[str, str]] | None, *, device: str,
+                 engine: str = "auto", seed: int = 0):
+    """An INT8 variant's calibrated spec, engine and loaded backbone: the seeded calibration sample
+    names the spec (its fingerprint), the quantized model is made (or found in the cache), and
+    the spec is remembered so the sweep's `get_spec(name)` finds this calibration."""
+    import logging
+
+    from pipeline.backbones.quantize import calibration_id, calibration_sample, ensure_int8
+    from pipeline.backbones.registry import GRAPH_ENGINES, default_cpu_engine
+    from pipeline.backbones.variants import remember
+
+    if device != "cpu":
+        raise ValueError(f"{spec.name}: INT8 variants run on CPU (openvino/onnx); this cluster extracts "
+                         f"on {device}: use --precision fp32 there")
+    eng = default_cpu_engine() if engine == "auto" else engine
+    if eng not in GRAPH_ENGINES:
+        raise ValueError(f"{spec.name}: INT8 runs on engine openvino or onnx, not {eng!r}")
+    if not calibration:
+        raise ValueError(f"{spec.name}: INT8 needs calibration images: pass calibration=[(sha256, path), ...] "
+                         "of the training split")
+    sample = calibration_sample(calibration, seed=seed)
+    spec = spec.replace(calibration=calibration_id([k for k, _ in sample]))
+    spec, path = ensure_int8(spec, eng, calibration_paths=[p for _, p in sample])
+    remember(spec)
+    logging.getLogger(__name__).info("%s: %s INT8 model %s (calibrated on %d training images)",
+                                     spec.name, eng, path.name, len(sample))
+    return spec, eng, load_backbone(spec, device="cpu", engine=eng)
+
+
 def _inline_batches(backbone, items, *, micro_batch: int, chunk_size: int, max_pixels: int):
     """The same stream `_run_pipeline` yields, computed in this process (small deltas)."""
     from pipeline.extraction import ChunkEmbedder
@@ -183,6 +212,8 @@ def extract_features(
     on_progress: Callable[[str, int, int], None] | None = None,
     max_attempts: int = 3,
     ray_executor: str = "auto",
+    calibration: Sequence[tuple[str, str]] | None = None,
+    calibration_seed: int = 0,
 ) -> list[ExtractStats]:
     """Embed `files` — (sha256 key, path) pairs — with each backbone; returns one stats row each.
 
@@ -195,6 +226,10 @@ def extract_features(
     `_run_actor_pool`), the rest on Ray Data (`ray_executor="data"` forces it). A Ray system
     failure that Ray's own retries did not absorb (a node lost mid-job) reruns the images not
     stored yet, up to `max_attempts` times in all.
+
+    INT8 variants (``NAME@int8``, see `pipeline.backbones.variants`) are quantized first, on a
+    seeded sample of at most 300 of `calibration` -- (sha256, path) of the training images --
+    and their stats row carries the calibrated spec's fingerprint.
     """
     if layout not in ("fused", "tasks"):
         raise ValueError(f"layout must be 'fused' or 'tasks', got {layout!r}")
@@ -214,7 +249,11 @@ def extract_features(
         spec = get_spec(item) if isinstance(item, str) else item
         t0 = time.perf_counter()
         device = cluster.device
-        eng, local_backbone = resolve_engine(spec, device=device, engine=engine)
+        if spec.precision == "int8":
+            spec, eng, local_backbone = prepare_int8(spec, calibration, device=device, engine=engine,
+                                                     seed=calibration_seed)
+        else:
+            eng, local_backbone = resolve_engine(spec, device=device, engine=engine)
         fp = spec.fingerprint_for(eng, default_dtype(device) if eng == "torch" else "float32")
         mb = micro_batch or DEFAULT_MICRO_BATCH.get(eng, 32)
         missing = store.missing(fp, list(by_key))
@@ -551,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with StageProgress(Console(stderr=True)) as progress:
         stats = extract_features([(r.sha256, r.path) for r in ds.records],
                                  [_spec_arg(b) for b in args.backbone], store=store,
+                                 calibration=[(r.sha256, r.path) for r in ds.split("train")],
                                  engine=args.engine, layout=args.layout,
                                  micro_batch=args.micro_batch, chunk_size=args.chunk_size,
                                  shard_rows=args.shard_rows, inline_max=args.inline_max,

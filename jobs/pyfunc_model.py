@@ -3,7 +3,9 @@
 MLflow stores this file's source, not a cloudpickle of Python objects; the predictor itself
 travels as the `predictor` artifact (JSON + safetensors + FAISS, no pickle). Input: a DataFrame
 with an `image` column of base64 strings or raw bytes (or a list of those). Output: one row per
-image with label, score, decision and top-k.
+image with label, score, decision and top-k; a multi-label model's rows add `labels` (the list
+of labels that passed, best first) and `label_scores` (JSON [{label, score}]), `label` being
+their key "a|b" (None on abstention).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ def _as_bytes(item) -> bytes:
 
 class TlpipeModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from pipeline.predictor import Predictor
+        from pipeline.multilabel.predictor import load_any_predictor
 
-        self.predictor = Predictor.load(context.artifacts["predictor"])
+        # a single-label Predictor or a MultiLabelPredictor, by what the artifact holds
+        self.predictor = load_any_predictor(context.artifacts["predictor"])
 
     # The DataFrame hint is for MLflow 3, which otherwise warns "Add type hints to the `predict`
     # method" each time this class is defined (every registration, every pyfunc load). MLflow
@@ -49,8 +52,13 @@ class TlpipeModel(mlflow.pyfunc.PythonModel):
         else:
             images = list(model_input)
         preds = self.predictor.predict_images([_as_bytes(x) for x in images])
-        return pd.DataFrame([{"label": p.label, "score": p.score, "decision": p.decision,
-                              "top_k": json.dumps(p.top_k)} for p in preds])
+        rows = [{"label": p.label, "score": p.score, "decision": p.decision,
+                 "top_k": json.dumps(p.top_k)} for p in preds]
+        if preds and hasattr(preds[0], "labels"):  # multi-label: the answered set, best first
+            for row, p in zip(rows, preds):
+                row["labels"] = [d["label"] for d in p.labels]
+                row["label_scores"] = json.dumps(p.labels)
+        return pd.DataFrame(rows)
 
 
 set_model(TlpipeModel())

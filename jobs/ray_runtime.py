@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Sequence
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict:
@@ -105,14 +106,34 @@ def _hide_from_console(logger_name: str, match) -> None:
         log.addFilter(_HideFromRayDataConsole(match))
 
 
+#: threads one task may usefully take for a batched solve (more gain little on one node)
+MAX_TASK_CPUS = 8
+
+
+def import_modules(names: Sequence[str]) -> int:
+    """Import `names` in this process (a Ray worker); its pid."""
+    import importlib
+
+    for name in names:
+        importlib.import_module(name)
+    return os.getpid()
+
+
+def warm_workers(modules: Sequence[str], *, cap: int = MAX_TASK_CPUS) -> list:
+    """One task per CPU (at most `cap`) that imports `modules`, started now and not waited for:
+    the workers that later run the real tasks are then already up with those imports done (torch
+    alone takes seconds per fresh worker), while the driver does its own work. Returns the refs."""
+    import ray
+
+    task = ray.remote(import_modules).options(num_cpus=1, max_retries=0)
+    n = int(max(1, min(cap, ray.cluster_resources().get("CPU", 1))))
+    return [task.remote(list(modules)) for _ in range(n)]
+
+
 def cluster_has_gpu() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
-
-
-#: threads one task may usefully take for a batched solve (more gain little on one node)
-MAX_TASK_CPUS = 8
 
 
 def node_cpus(cap: int = MAX_TASK_CPUS) -> int:

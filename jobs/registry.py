@@ -157,8 +157,8 @@ def promote(model_name: str, *, version: str | None = None, force: bool = False,
     cp_pred = (test_predictions(model_name, champ_version)[0] or {}) if champion else None
     decision = promotion_decision(
         ch_pred, cp_pred, y_true, force=force,
-        metric_name=challenger.tags.get("selection_metric", "balanced_accuracy"),
-        champion_metric_name=champion.tags.get("selection_metric") if champion else None,
+        metric_name=_promotion_metric(challenger.tags),
+        champion_metric_name=_promotion_metric(champion.tags, None) if champion else None,
         margin=margin, challenger_split=challenger.tags.get("test_split_hash"),
         champion_split=champion.tags.get("test_split_hash") if champion else None)
     reason = decision.reason
@@ -173,6 +173,15 @@ def promote(model_name: str, *, version: str | None = None, force: bool = False,
     else:
         client.set_model_version_tag(model_name, version, "promotion_refused", f"{stamp}: {reason}")
     return PromotionResult(decision.promote, version, champ_version, reason)
+
+
+def _promotion_metric(tags: dict, default: str | None = "balanced_accuracy") -> str | None:
+    """The metric the gate compares test predictions with: the selection metric, except for a
+    multi-label version (tag tlpipe.task=multilabel) whose predictions are label-set keys
+    ("a|b"): accuracy on them is the subset accuracy."""
+    if tags.get("tlpipe.task") == "multilabel":
+        return "accuracy"
+    return tags.get("selection_metric", default)
 
 
 def test_predictions(model_name: str, version: str) -> tuple[dict[str, str] | None, dict[str, str] | None]:

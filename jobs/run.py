@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from pipeline.settings import DEFAULT_EXPERIMENT, DEFAULT_STATE_ROOT, features_root, state_root
+from pipeline.sweep.candidate import TASK_MODULES
 from pipeline.sweep.plan import DEFAULT_HEADS
 from pipeline.sweep.report import add_section, calibration_section
 
@@ -36,6 +38,7 @@ class RunResult:
     promotion: Any = None
     predictor_dir: str | None = None
     calibration: dict | None = None  # the registered predictor's thresholds and what they deliver
+    evaluation: dict | None = None  # multi-label: the test split's report and per-label thresholds
 
 
 def model_name_for(dataset) -> str:
@@ -136,9 +139,14 @@ def run(
     on_progress: Callable[[str, int, int], None] | None = None,
     on_sweep_progress: Callable[[int, int], None] | None = None,
     dataset=None,
+    precisions: Sequence[str] = (),
+    sizes: Sequence[int] = (),
+    multi_label: bool | None = None,
+    label_separator: str = "|",
 ) -> RunResult:
     from feature_store import FeatureStore
     from jobs.extract import extract_features
+    from jobs.ray_runtime import ensure_ray, warm_workers
     from jobs.registry import TEST_PREDICTIONS, register_predictor
     from jobs.sweep import feature_sets_from_stats, run_sweep
     from jobs.tracking import check_tracking_server, log_bytes, setup_mlflow, tracking_uri_for
@@ -148,7 +156,8 @@ def run(
         from pipeline.archives import is_archive, unpack
         from pipeline.data import load_dataset
 
-        dataset = load_dataset(str(unpack(data)) if is_archive(data) else data, seed=seed)
+        dataset = load_dataset(str(unpack(data)) if is_archive(data) else data, seed=seed,
+                               multi_label=multi_label, label_separator=label_separator)
     skipped: list[dict] = []
     if not backbones:
         backbones, skipped = default_backbones()
@@ -157,14 +166,35 @@ def run(
 
             raise WeightsUnavailableError("*", "no backbone has weights on this machine: " +
                                           "; ".join(f"{s['backbone']}: {s['reason']}" for s in skipped))
+    if precisions or sizes:  # each (backbone, size, precision) is a backbone of its own
+        from pipeline.backbones import get_spec
+        from pipeline.backbones.variants import expand
+
+        backbones = [v.name for v in expand([get_spec(b) for b in backbones], sizes, precisions)]
     check_tracking_server(tracking_uri_for(root))  # a server that is down: one line, before Ray or extraction
-    setup_mlflow(root, DEFAULT_EXPERIMENT)
+    with ThreadPoolExecutor(1, thread_name_prefix="tlpipe-mlflow") as pool:
+        # MLflow's import and store setup (CPU) overlap Ray's start (mostly waiting for its
+        # processes); Ray stays on the main thread, where it must be initialised
+        tracking = pool.submit(setup_mlflow, root, DEFAULT_EXPERIMENT)
+        ensure_ray()
+        warm_workers(TASK_MODULES)  # the sweep's workers import torch & co. meanwhile
+        tracking.result()
     store = FeatureStore(features_root(root))  # $TLPIPE_FEATURES (a shared fsspec URL) or <root>/features
     stats = extract_features([(r.sha256, r.path) for r in dataset.records], backbones, store=store,
-                             on_progress=on_progress)
+                             on_progress=on_progress, calibration_seed=seed,
+                             calibration=[(r.sha256, r.path) for r in dataset.split("train")])
     for s in stats:
         if s.failed:
             logger.warning("%s: %d images failed to decode and are left out", s.backbone, len(s.failed))
+    if getattr(dataset, "multi_label", False):  # label sets: jobs.multilabel_run sweeps and registers
+        from jobs.multilabel_run import run_multilabel
+
+        return RunResult(dataset, stats, skipped_backbones=skipped, **run_multilabel(
+            dataset, stats, store, root=root, heads=heads, head_params=head_params,
+            selection_metric=selection_metric, tolerance=tolerance, selection=selection,
+            max_latency_ms=max_latency_ms, max_params_m=max_params_m, register=register,
+            model_name=model_name or model_name_for(dataset), seed=seed, default_heads=DEFAULT_HEADS,
+            test_split_hash=split_hash(dataset.split("test")), on_sweep_progress=on_sweep_progress))
     sweep = run_sweep(dataset, feature_sets_from_stats(stats), heads, root=root, store=store,
                       head_params=head_params, selection_metric=selection_metric,
                       tolerance=tolerance, selection=selection, ensembles=ensembles,

@@ -161,15 +161,17 @@ def _log_candidate(d: Outcome, *, parent_id: str, experiment_id: str, sweep_dir:
 def _select(rows, done: Sequence[Outcome], classes, *, metric, tolerance, max_latency_ms,
             max_params_m, latency_key, seed):
     from pipeline.select import NoEligibleCandidateError, select_winner
+    from pipeline.variant_pairs import variant_pairs
 
     y_true, predictions = paired_inputs(done, metric, classes)
+    pairs = variant_pairs(rows, y_true, predictions, metric=metric, latency_key=latency_key, seed=seed)
     try:
         return select_winner(candidates_from_rows(rows), y_true=y_true, predictions=predictions,
                              metric_name=metric, tolerance=tolerance,
                              max_latency_ms=max_latency_ms, max_params_m=max_params_m,
-                             latency_key=latency_key, seed=seed), None
+                             latency_key=latency_key, seed=seed), None, pairs
     except NoEligibleCandidateError as exc:
-        return None, str(exc)
+        return None, str(exc), pairs
 
 
 def run_sweep(
@@ -219,20 +221,10 @@ def run_sweep(
     from feature_store import FeatureStore
     from jobs.finetune import sweep_finetunes
     from jobs.ray_runtime import ensure_ray, node_cpus
-    from jobs.tracking import (
-        KIND_TAG,
-        format_markdown_table,
-        log_bytes,
-        log_dataset_card,
-        log_json,
-        log_metrics,
-        log_params,
-        log_table,
-        log_tags,
-        log_text,
-        setup_mlflow,
-        tracked_run,
-    )
+    from jobs.tracking import (KIND_TAG, format_markdown_table, log_bytes, log_dataset_card,
+                               log_json, log_metrics, log_params, log_table, log_tags, log_text,
+                               setup_mlflow, tracked_run)
+    from pipeline.variant_pairs import pair_notes
 
     head_cfgs, ft_cfgs, refs = sweep_inputs(feature_sets, heads, head_params,
                                             selection_metric=selection_metric, tolerance=tolerance)
@@ -410,7 +402,7 @@ def run_sweep(
 
         # ---- leaderboard, selection, report on the parent
         rows = leaderboard(parent_id)
-        selected, selection_error = _select(
+        selected, selection_error, pairs = _select(
             rows, done, classes, metric=selection_metric, tolerance=tolerance,
             max_latency_ms=max_latency_ms, max_params_m=max_params_m, latency_key=latency_key,
             seed=seed)
@@ -431,13 +423,14 @@ def run_sweep(
         log_text(format_markdown_table(display_rows(rows)), "leaderboard.md", run_id=parent_id)
         log_json(skipped, "skipped.json", run_id=parent_id)
         log_json(lat_by_backbone, "backbone_latency.json", run_id=parent_id)
+        log_json(pairs, "variant_pairs.json", run_id=parent_id)  # precision / size variants' cost
         log_metrics({"n_candidates": len(rows),
                      "n_failed": sum(r["status"] != "FINISHED" for r in rows),
                      "n_skipped": len(skipped)}, run_id=parent_id)
         report_path = write_report(
             sweep_dir, rows, card, sel_dict, selection_error, skipped, figures_by_name,
             selection_metric=selection_metric, selection_on=selection_on, latency_key=latency_key,
-            title=run_name, parent_id=parent_id)
+            title=run_name, parent_id=parent_id, extra_notes=pair_notes(pairs))
         log_bytes(report_path.read_bytes(), "report.html", run_id=parent_id)
         pareto = sweep_dir / "pareto.png"
         if pareto.exists():

@@ -16,7 +16,8 @@ Decision per image:
    one that needs an answer for every image (or an accuracy) gets one.
 
 `save(dir)` / `load(dir)` mirror each other: `predictor.json` + `head/` (JSON + safetensors) +
-`support/` (FAISS + npy + JSON) + `backbone/` (local weights, when a spec has them) + `drift/`
+`support/` (FAISS + npy + JSON) + `backbone/` (local weights, when a spec has them) + `int8/`
+(the quantized model of an INT8 variant, copied into the local cache on load) + `drift/`
 (the `pipeline.drift.DriftReference` production monitoring compares traffic with; absent in
 predictors saved before it existed, which still load: `reference` is then None). No pickle
 anywhere. predictor.json v2 lists `specs`; v1 files (one `spec`) still load.
@@ -256,8 +257,21 @@ class Predictor:
             "info": self.info,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        config["variants"] = [{"backbone": s.name, "precision": s.precision, "input_size": s.input_size}
+                              for s in self.specs]
+        self._bundle_int8(d)
         (d / "predictor.json").write_text(json.dumps(config, indent=2, default=str))
         return d
+
+    def _bundle_int8(self, d: Path) -> None:
+        """INT8 specs' quantized models travel in ``int8/``: serving elsewhere has no calibration
+        images to make them again."""
+        from pipeline.backbones.quantize import bundle_int8
+
+        for s in self.specs:
+            if s.precision == "int8" and not bundle_int8(s, d / "int8"):
+                raise FileNotFoundError(f"{s.name}: its INT8 model is not in the cache to save with the "
+                                        "predictor; extract the variant again on this machine first")
 
     @staticmethod
     def _bundle(local: Path, dest: Path) -> Path:
@@ -302,6 +316,11 @@ class Predictor:
         if pred.classes != cfg["classes"]:
             raise ValueError(f"{d}: head classes {pred.classes} differ from predictor.json "
                              f"{cfg['classes']}; the artifact is inconsistent, re-save it")
+        for spec in specs:  # INT8 models saved with it go where every load_backbone finds them
+            if spec.precision == "int8" and (d / "int8").is_dir():
+                from pipeline.backbones.quantize import adopt_bundled
+
+                adopt_bundled(spec, d / "int8")
         if cfg.get("has_reference"):
             from pipeline.drift import DriftReference
 

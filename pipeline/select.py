@@ -26,11 +26,16 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
+from pipeline.multilabel.metrics import (MULTILABEL_METRICS, bootstrap_multilabel_scores,
+                                         check_multilabel_metric)
 from pipeline.paired import (METRICS, PairedDifference, check_bootstrap, check_metric,
                              bootstrap_scores, encode, metric_from_labels, paired_bootstrap,
                              summarise)
 
 __all__ = ["Candidate", "Exclusion", "Selection", "NoEligibleCandidateError", "PairedDifference",
+           "LabelScores", "MULTILABEL_METRICS",
            "PromotionDecision", "metric_from_labels", "paired_bootstrap", "pareto_front",
            "promotion_decision", "select_winner", "LATENCY_KEYS", "METRICS"]
 
@@ -75,6 +80,18 @@ class Candidate:
             if key not in d:
                 raise ValueError(f"Candidate.from_dict: missing key {key!r} in {sorted(d)}")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class LabelScores:
+    """One multi-label candidate's held-out (out-of-fold or validation) scores, the paired
+    evidence of a multi-label selection: ``proba`` (n, L) for image ``ids``, columns in the same
+    label order for every candidate; ``thresholds`` (L,) for the threshold metrics (F1, subset
+    accuracy; mAP needs none)."""
+
+    ids: Sequence[str]
+    proba: Any
+    thresholds: Any = None
 
 
 @dataclass(frozen=True)
@@ -277,6 +294,46 @@ def _paired_vs_best(best: Candidate, others: Sequence[Candidate],
     return out
 
 
+def _paired_multilabel_vs_best(best: Candidate, others: Sequence[Candidate],
+                               y_true: Mapping[str, Any] | None,
+                               scores: Mapping[str, LabelScores] | None, metric_name: str,
+                               n_bootstrap: int, confidence: float,
+                               seed: int) -> dict[str, PairedDifference | None]:
+    """`_paired_vs_best` for multi-label candidates: best - c on the images both were scored on,
+    each image's label-indicator row from ``y_true``, the same resamples for every c of a group."""
+    out: dict[str, PairedDifference | None] = {c.name: None for c in others}
+    if not y_true or not scores or best.name not in scores:
+        return out
+
+    def rows(name: str) -> dict[str, int]:
+        return {str(i): j for j, i in enumerate(scores[name].ids)}
+
+    rb = rows(best.name)
+    base = set(rb).intersection(y_true)
+    groups: dict[tuple[str, ...], list[tuple[Candidate, dict[str, int]]]] = {}
+    for c in others:
+        if c.name not in scores:
+            continue
+        rc = rows(c.name)
+        ids = tuple(sorted(base.intersection(rc)))
+        if ids:
+            groups.setdefault(ids, []).append((c, rc))
+    for ids, group in groups.items():
+        Y = np.stack([np.asarray(y_true[i]) for i in ids])
+        mats = [np.asarray(scores[best.name].proba)[[rb[i] for i in ids]]]
+        mats += [np.asarray(scores[c.name].proba)[[rc[i] for i in ids]] for c, rc in group]
+        th = None
+        if metric_name != "map":
+            th = [scores[best.name].thresholds] + [scores[c.name].thresholds for c, _ in group]
+        point, boot = bootstrap_multilabel_scores(metric_name, Y, mats, thresholds=th,
+                                                  n_bootstrap=n_bootstrap, seed=seed)
+        for j, (c, _) in enumerate(group, start=1):
+            diff = boot[:, 0] - boot[:, j]
+            out[c.name] = summarise(metric_name, float(point[0] - point[j]),
+                                    diff[np.isfinite(diff)], len(ids), confidence)
+    return out
+
+
 def _equivalence_text(c: Candidate, best: Candidate, pd: PairedDifference | None,
                       tolerance: float, confidence: float) -> str:
     if pd is None:
@@ -297,15 +354,24 @@ def select_winner(candidates: Iterable[Candidate], *,
                   max_latency_ms: float | None = None, max_params_m: float | None = None,
                   latency_key: str = "latency_ms_b1", n_bootstrap: int = 2000,
                   confidence: float = 0.95, seed: int = 0,
-                  min_cost_gap: float = 0.05) -> Selection:
+                  min_cost_gap: float = 0.05,
+                  label_scores: Mapping[str, LabelScores] | None = None) -> Selection:
     """The best candidate within the budgets, or a cheaper one proven equivalent to it.
 
     ``y_true``: image id -> true label of every selection image; ``predictions[name]``: image
     id -> that candidate's predicted label. Each comparison uses the images shared by the two
     candidates (and labelled in ``y_true``). See the module docstring for the rule.
+
+    Multi-label candidates: ``metric_name`` one of ``MULTILABEL_METRICS`` (mAP, micro/macro F1,
+    subset accuracy), ``y_true`` image id -> that image's (L,) 0/1 label row, and
+    ``label_scores[name]`` the candidate's held-out scores (``LabelScores``) instead of
+    ``predictions``; the paired test is the multi-label bootstrap on the shared images.
     """
     _check_latency_key(latency_key)
-    check_metric(metric_name)
+    # "macro_f1" names a metric of both kinds: label_scores (or a multi-label-only name) decides
+    multilabel = label_scores is not None or (metric_name in MULTILABEL_METRICS
+                                              and metric_name not in METRICS)
+    check_multilabel_metric(metric_name) if multilabel else check_metric(metric_name)
     check_bootstrap(n_bootstrap, confidence)
     if tolerance < 0 or min_cost_gap < 0:
         raise ValueError("tolerance and min_cost_gap must be >= 0")
@@ -355,15 +421,23 @@ def select_winner(candidates: Iterable[Candidate], *,
                                   if d is not c and _dominates(d, c, latency_key)), None)
                     for c in ranked}
     gaps = {c.name: _cost_gap(c, best, latency_key, min_cost_gap) for c in others}
-    paired = _paired_vs_best(best, others, y_true, predictions, metric_name, n_bootstrap,
-                             confidence, seed)
+    if multilabel:
+        paired = _paired_multilabel_vs_best(best, others, y_true, label_scores, metric_name,
+                                            n_bootstrap, confidence, seed)
+    else:
+        paired = _paired_vs_best(best, others, y_true, predictions, metric_name, n_bootstrap,
+                                 confidence, seed)
 
     comparisons: list[dict[str, Any]] = []
     qualified: list[Candidate] = []
     for c in ranked:
         if c is best:
-            n_best = len(set(predictions.get(best.name) or {}).intersection(y_true or {})) \
-                if predictions else 0
+            if multilabel:
+                shown = label_scores.get(best.name) if label_scores else None
+                n_best = len({str(i) for i in shown.ids}.intersection(y_true or {})) if shown else 0
+            else:
+                n_best = len(set(predictions.get(best.name) or {}).intersection(y_true or {})) \
+                    if predictions else 0
             comparisons.append({"name": c.name, "diff": 0.0, "upper": 0.0, "n_images": n_best,
                                 "cheaper_beyond_noise": False, "equivalent": True,
                                 "dominated_by": None})

@@ -7,6 +7,11 @@ meaningless in 1000+ dimensions). Density is relative, though: a few dozen unrel
 spread evenly can still form an HDBSCAN cluster. So a cluster is suggested only when it is about
 as tight as the classes the model knows: its cohesion (mean cosine similarity of its members to
 their centroid) must reach `COHESION_SLACK` times the loosest known class's; looser ones are noise.
+
+A cluster can also be a known class the model is merely unsure about (harder photos of it). It
+is flagged `looks_like` that class when most of its neighbours' vote goes to it and its members
+are as close to that class's examples as the class's own examples are to each other
+(`within_class_similarity`): accepting it as a new class would split a class in two.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ DEFAULT_COMPONENTS = 16
 THUMBS_PER_CLUSTER = 12
 THUMB_PX = 96
 COHESION_SLACK = 0.75  # a suggested class may be a quarter looser than the loosest known class
+NEIGHBOURS = 10
+#: a cluster looks like known class c when c has this share of its neighbours' vote ...
+LOOK_ALIKE_SHARE = 0.6
+#: ... and its members' similarity to c's examples reaches this fraction of c's own within-class one
+LOOK_ALIKE_SLACK = 0.95
+#: examples per class whose neighbours set the class's within-class similarity
+WITHIN_SAMPLE = 200
 
 
 @dataclass
@@ -38,6 +50,7 @@ class Suggestion:
     cohesion: float  # mean cosine similarity of the members to their centroid
     nearest: list[dict] = field(default_factory=list)  # [{"label", "share", "similarity"}]
     decisions: dict = field(default_factory=dict)
+    looks_like: str | None = None  # a known class this cluster is indistinguishable from
 
     @property
     def size(self) -> int:
@@ -69,7 +82,7 @@ def cluster_embeddings(X, *, min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE, m
                    copy=True).fit(P).labels_
 
 
-def nearest_classes(members: np.ndarray, support, *, k: int = 10, top: int = 3) -> list[dict]:
+def nearest_classes(members: np.ndarray, support, *, k: int = NEIGHBOURS, top: int = 3) -> list[dict]:
     """The known classes closest to a cluster: a similarity-weighted vote of each member's k
     nearest support vectors, as shares of the vote."""
     if support is None or not len(support):
@@ -84,6 +97,38 @@ def nearest_classes(members: np.ndarray, support, *, k: int = 10, top: int = 3) 
     total = sum(votes.values()) or 1.0
     return [{"label": lab, "share": v / total, "similarity": float(np.mean(sims[lab]))}
             for lab, v in votes.most_common(top)]
+
+
+def within_class_similarity(support, *, k: int = NEIGHBOURS, sample: int = WITHIN_SAMPLE,
+                            seed: int = 0) -> dict[str, float]:
+    """{class: median over (a sample of) its support examples of their mean similarity to the
+    other examples of that class among their `k` nearest neighbours}: how close a class's own
+    images sit to each other, in the units `nearest_classes` reports."""
+    if support is None or not len(support):
+        return {}
+    labels = np.asarray(support.labels, dtype=str)
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:sample] for c in np.unique(labels)])
+    scores, found, ids = support.search(support.vectors_at(rows), k + 1)
+    own = np.asarray(support.ids)[rows]
+    out: dict[str, list[float]] = {}
+    for c, row_s, row_l, row_i, me in zip(labels[rows], scores, found, ids, own):
+        same = [float(s_) for s_, lab, i in zip(row_s, row_l, row_i) if str(lab) == c and i != me]
+        if same:
+            out.setdefault(str(c), []).append(float(np.mean(same)))
+    return {c: float(np.median(v)) for c, v in out.items()}
+
+
+def look_alike(nearest: Sequence[dict], within: dict[str, float], *, share: float = LOOK_ALIKE_SHARE,
+               slack: float = LOOK_ALIKE_SLACK) -> str | None:
+    """The known class a cluster with these `nearest_classes` cannot be told apart from, or None."""
+    if not nearest:
+        return None
+    top = nearest[0]
+    ref = within.get(top["label"])
+    if ref is None or top["share"] < share or top["similarity"] < slack * ref:
+        return None
+    return top["label"]
 
 
 def cohesion(X) -> float:
@@ -107,15 +152,19 @@ def suggest(X, *, support=None, decisions: Sequence[str] | None = None,
     X = normalise(X)
     labels = cluster_embeddings(X, min_cluster_size=min_cluster_size, min_samples=min_samples,
                                 n_components=n_components)
+    within = None
     out = []
     for c in sorted(set(labels.tolist()) - {-1}, key=lambda c: -(labels == c).sum()):
         idx = np.flatnonzero(labels == c)
         tight = cohesion(X[idx])
         if min_cohesion is not None and tight < min_cohesion:
             continue
-        out.append(Suggestion(cluster=len(out), members=idx.tolist(), cohesion=tight,
-                              nearest=nearest_classes(X[idx], support),
-                              decisions=dict(Counter(decisions[i] for i in idx)) if decisions is not None else {}))
+        near = nearest_classes(X[idx], support)
+        if within is None:
+            within = within_class_similarity(support)
+        out.append(Suggestion(cluster=len(out), members=idx.tolist(), cohesion=tight, nearest=near,
+                              decisions=dict(Counter(decisions[i] for i in idx)) if decisions is not None else {},
+                              looks_like=look_alike(near, within)))
     return out
 
 
@@ -151,9 +200,12 @@ def render_html(title: str, suggestions: Sequence[Suggestion], thumbs: dict[int,
     for s in suggestions:
         near = ", ".join(f"{esc(n['label'])} ({n['share']:.0%}, sim {n['similarity']:.2f})" for n in s.nearest)
         dec = ", ".join(f"{esc(k)} {v}" for k, v in sorted(s.decisions.items()))
+        alike = (f"<br><strong>looks like the known class {esc(s.looks_like)}</strong>: its images sit "
+                 f"as close to {esc(s.looks_like)}'s examples as those do to each other — more likely "
+                 f"hard {esc(s.looks_like)} photos than a new class") if s.looks_like else ""
         parts.append(f"<section id='cluster-{s.cluster}'><h2>cluster {s.cluster}: {s.size} images</h2>"
                      f"<p>nearest known classes: {near or 'none'}<br>cohesion {s.cohesion:.3f}"
-                     + (f"; decisions: {dec}" if dec else "") + "</p><div>")
+                     + (f"; decisions: {dec}" if dec else "") + alike + "</p><div>")
         parts.extend(f"<img src='{t}' alt='cluster {s.cluster}'>" for t in thumbs.get(s.cluster, []) if t)
         parts.append("</div></section>")
     return "\n".join(parts)

@@ -7,7 +7,8 @@ defaults of each hub repo, open_clip's preprocess cfg. ``params_m`` counts the e
 (classification head excluded). ``tests/pipeline/test_backbones.py`` re-checks the timm / open_clip
 ones against the libraries.
 
-Besides the catalogue, ``timm/<any timm model name>`` resolves to a spec built from timm's
+A name with a variant suffix (``NAME@160``, ``NAME@int8``, ``NAME@160-int8``) resolves to NAME's
+spec at that input size / precision (``variants.py``). Besides the catalogue, ``timm/<any timm model name>`` resolves to a spec built from timm's
 pretrained cfg (embed_dim/params_m unknown until loaded); a name registered with ``tlpipe
 backbones add`` resolves through ``named.py``; and a path to a weights folder resolves to the spec
 derived from its files (``folders.py``), registered in this process under ``family/<folder name>``
@@ -30,9 +31,12 @@ from .spec import (
     HALF_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    VARIANT_SEP,
     BackboneSpec,
     parse_name,
+    split_variant,
 )
+from .variants import remembered, variant_of
 
 __all__ = ["builtin_names", "get_spec", "list_specs", "register"]
 
@@ -202,6 +206,8 @@ def get_spec(name: str | BackboneSpec) -> BackboneSpec:
     if isinstance(name, BackboneSpec):
         return name
     name = str(name)
+    if VARIANT_SEP in name and not is_local_path(name):
+        return _variant_spec(name)
     with _LOCK:
         hit = _CATALOGUE.get(name)
     if hit is not None and name in builtin_names():
@@ -234,6 +240,17 @@ def get_spec(name: str | BackboneSpec) -> BackboneSpec:
     if parsed.family == "timm":
         return _timm_spec(name, parsed.arch_tag)
     raise _unknown(name)
+
+
+def _variant_spec(name: str) -> BackboneSpec:
+    """``base@160-int8``: the base backbone's spec at that size/precision (the calibrated INT8 spec
+    when extraction in this process made one, see ``variants.py``)."""
+    try:
+        base, size, precision = split_variant(name)
+    except ValueError as e:
+        raise _unknown(name, str(e)) from None
+    spec = variant_of(get_spec(base), size=size, precision=precision)
+    return remembered(spec.name) or spec
 
 
 def _folder_spec(path: str) -> BackboneSpec:

@@ -43,8 +43,9 @@ _log = logging.getLogger(__name__)
 
 
 def onnx_path(spec: BackboneSpec, cache_dir: str | os.PathLike | None = None, *, opset: int = DEFAULT_OPSET) -> Path:
+    """The fp32 export of ``spec`` (of its fp32 base for an INT8 variant: quantization starts there)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "onnx" / f"{spec.fingerprint_for('onnx', 'float32')}.op{opset}.onnx"
+    return root / "onnx" / f"{spec.as_fp32().fingerprint_for('onnx', 'float32')}.op{opset}.onnx"
 
 
 def _sidecar(path: Path) -> Path:
@@ -270,6 +271,9 @@ def ensure_onnx(
 ) -> tuple[BackboneSpec, Path]:
     """The cached, verified ONNX export for ``spec`` (made from the torch backbone on first use),
     and the spec with the real ``embed_dim`` / ``params_m`` filled in."""
+    if spec.precision != "fp32":  # never hand an INT8 variant the fp32 graph under its fingerprint
+        raise ValueError(f"{spec.name} is a {spec.precision} variant: load it with load_backbone "
+                         "(pipeline.backbones.quantize.ensure_int8 makes its graph)")
     path = onnx_path(spec, cache_dir, opset=opset)
     if path.is_file():
         try:

@@ -11,6 +11,8 @@ same exported file (row cosine >= 0.999 on random images at a batch size the exp
 with); the result is kept in a sidecar named for the OpenVINO version, so the check runs once per
 (export, OpenVINO version) and a disagreeing runtime fails loudly instead of computing other numbers.
 The compiled model is cached beside the export too (`_compile`), so later processes import it.
+An INT8 variant's quantized IR (``quantize.py``) is compiled and cached the same way; it is
+checked against fp32 once, when it is made, instead of against ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from . import onnx_runtime
 from .onnx_runtime import ExportedGraphBackbone, write_atomic
 from .spec import BackboneSpec
 
-__all__ = ["OpenVinoBackbone", "load_openvino_backbone", "has_openvino"]
+__all__ = ["OpenVinoBackbone", "core", "load_openvino_backbone", "has_openvino"]
 
 MIN_COSINE = 0.999
 logger = logging.getLogger(__name__)
@@ -61,6 +63,11 @@ def _core():
 
             _CORE = ov.Core()
         return _CORE
+
+
+def core():
+    """The process's one OpenVINO Core (see `_core`), for modules that read or compile models."""
+    return _core()
 
 
 def _compile(path: Path, threads: int, pinning: bool):

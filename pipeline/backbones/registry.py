@@ -9,8 +9,9 @@ from ..devices import resolve_device
 from .base import Backbone
 from .catalogue import get_spec, list_specs, register
 from .loader import load_torch_backbone, weights_available
-from .onnx_runtime import load_onnx_backbone, onnx_path
-from .openvino_runtime import load_openvino_backbone
+from .onnx_runtime import OnnxBackbone, load_onnx_backbone, onnx_path
+from .openvino_runtime import OpenVinoBackbone, load_openvino_backbone
+from .quantize import ensure_int8
 from .spec import ENGINES, BackboneSpec
 
 __all__ = [
@@ -41,6 +42,10 @@ def load_backbone(
     to torch with a warning if the export fails; torch on CUDA). ``weights`` overrides
     ``spec.weights`` (a local dir/file). Unavailable weights raise `WeightsUnavailableError` (cause
     + fix) unless ``allow_download`` is set; nothing is ever randomly initialised.
+
+    An INT8 variant (``spec.precision == "int8"``, see ``quantize.py``) runs only on a graph
+    engine ("auto" picks one, never torch); its quantized model must be in the cache (extraction
+    makes it from the calibration images; a saved predictor brings its own).
     """
     spec = get_spec(spec_or_name)
     if weights is not None:
@@ -55,6 +60,15 @@ def load_backbone(
     if engine in GRAPH_ENGINES and device != "cpu":
         raise ValueError(f"engine={engine!r} runs on CPU; use engine='torch' on {device}")
     kwargs = dict(cache_dir=cache_dir, intra_op_num_threads=intra_op_num_threads, allow_download=allow_download)
+    if spec.precision != "fp32":
+        if engine == "torch" or device != "cpu":
+            raise ValueError(f"{spec.name} is a {spec.precision} variant: it runs on CPU with engine "
+                             f"'openvino' or 'onnx' (or 'auto'), not engine={engine!r} on {device}")
+        if engine == "auto":
+            engine = default_cpu_engine()
+            if engine not in GRAPH_ENGINES:
+                raise ValueError(f"{spec.name}: INT8 needs openvino or onnxruntime installed")
+        return _load_graph(engine, spec, **kwargs)
     if engine == "auto":
         engine = default_cpu_engine() if device == "cpu" else "torch"
         if engine in GRAPH_ENGINES:
@@ -82,6 +96,15 @@ def default_cpu_engine() -> str:
 
 
 def _load_graph(engine: str, spec: BackboneSpec, **kwargs) -> Backbone:
+    if spec.precision == "int8":
+        spec, path = ensure_int8(spec, engine, cache_dir=kwargs.get("cache_dir"),
+                                 allow_download=bool(kwargs.get("allow_download")),
+                                 torch_backbone=kwargs.get("torch_backbone"))
+        options = dict(intra_op_num_threads=kwargs.get("intra_op_num_threads"),
+                       allow_download=bool(kwargs.get("allow_download")))
+        if engine == "openvino":  # checked against fp32 when it was quantized, not against ORT
+            return OpenVinoBackbone(spec, path, verify=False, **options)
+        return OnnxBackbone(spec, path, **options)
     if engine == "openvino":
         return load_openvino_backbone(spec, **kwargs)
     return load_onnx_backbone(spec, **kwargs)

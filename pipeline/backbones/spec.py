@@ -6,7 +6,9 @@ from ``weights.py`` (file hashing in ``hashing.py``). `fingerprint_for(engine, d
 changes the numbers an extraction produces, so feature sets are keyed by it.
 
 Names are timm-style: ``family/arch.tag`` (``dinov2/vit_small_patch14.lvd142m``,
-``efficientnet/tf_efficientnet_lite0.in1k``). `parse_name` is the one parser for them.
+``efficientnet/tf_efficientnet_lite0.in1k``), optionally with a variant suffix ``@160``,
+``@int8`` or ``@160-int8`` (the same weights at another input size and/or precision, see
+``variants.py``). `parse_name` is the one parser for them.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ __all__ = [
     "SOURCES",
     "ENGINES",
     "DTYPES",
+    "PRECISIONS",
+    "VARIANT_SEP",
+    "split_variant",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CLIP_MEAN",
@@ -49,6 +54,10 @@ FINGERPRINT_VERSION = 1
 SOURCES = ("transformers", "open_clip", "timm", "package")
 ENGINES = ("torch", "onnx", "openvino")
 DTYPES = ("float32", "bfloat16", "float16")
+#: what the exported graph computes in: "fp32" (the export as is) or "int8" (post-training
+#: quantized, calibrated on the user's own images; `calibration` names the sample)
+PRECISIONS = ("fp32", "int8")
+VARIANT_SEP = "@"
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash")
 
@@ -62,6 +71,25 @@ HALF_STD = (0.5, 0.5, 0.5)
 _FAMILY_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _ARCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+# "@160", "@int8", "@160-int8": input size and/or precision of a variant
+_VARIANT_RE = re.compile(r"^(?:(?P<size>\d+))?(?:-?(?P<precision>fp32|int8))?$")
+
+
+def split_variant(name: str) -> tuple[str, int | None, str | None]:
+    """``"base@160-int8"`` -> (``"base"``, 160, ``"int8"``); a name without ``@`` -> (name, None, None).
+    Raises ValueError for a malformed suffix."""
+    base, sep, suffix = str(name).partition(VARIANT_SEP)
+    if not sep:
+        return base, None, None
+    m = _VARIANT_RE.match(suffix)
+    if not suffix or m is None or not (m.group("size") or m.group("precision")):
+        raise ValueError(f"bad variant suffix {VARIANT_SEP}{suffix!r} in backbone name {name!r}: use "
+                         f"{VARIANT_SEP}SIZE, {VARIANT_SEP}PRECISION or {VARIANT_SEP}SIZE-PRECISION "
+                         f"(e.g. {VARIANT_SEP}160, {VARIANT_SEP}int8, {VARIANT_SEP}160-int8)")
+    size = int(m.group("size")) if m.group("size") else None
+    if size is not None and size < 8:
+        raise ValueError(f"variant input size must be >= 8 in backbone name {name!r}, got {size}")
+    return base, size, m.group("precision")
 
 
 class ParsedName(NamedTuple):
@@ -81,11 +109,12 @@ def parse_name(name: str) -> ParsedName:
     """Parse ``family/arch.tag`` (family and tag optional) into its parts.
 
     The arch/tag split is at the first dot, like timm (``vit_base_patch16_224.augreg_in21k``).
+    A variant suffix (``@160-int8``) is checked and left out of the parts.
     Raises ValueError for anything that is not of that shape.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"backbone name must be a non-empty string like 'family/arch.tag', got {name!r}")
-    text = name.strip()
+    text = split_variant(name.strip())[0]
     family: str | None = None
     if "/" in text:
         family, _, text = text.partition("/")
@@ -120,7 +149,8 @@ class BackboneSpec:
 
     Fields that change the numbers (and therefore the fingerprint): source, arch, weights (by
     content for local files), revision, input_size, mean, std, interpolation, crop_pct, crop_mode,
-    pooling, model_kwargs. Descriptive fields (name, family, embed_dim, params_m, num_classes,
+    pooling, model_kwargs, precision and (int8) calibration -- the digest of the content ids of
+    the images the quantization was calibrated on. Descriptive fields (name, family, embed_dim, params_m, num_classes,
     text, license, description) do not.
 
     ``arch`` is the library-level identifier: the timm model name (no tag) for ``timm`` / ``package``,
@@ -148,6 +178,8 @@ class BackboneSpec:
     num_classes: int = 0
     text: bool = False
     model_kwargs: tuple[tuple[str, Any], ...] = ()
+    precision: str = "fp32"
+    calibration: str = ""
     license: str = ""
     description: str = field(default="", compare=False)
 
@@ -173,6 +205,10 @@ class BackboneSpec:
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"spec {self.name!r}: crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"spec {self.name!r}: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "fp32" and self.calibration:
+            raise ValueError(f"spec {self.name!r}: calibration is only for precision='int8'")
         if isinstance(self.model_kwargs, dict):
             object.__setattr__(self, "model_kwargs", tuple(sorted(self.model_kwargs.items())))
         else:
@@ -197,6 +233,14 @@ class BackboneSpec:
         """A copy with fields changed (e.g. ``weights=DIR`` for a local copy, a smaller ``input_size``)."""
         return dataclasses.replace(self, **changes)
 
+    def as_fp32(self) -> "BackboneSpec":
+        """The full-precision spec this one's graph is quantized from (itself when fp32)."""
+        if self.precision == "fp32":
+            return self
+        base, size, _ = split_variant(self.name)
+        name = f"{base}{VARIANT_SEP}{size}" if size else base
+        return self.replace(name=name, precision="fp32", calibration="")
+
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(self.model_kwargs)
@@ -215,7 +259,11 @@ class BackboneSpec:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        # fp32 adds nothing, so the fingerprints of every spec from before precisions existed stand
+        quantized = {} if self.precision == "fp32" else {"precision": self.precision,
+                                                         "calibration": self.calibration}
         return {
+            **quantized,
             "fingerprint_version": FINGERPRINT_VERSION,
             "source": self.source,
             "arch": self.arch,

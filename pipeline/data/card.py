@@ -1,4 +1,11 @@
-"""DatasetCard: what intake found, as plain JSON-able data plus a rich rendering."""
+"""DatasetCard: what intake found, as plain JSON-able data plus a rich rendering.
+
+Multi-label cards (`multi_label=True`): `counts` holds, per split, the images that carry each
+label (an image counts once under each of its labels, so counts no longer add up to images);
+`image_counts` holds the images per split, `label_cardinality` the mean labels per image,
+`cooccurrence` the most frequent label pairs `[a, b, images]`, `unlabelled` the images without
+any label per split.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,9 @@ from typing import Any, Iterable
 
 from pipeline.data.records import SPLITS, ExcludedFile
 
-CARD_VERSION = 1
+#: newest card format this tlpipe reads; single-label cards are still written as v1 (unchanged),
+#: multi-label cards as v2 (their counts mean images per label, which a v1 reader would misread)
+CARD_VERSION = 2
 
 
 def dataset_hash(triples: Iterable[tuple[str, str, str]]) -> str:
@@ -21,6 +30,26 @@ def dataset_hash(triples: Iterable[tuple[str, str, str]]) -> str:
         h.update(json.dumps([sha, label, split], ensure_ascii=True).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+#: how many label pairs a multi-label card lists
+TOP_PAIRS = 10
+
+
+def label_set_stats(label_sets: Iterable[tuple[str, ...]], top: int = TOP_PAIRS
+                    ) -> tuple[float | None, list[list]]:
+    """(mean labels per image, the `top` most frequent label pairs as [a, b, images])."""
+    n = total = 0
+    pairs: Counter = Counter()
+    for labels in label_sets:
+        n += 1
+        ordered = sorted(set(labels))
+        total += len(ordered)
+        for i, a in enumerate(ordered):
+            for b in ordered[i + 1:]:
+                pairs[(a, b)] += 1
+    ranked = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return (total / n if n else None), [[a, b, k] for (a, b), k in ranked]
 
 
 def imbalance(counts: dict[str, dict[str, int]], classes: list[str]) -> float | None:
@@ -51,13 +80,22 @@ class DatasetCard:
     ignored: list[str] = field(default_factory=list)  # non-image files that were skipped
     warnings: list[str] = field(default_factory=list)
     max_pixels: int | None = None
+    multi_label: bool = False
+    image_counts: dict[str, int] | None = None  # multi-label: images per split
+    label_cardinality: float | None = None  # multi-label: mean labels per image
+    cooccurrence: list[list] = field(default_factory=list)  # multi-label: [a, b, images], top first
+    unlabelled: dict[str, int] = field(default_factory=dict)  # multi-label: images with no label
 
     # ------------------------------------------------------------------ derived
     @property
     def n_images(self) -> int:
+        if self.image_counts is not None:
+            return sum(self.image_counts.values())
         return sum(sum(per.values()) for per in self.counts.values())
 
     def split_total(self, split: str) -> int:
+        if self.image_counts is not None:
+            return int(self.image_counts.get(split, 0))
         return sum(self.counts.get(split, {}).values())
 
     def class_total(self, cls: str) -> int:
@@ -69,7 +107,7 @@ class DatasetCard:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         return {
-            "card_version": CARD_VERSION,
+            "card_version": 2 if self.multi_label else 1,
             "name": self.name,
             "source": self.source,
             "source_kind": self.source_kind,
@@ -87,6 +125,10 @@ class DatasetCard:
             "ignored": list(self.ignored),
             "warnings": list(self.warnings),
             "max_pixels": self.max_pixels,
+            **({"multi_label": True, "image_counts": dict(self.image_counts or {}),
+                "label_cardinality": self.label_cardinality,
+                "cooccurrence": [list(p) for p in self.cooccurrence],
+                "unlabelled": dict(self.unlabelled)} if self.multi_label else {}),
         }
 
     @classmethod
@@ -113,6 +155,13 @@ class DatasetCard:
             ignored=[str(p) for p in d.get("ignored", [])],
             warnings=[str(w) for w in d.get("warnings", [])],
             max_pixels=None if d.get("max_pixels") is None else int(d["max_pixels"]),
+            multi_label=bool(d.get("multi_label", False)),
+            image_counts=(None if d.get("image_counts") is None
+                          else {str(k): int(v) for k, v in d["image_counts"].items()}),
+            label_cardinality=(None if d.get("label_cardinality") is None
+                               else float(d["label_cardinality"])),
+            cooccurrence=[[str(p[0]), str(p[1]), int(p[2])] for p in d.get("cooccurrence", [])],
+            unlabelled={str(k): int(v) for k, v in d.get("unlabelled", {}).items()},
         )
 
     def to_json(self, **kwargs: Any) -> str:
@@ -134,16 +183,22 @@ class DatasetCard:
         fr = ", ".join(f"{k}={v:g}" for k, v in self.fractions.items()) or "as given"
         # Every string that comes from the data (names, paths, reasons) is a Text, never markup:
         # a file called "[bold]x.jpg" must be listed under its own name, and "[/x]" must not crash.
+        what = "classes"
+        if self.multi_label:
+            card = "n/a" if self.label_cardinality is None else f"{self.label_cardinality:.2f}"
+            what = (f"labels (multi-label: {card} labels per image, "
+                    f"{sum(self.unlabelled.values())} images without a label)")
         parts.append(Text.assemble(
             (f"{self.name}", "bold"), f"  ({self.source_kind}: {self.source})\n",
-            f"{self.n_images} images, {len(self.classes)} classes, imbalance {ratio} (train max/min); ",
+            f"{self.n_images} images, {len(self.classes)} {what}, imbalance {ratio} (train max/min); ",
             f"split: {self.split_strategy} (seed {self.seed}; {fr})\n",
             f"hash {self.dataset_hash[:16]}…  excluded {len(self.excluded)}, duplicates "
             f"{sum(len(g) - 1 for g in self.duplicates)}, label conflicts {len(self.label_conflicts)}",
         ))
 
-        counts = Table(title="Images per class and split", show_footer=True)
-        counts.add_column("class", footer="total")
+        counts = Table(title="Images per " + ("label" if self.multi_label else "class") + " and split",
+                       show_footer=True)
+        counts.add_column("label" if self.multi_label else "class", footer="images")
         for s in SPLITS:
             counts.add_column(s, justify="right", footer=str(self.split_total(s)))
         counts.add_column("total", justify="right", footer=str(self.n_images))
@@ -151,6 +206,15 @@ class DatasetCard:
             counts.add_row(Text(c), *(str(self.counts.get(s, {}).get(c, 0)) for s in SPLITS),
                            str(self.class_total(c)))
         parts.append(counts)
+
+        if self.cooccurrence:
+            pairs = Table(title=f"Most frequent label pairs (top {len(self.cooccurrence)})")
+            pairs.add_column("label")
+            pairs.add_column("label")
+            pairs.add_column("images", justify="right")
+            for a, b, k in self.cooccurrence:
+                pairs.add_row(Text(a), Text(b), str(k))
+            parts.append(pairs)
 
         if self.excluded:
             by_code = Table(title="Excluded files by reason code")

@@ -1,17 +1,30 @@
-"""`load_dataset`: discover -> validate -> de-duplicate -> split -> card."""
+"""`load_dataset`: discover -> validate -> de-duplicate -> split -> card.
+
+Multi-label (`load_dataset(..., multi_label=None|True|False)`; None detects label sets, see
+`pipeline.data.manifest` / `pipeline.data.hf`): records carry their label set in
+`ImageRecord.labels` and its key (`"cat|dog"`, `""` for none) in `ImageRecord.label`;
+`Dataset.multi_label` says so, `Dataset.classes` lists the labels and
+`Dataset.label_matrix(split)` gives the (N, L) indicator. Identical bytes listed with different
+label sets are merged into one image carrying the union (single-label: excluded as conflicts).
+Splits are made by iterative stratification; the card adds per-label counts, label cardinality,
+the most frequent label pairs and the images without a label.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from pipeline.data.card import DatasetCard, dataset_hash, imbalance
+import numpy as np
+
+from pipeline.data.card import DatasetCard, dataset_hash, imbalance, label_set_stats
 from pipeline.data.records import SPLITS, DatasetError, ExcludedFile, ImageRecord
 from pipeline.data.sources import SourceListing, discover
 from pipeline.data.split import check_fractions, plan_splits
 from pipeline.data.validate import CheckedFile, check_files
 from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.multilabel.labelsets import KEY_SEPARATOR, binarize, label_key
 
 _SPLIT_RANK = {"train": 0, "val": 1, "test": 2, None: 3}
 
@@ -29,6 +42,17 @@ class Dataset:
     def class_to_index(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.card.classes)}
 
+    @property
+    def multi_label(self) -> bool:
+        """True when images carry label sets (`ImageRecord.labels`)."""
+        return bool(self.card.multi_label)
+
+    def label_matrix(self, split: str | None = None) -> np.ndarray:
+        """(N, L) uint8 indicator of the records' labels (of one split, or all), columns in
+        `classes` order; for a single-label dataset, the one-hot matrix."""
+        records = self.records if split is None else self.split(split)
+        return binarize([r.labels for r in records], self.classes)
+
     def split(self, name: str) -> list[ImageRecord]:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; splits are {', '.join(SPLITS)}")
@@ -38,10 +62,11 @@ class Dataset:
         return len(self.records)
 
 
-def _dedupe(checked: list[CheckedFile]) -> tuple[list[CheckedFile], list[ExcludedFile],
-                                                   list[list[str]], list[list[str]]]:
+def _dedupe(checked: list[CheckedFile], multi_label: bool = False
+            ) -> tuple[list[CheckedFile], list[ExcludedFile], list[list[str]], list[list[str]], int]:
     """Identical bytes: one label -> keep the first (train before val before test, then path);
-    several labels -> exclude them all as `label_conflict`."""
+    several labels -> exclude them all as `label_conflict`, or with `multi_label` keep the first
+    carrying the union of the label sets (the last value counts such merges)."""
     groups: dict[str, list[CheckedFile]] = {}
     for c in checked:
         groups.setdefault(c.sha256, []).append(c)
@@ -49,10 +74,17 @@ def _dedupe(checked: list[CheckedFile]) -> tuple[list[CheckedFile], list[Exclude
     excluded: list[ExcludedFile] = []
     duplicates: list[list[str]] = []
     conflicts: list[list[str]] = []
+    merged = 0
     for sha in sorted(groups):
         members = sorted(groups[sha], key=lambda c: (_SPLIT_RANK[c.candidate.split], c.candidate.display))
         labels = sorted({c.candidate.label for c in members})
-        if len(labels) > 1:
+        if multi_label and len(labels) > 1:
+            union = tuple(sorted({lab for c in members for lab in (c.candidate.labels or ())}))
+            first = members[0]
+            members[0] = replace(first, candidate=replace(first.candidate, labels=union,
+                                                          label=label_key(union)))
+            merged += 1
+        elif len(labels) > 1:
             conflicts.append([c.candidate.display for c in members])
             for c in members:
                 others = ", ".join(f"{o.candidate.display} ({o.candidate.label})" for o in members if o is not c)
@@ -63,7 +95,7 @@ def _dedupe(checked: list[CheckedFile]) -> tuple[list[CheckedFile], list[Exclude
         kept.append(members[0])
         if len(members) > 1:
             duplicates.append([c.candidate.display for c in members])
-    return kept, excluded, duplicates, conflicts
+    return kept, excluded, duplicates, conflicts, merged
 
 
 def load_dataset(
@@ -77,6 +109,8 @@ def load_dataset(
     name: str | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    multi_label: bool | None = None,
+    label_separator: str = KEY_SEPARATOR,
 ) -> Dataset:
     """Load and validate a labelled image dataset.
 
@@ -86,22 +120,35 @@ def load_dataset(
     Every file is fully decoded; bad ones are excluded with a code and listed in the card.
     Without source splits, a seeded stratified train/val/test split is made.
     `cache_dir` holds images extracted from HF datasets (default `$TLPIPE_CACHE_DIR/hf-images`).
+    `multi_label`: None detects label sets (a `labels` manifest column or JSONL lists, a HF
+    sequence-of-ClassLabel column), True forces them, False refuses them; `label_separator`
+    splits a manifest cell into labels (module docstring).
     Raises `DatasetError` when nothing usable is left or fewer than two classes remain.
     """
     check_fractions(val_fraction, test_fraction)
     if max_pixels <= 0:
         raise DatasetError(f"max_pixels must be positive, got {max_pixels}")
-    listing: SourceListing = discover(source, cache_dir=cache_dir)
+    listing: SourceListing = discover(source, cache_dir=cache_dir, multi_label=multi_label,
+                                      separator=label_separator)
+    multi = listing.multi_label
     results = check_files(listing.candidates, max_pixels=max_pixels, workers=workers, progress=progress)
     checked = [r for r in results if isinstance(r, CheckedFile)]
     excluded = list(listing.excluded) + [r for r in results if isinstance(r, ExcludedFile)]
-    kept, conflict_excluded, duplicates, conflicts = _dedupe(checked)
+    kept, conflict_excluded, duplicates, conflicts, merged = _dedupe(checked, multi)
     excluded += conflict_excluded
     excluded.sort(key=lambda e: (e.path, e.code))
 
     if not kept:
         raise DatasetError(_nothing_usable(listing, excluded))
-    labels = sorted({c.candidate.label for c in kept})
+    if multi:
+        labels = sorted({lab for c in kept for lab in (c.candidate.labels or ())})
+    else:
+        labels = sorted({c.candidate.label for c in kept})
+    if multi and len(labels) < 2:
+        raise DatasetError(
+            f"{listing.source}: {len(labels)} distinct label(s) ({', '.join(map(repr, labels)) or 'none'}) "
+            f"over {len(kept)} images — multi-label classification needs at least two labels"
+        )
     if len(labels) < 2:
         hint = ""
         if listing.kind == "imagefolder":
@@ -113,17 +160,21 @@ def load_dataset(
         )
 
     assigned, plan = plan_splits(
-        [(c.sha256, c.candidate.label, c.candidate.split) for c in kept],
-        seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+        [(c.sha256, (c.candidate.labels or ()) if multi else c.candidate.label, c.candidate.split)
+         for c in kept],
+        seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, multi_label=multi,
     )
     records = sorted(
         (ImageRecord(path=c.candidate.path, label=c.candidate.label, split=assigned[c.sha256],
-                     sha256=c.sha256, width=c.width, height=c.height) for c in kept),
+                     sha256=c.sha256, width=c.width, height=c.height,
+                     labels=tuple(c.candidate.labels or ()) if multi else (c.candidate.label,))
+         for c in kept),
         key=lambda r: (_SPLIT_RANK[r.split], r.label, r.sha256),
     )
     counts = {s: {c: 0 for c in labels} for s in SPLITS}
     for r in records:
-        counts[r.split][r.label] += 1
+        for lab in r.labels:
+            counts[r.split][lab] += 1
 
     warnings = list(listing.warnings) + list(plan.notes)
     missing_train = [c for c in labels if counts["train"][c] == 0]
@@ -133,10 +184,22 @@ def load_dataset(
         absent = [c for c in labels if counts[s][c] == 0]
         if absent and sum(counts[s].values()) > 0:
             warnings.append(f"classes absent from {s}: {', '.join(absent)}")
-    all_labels = {c.label for c in listing.candidates}
+    all_labels = ({lab for c in listing.candidates for lab in (c.labels or ())} if multi
+                  else {c.label for c in listing.candidates})
     lost = sorted(all_labels - set(labels))
     if lost:
         warnings.append(f"classes with no usable image (all excluded): {', '.join(lost)}")
+    ml_fields = {}
+    if multi:
+        cardinality, pairs = label_set_stats(r.labels for r in records)
+        ml_fields = dict(
+            multi_label=True, label_cardinality=cardinality, cooccurrence=pairs,
+            image_counts={s: sum(1 for r in records if r.split == s) for s in SPLITS},
+            unlabelled={s: sum(1 for r in records if r.split == s and not r.labels) for s in SPLITS},
+        )
+        if merged:
+            warnings.append(f"{merged} identical image(s) were listed with different label sets; "
+                            "each was kept once with the union of its labels")
 
     card = DatasetCard(
         name=name or listing.name,
@@ -156,6 +219,7 @@ def load_dataset(
         ignored=sorted(listing.ignored),
         warnings=warnings,
         max_pixels=max_pixels,
+        **ml_fields,
     )
     return Dataset(records=records, card=card)
 

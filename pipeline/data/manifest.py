@@ -2,6 +2,13 @@
 
 A path may not escape that folder: absolute paths, `..` that climbs out, and symbolic links that
 resolve outside are excluded as `outside_root`.
+
+Multi-label manifests: `path,labels[,split]` with the labels of a row separated by `|`
+(`separator`), or in JSONL a list (`{"path": "a.jpg", "labels": ["cat", "dog"]}`). A row with an
+empty label set is an image without any label (a negative for every label), not an error.
+Detected when the label column is named `labels`/`tags`/`categories` (and no `label` column
+exists) or a JSONL label is a list; `multi_label=True` forces it (a `label` column is then
+split on the separator too), `multi_label=False` refuses it.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from pipeline.data.records import (
     is_within,
     normalise_split,
 )
+from pipeline.multilabel.labelsets import KEY_SEPARATOR, label_key, parse_labels
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 PATH_COLUMNS = ("path", "filepath", "file_path", "filename", "file", "image", "image_path")
 LABEL_COLUMNS = ("label", "class", "class_name", "category", "target")
 SPLIT_COLUMNS = ("split", "subset", "fold")
+MULTI_LABEL_COLUMNS = ("labels", "tags", "categories", "classes")
 
 
 def _pick_column(columns: Iterable[str], wanted: tuple[str, ...]) -> str | None:
@@ -73,10 +82,14 @@ def _read_manifest_rows(path: Path) -> Iterable[tuple[str, dict | None, str | No
         yield f"{path.name}:{i}", row, None
 
 
-def scan_manifest(path: Path) -> SourceListing:
+def scan_manifest(path: Path, *, multi_label: bool | None = None, separator: str = KEY_SEPARATOR
+                  ) -> SourceListing:
     """CSV/TSV/JSONL manifest with `path` and `label` (optional `split`) columns. Paths are
     relative to the manifest's folder and may not escape it (absolute paths, `..`, and symlinks
-    that resolve outside are excluded as `outside_root`)."""
+    that resolve outside are excluded as `outside_root`). `multi_label`: None detects label
+    sets (module docstring), True / False forces; `separator` splits a cell into labels."""
+    if multi_label and not separator:
+        raise DatasetError("the multi-label separator must be a non-empty string, e.g. '|'")
     path = Path(os.path.abspath(path))
     root = os.path.dirname(os.fspath(path))
     root_real = os.path.realpath(root)
@@ -90,12 +103,28 @@ def scan_manifest(path: Path) -> SourceListing:
         columns = _csv_header(path)
     path_col = _pick_column(columns, PATH_COLUMNS)
     label_col = _pick_column(columns, LABEL_COLUMNS)
+    sets_col = _pick_column(columns, MULTI_LABEL_COLUMNS)
     split_col = _pick_column(columns, SPLIT_COLUMNS)
+    if multi_label:
+        label_col = sets_col or label_col
+    elif label_col is None:
+        label_col = sets_col
     if path_col is None or label_col is None:
         raise DatasetError(
             f"manifest {display_path(path)} needs a path column ({'/'.join(PATH_COLUMNS)}) and a "
-            f"label column ({'/'.join(LABEL_COLUMNS)}); found columns: {columns or 'none'}"
+            f"label column ({'/'.join(LABEL_COLUMNS + MULTI_LABEL_COLUMNS)}); found columns: "
+            f"{columns or 'none'}"
         )
+    has_lists = any(row is not None and isinstance(row.get(label_col), list) for _, row, _ in rows)
+    multi = bool(multi_label) if multi_label is not None else (label_col == sets_col or has_lists)
+    listing.multi_label = multi
+    if not multi:
+        joined = sum(1 for _, row, _ in rows if row is not None and separator
+                     and separator in str(row.get(label_col) or ""))
+        if joined:
+            listing.warnings.append(
+                f"{joined} label(s) contain {separator!r}; if these are label sets, load with "
+                "multi_label=True (--multi-label)")
     if split_col is not None and not any(
         row is not None and str(row.get(split_col) or "").strip() for _, row, _ in rows
     ):
@@ -107,9 +136,25 @@ def scan_manifest(path: Path) -> SourceListing:
         raw_path = row.get(path_col)
         raw_label = row.get(label_col)
         raw_path = "" if raw_path is None else str(raw_path).strip()
-        label = "" if raw_label is None else str(raw_label).strip()
         shown = display_path(raw_path) if raw_path else ref
-        if not raw_path or not label:
+        labels: tuple[str, ...] | None = None
+        if multi:
+            labels = tuple(display_path(v) for v in parse_labels(raw_label, separator))
+            label = label_key(labels)
+            bad = [v for v in labels if KEY_SEPARATOR in v]
+            if bad:
+                listing.excluded.append(ExcludedFile(
+                    shown, "bad_row", f"{ref}: label {bad[0]!r} contains {KEY_SEPARATOR!r}, which "
+                    "joins a label set; rename the label"))
+                continue
+        elif isinstance(raw_label, list):
+            listing.excluded.append(ExcludedFile(
+                shown, "bad_row", f"{ref}: the label is a list; load with multi_label=True "
+                "(--multi-label) for several labels per image"))
+            continue
+        else:
+            label = "" if raw_label is None else str(raw_label).strip()
+        if not raw_path or (not label and not multi):
             listing.excluded.append(ExcludedFile(shown, "bad_row",
                                                  f"{ref}: empty {'path' if not raw_path else 'label'}"))
             continue
@@ -145,7 +190,7 @@ def scan_manifest(path: Path) -> SourceListing:
             listing.excluded.append(ExcludedFile(shown, "bad_row", f"{ref}: path is a folder, not a file"))
             continue
         listing.candidates.append(Candidate(path=joined, display=shown, label=display_path(label),
-                                            split=split))
+                                            split=split, labels=labels))
     return listing
 
 

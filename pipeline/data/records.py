@@ -1,4 +1,11 @@
-"""Plain records shared by the intake modules."""
+"""Plain records shared by the intake modules.
+
+Multi-label datasets (several labels per image, see ``pipeline.multilabel.labelsets``): every
+record carries its label set in ``labels`` (a sorted tuple, possibly empty) and, in ``label``,
+the set's canonical key (``"cat|dog"``; ``""`` for an image without a label), so code written
+for one label per image keeps working on a plain string. In a single-label dataset ``labels``
+is ``(label,)``. ``Dataset.multi_label`` / ``DatasetCard.multi_label`` tell which kind it is.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +33,8 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One usable image. `path` is a real filesystem path (absolute)."""
+    """One usable image. `path` is a real filesystem path (absolute). `labels`: the label set
+    (multi-label datasets; `label` is then its key), `(label,)` when not given."""
 
     path: str
     label: str
@@ -34,6 +42,11 @@ class ImageRecord:
     sha256: str
     width: int
     height: int
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.labels and self.label:
+            object.__setattr__(self, "labels", (self.label,))
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,7 @@ class Candidate:
     display: str  # display-safe, relative to the source root
     label: str
     split: str | None
+    labels: tuple[str, ...] | None = None  # multi-label sources: the set (`label` is its key)
 
 
 def display_path(path: str | bytes | os.PathLike) -> str:
@@ -93,4 +107,5 @@ class SourceListing:
     ignored: list[str] = field(default_factory=list)  # non-image files, listed quietly
     empty_classes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    multi_label: bool = False  # candidates carry label sets (`Candidate.labels`)
 

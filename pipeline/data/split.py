@@ -2,15 +2,23 @@
 
 Within a class, files are ordered by sha256(f"{seed}:{content sha256}") — a pure function of the
 content and the seed — so the same files give the same split on any machine, in any order.
+
+Multi-label datasets (`plan_splits(..., multi_label=True)`, items carry label sets) are split by
+iterative stratification (`pipeline.multilabel.stratify`), visiting files in the same
+content-and-seed order: every label keeps its share in every split, and appears in every split
+wherever it has enough images.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 from pipeline.data.records import SPLITS, DatasetError
+from pipeline.multilabel.stratify import iterative_stratify
 
 
 @dataclass(frozen=True)
@@ -82,10 +90,30 @@ def stratified_assign(
     return out
 
 
+def iterative_assign(
+    items: Sequence[tuple[str, Sequence[str]]], fractions: dict[str, float], seed: int
+) -> dict[str, str]:
+    """Assign `(sha256, label set)` items to `train` or one of `fractions`' splits by iterative
+    stratification over every label. Returns {sha256: split}."""
+    unique = {sha: tuple(labels) for sha, labels in items}
+    shas = sorted(unique, key=lambda s: (order_key(s, seed), s))
+    vocab = sorted({lab for labels in unique.values() for lab in labels})
+    col = {lab: j for j, lab in enumerate(vocab)}
+    Y = np.zeros((len(shas), len(vocab)), dtype=bool)
+    for i, sha in enumerate(shas):
+        Y[i, [col[lab] for lab in unique[sha]]] = True
+    names = ["train", *fractions]
+    props = [1.0 - sum(fractions.values()), *fractions.values()]
+    assigned = iterative_stratify(Y, props, seed=seed, order=np.arange(len(shas)))
+    return {sha: names[int(j)] for sha, j in zip(shas, assigned)}
+
+
 def plan_splits(
-    items: Sequence[tuple[str, str, str | None]], *, seed: int, val_fraction: float, test_fraction: float
+    items: Sequence[tuple[str, Any, str | None]], *, seed: int, val_fraction: float, test_fraction: float,
+    multi_label: bool = False,
 ) -> tuple[dict[str, str], SplitPlan]:
-    """Final split per sha256 for `(sha256, label, source_split)` items.
+    """Final split per sha256 for `(sha256, label, source_split)` items (`(sha256, label set,
+    source_split)` with `multi_label`, split by iterative stratification).
 
     - every item has a source split and train, val, test are all present: kept as given;
     - train plus one of val/test: the missing one is carved out of train (its fraction of train,
@@ -93,6 +121,8 @@ def plan_splits(
     - no source splits (or no train split): seeded stratified train/val/test split of everything.
     """
     check_fractions(val_fraction, test_fraction)
+    assign = iterative_assign if multi_label else stratified_assign
+    how = "iterative-stratified" if multi_label else "stratified"
     present = {s for _, _, s in items if s is not None}
     all_tagged = all(s is not None for _, _, s in items)
     if all_tagged and "train" in present:
@@ -110,12 +140,12 @@ def plan_splits(
         total = sum(wanted.values())
         if total >= 1.0:
             raise DatasetError(f"cannot carve {wanted} out of train: fractions sum to {total} >= 1")
-        carved = stratified_assign(train_items, wanted, seed)
+        carved = assign(train_items, wanted, seed)
         assigned.update(carved)
         names = " and ".join(wanted)
         return assigned, SplitPlan(
             f"source+carved:{','.join(wanted)}", dict(wanted),
-            (f"{names} carved out of the source train split (stratified, seeded; fraction of train)",),
+            (f"{names} carved out of the source train split ({how}, seeded; fraction of train)",),
         )
     notes: tuple[str, ...] = ()
     if present and not all_tagged:
@@ -123,13 +153,14 @@ def plan_splits(
     elif present:
         notes = (f"source splits {sorted(present)} have no train split; all files were re-split",)
     fractions = {"val": val_fraction, "test": test_fraction}
-    assigned = stratified_assign([(sha, label) for sha, label, _ in items],
-                                 {k: v for k, v in fractions.items() if v > 0}, seed)
+    assigned = assign([(sha, label) for sha, label, _ in items],
+                      {k: v for k, v in fractions.items() if v > 0}, seed)
     return assigned, SplitPlan(
-        "stratified",
+        how,
         {"train": round(1.0 - val_fraction - test_fraction, 10), "val": val_fraction, "test": test_fraction},
         notes,
     )
 
 
-__all__ = ["SPLITS", "SplitPlan", "allocate", "check_fractions", "plan_splits", "stratified_assign"]
+__all__ = ["SPLITS", "SplitPlan", "allocate", "check_fractions", "iterative_assign", "plan_splits",
+           "stratified_assign"]

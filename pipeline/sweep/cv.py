@@ -22,7 +22,7 @@ from pipeline.heads import HEADS
 
 #: weight decays either side of the first fold's best that the other folds fit (a grid step is
 #: about a third of a decade): values further out were clearly behind on the first fold
-CV_WINDOW = 3
+CV_WINDOW = 2
 
 
 @dataclass

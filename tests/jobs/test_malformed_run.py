@@ -305,3 +305,20 @@ def test_odd_file_names_survive_the_ray_data_path(own_local_ray, tmp_path):
                                 engine="torch", inline_max=0, num_workers=1, cpus_per_worker=1)
     assert stats.executor == "ray-actors" and stats.failed == [], stats.failed
     assert stats.extracted == len(files)
+
+
+def test_label_separator_reaches_intake_and_bad_sets_fail_with_one_line(cifar10_dir, tmp_path):
+    """`tlpipe run` trains multi-label data (tests/jobs/test_multilabel_run.py); its
+    `--label-separator` reaches intake through the CLI: label sets joined by another character
+    leave '|' inside the labels, every row is refused with the reason, and the run stops with one
+    `error:` line, exit 2, before Ray or MLflow start."""
+    from tests.multilabel_mosaics import build_mosaics
+
+    manifest = build_mosaics(cifar10_dir, tmp_path / "m", 30, seed=1)  # labels joined by '|'
+    proc = tlpipe(["run", manifest, "--multi-label", "--label-separator", ";", "--root",
+                   tmp_path / "state"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "which joins a label set" in errors[0], proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list((tmp_path / "state").rglob("*.db"))  # no tracking store was set up

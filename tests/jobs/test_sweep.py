@@ -377,3 +377,24 @@ def test_an_ensemble_of_heads_on_one_backbone(world, ray_local):
         assert ensemble[0]["latency_ms_b1"] >= LATENCY[NOISY]["latency_ms_b1"]
     else:
         assert any(s["head"] == "ensemble" for s in res.skipped)
+
+
+def test_warm_workers_leave_the_modules_imported_in_the_workers(ray_local):
+    """`warm_workers` starts one import task per CPU; the workers that run later tasks have the
+    modules already (what the sweep's first head tasks then skip)."""
+    import sys
+
+    from jobs.ray_runtime import warm_workers
+
+    refs = warm_workers(["colorsys", "pipeline.sweep.candidate"])
+    assert len(refs) == int(ray_local.cluster_resources()["CPU"])
+    pids = set(ray_local.get(refs))
+
+    @ray_local.remote(num_cpus=1)
+    def imported() -> tuple[int, bool]:
+        import os
+
+        return os.getpid(), "colorsys" in sys.modules
+
+    seen = ray_local.get([imported.remote() for _ in range(4)])
+    assert all(ok for pid, ok in seen if pid in pids) and any(pid in pids for pid, _ in seen)

@@ -99,3 +99,25 @@ def test_clusters_keep_noise_as_noise():
     assert [s.cluster for s in found] == [0, 1] and all(s.cohesion >= floor for s in found)
     assert found[0].decisions == {"abstain": 25}
     assert not suggest(rng.standard_normal((40, 64)), min_cluster_size=5, min_cohesion=floor)  # noise only
+
+
+def test_a_cluster_of_known_class_images_is_flagged_as_looking_like_it():
+    """Captured images of a known class (the model was unsure about them) cluster too; they are
+    flagged `looks_like` that class, a cluster of a new kind is not."""
+    from feature_store.index import SupportIndex
+    from pipeline.suggest import within_class_similarity
+
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((4, 64)) * 3  # 3 known classes, 1 new kind
+    known = _blobs(rng, centers[:3], 40, spread=0.3)
+    labels = np.repeat(["a", "b", "c"], 40)
+    support = SupportIndex(64)
+    support.add(known, labels)
+    within = within_class_similarity(support)
+    assert set(within) == {"a", "b", "c"} and all(0.5 < v < 1.0 for v in within.values())
+    X = np.concatenate([_blobs(rng, centers[3:], 25, spread=0.3), _blobs(rng, centers[:1], 20, spread=0.3)])
+    found = suggest(X, support=support, min_cluster_size=5, min_cohesion=min_cohesion(known, labels))
+    by_size = {s.size: s for s in found}
+    assert set(by_size) == {25, 20}
+    assert by_size[20].looks_like == "a" and by_size[20].nearest[0]["label"] == "a"
+    assert by_size[25].looks_like is None
