@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from pipeline.settings import DEFAULT_EXPERIMENT
-from pipeline.sweep.leaderboard import leaderboard_row, sort_rows
+from pipeline.sweep.leaderboard import display_rows, leaderboard_row, rows_csv, sort_rows
 
 SWEEP_KIND = "sweep"
 CANDIDATE_KIND = "candidate"
 WINNER_TAG = "tlpipe.winner_run_id"
+WINNER_NAME_TAG = "tlpipe.winner"
+WHY_TAG = "tlpipe.selection_why"
+SELECTION_ERROR_TAG = "tlpipe.selection_error"
 
 
 def _row_from_run(run: Any, winner_run_id: str | None) -> dict[str, Any]:
@@ -66,3 +69,31 @@ def compare(root: str | os.PathLike, sweep_run_id: str | None = None, *,
     quiet_mlflow()
     use_tracking_uri(tracking_uri_for(root))
     return leaderboard(sweep_run_id or latest_sweep_run_id(experiment))
+
+
+def log_selection(parent_id: str, rows: list[dict[str, Any]], selected: Any, selection_error: str | None,
+                  skipped: Sequence[Mapping[str, str]], lat_by_backbone: Mapping[str, Any]
+                  ) -> tuple[dict[str, Any] | None, str | None]:
+    """The selection's tags and the leaderboard's artifacts on a sweep's parent run (the rows get
+    their `winner` flag); returns (the selection as a dict, the winner's run id)."""
+    from jobs.tracking import format_markdown_table, log_json, log_metrics, log_table, log_tags, log_text
+
+    winner_run_id = None
+    sel_dict = selected.to_dict() if selected is not None else None
+    if selected is not None:
+        winner_run_id = selected.winner.extra.get("run_id")
+        log_tags({WINNER_TAG: winner_run_id, WINNER_NAME_TAG: selected.winner.name,
+                  WHY_TAG: selected.why}, run_id=parent_id)
+        log_json(sel_dict, "selection.json", run_id=parent_id)
+    else:
+        log_tags({SELECTION_ERROR_TAG: selection_error}, run_id=parent_id)
+    for r in rows:
+        r["winner"] = bool(winner_run_id) and r["run_id"] == winner_run_id
+    log_table(rows, "leaderboard.json", run_id=parent_id)
+    log_text(rows_csv(rows), "leaderboard.csv", run_id=parent_id)
+    log_text(format_markdown_table(display_rows(rows)), "leaderboard.md", run_id=parent_id)
+    log_json(skipped, "skipped.json", run_id=parent_id)
+    log_json(lat_by_backbone, "backbone_latency.json", run_id=parent_id)
+    log_metrics({"n_candidates": len(rows), "n_failed": sum(r["status"] != "FINISHED" for r in rows),
+                 "n_skipped": len(skipped)}, run_id=parent_id)
+    return sel_dict, winner_run_id

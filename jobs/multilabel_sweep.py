@@ -21,14 +21,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from jobs.leaderboard import CANDIDATE_KIND, SWEEP_KIND, WINNER_TAG, leaderboard
-from jobs.sweep import (DEFAULT_TOLERANCE, SELECTION_ERROR_TAG, SWEEP_TAG, WHY_TAG, WINNER_NAME_TAG,
-                        CandidateFailed, SweepResult)
+from jobs.leaderboard import CANDIDATE_KIND, SWEEP_KIND, leaderboard, log_selection
+from jobs.sweep import DEFAULT_TOLERANCE, SWEEP_TAG, CandidateFailed, SweepResult
 from pipeline.multilabel.labelsets import binarize
 from pipeline.settings import DEFAULT_EXPERIMENT
 from pipeline.sweep.features import backbone_latency, plan_features, read_features, split_records
-from pipeline.sweep.leaderboard import (CANDIDATE_TAG, HEAD_DIR_TAG, candidates_from_rows,
-                                        display_rows, rows_csv)
+from pipeline.sweep.leaderboard import CANDIDATE_TAG, HEAD_DIR_TAG, candidates_from_rows
 from pipeline.sweep.multilabel import (DEFAULT_MULTILABEL_METRIC, candidate_costs,
                                        fit_evaluate_multilabel, multilabel_fold_lookup,
                                        plan_multilabel_selection, test_split_metrics)
@@ -136,9 +134,8 @@ def run_multilabel_sweep(
     import ray
 
     from jobs.ray_runtime import ensure_ray
-    from jobs.tracking import (KIND_TAG, format_markdown_table, log_bytes, log_dataset_card,
-                               log_json, log_metrics, log_params, log_table, log_tags, log_text,
-                               setup_mlflow, tracked_run)
+    from jobs.tracking import (KIND_TAG, log_bytes, log_dataset_card, log_json, log_params,
+                               log_tags, setup_mlflow, tracked_run)
     from pipeline.select import LabelScores, NoEligibleCandidateError, select_winner
 
     head_params = {k: dict(v) for k, v in (head_params or {}).items()}
@@ -229,24 +226,8 @@ def run_multilabel_sweep(
                                      latency_key=latency_key, n_bootstrap=n_bootstrap, seed=seed)
         except NoEligibleCandidateError as exc:
             selection_error = str(exc)
-        sel_dict = selected.to_dict() if selected is not None else None
-        winner_run_id = None
-        if selected is not None:
-            winner_run_id = selected.winner.extra.get("run_id")
-            log_tags({WINNER_TAG: winner_run_id, WINNER_NAME_TAG: selected.winner.name,
-                      WHY_TAG: selected.why}, run_id=parent_id)
-            log_json(sel_dict, "selection.json", run_id=parent_id)
-        else:
-            log_tags({SELECTION_ERROR_TAG: selection_error}, run_id=parent_id)
-        for r in rows:
-            r["winner"] = bool(winner_run_id) and r["run_id"] == winner_run_id
-        log_table(rows, "leaderboard.json", run_id=parent_id)
-        log_text(rows_csv(rows), "leaderboard.csv", run_id=parent_id)
-        log_text(format_markdown_table(display_rows(rows)), "leaderboard.md", run_id=parent_id)
-        log_json(skipped, "skipped.json", run_id=parent_id)
-        log_json(lat_by_backbone, "backbone_latency.json", run_id=parent_id)
-        log_metrics({"n_candidates": len(rows), "n_failed": sum(r["status"] != "FINISHED" for r in rows),
-                     "n_skipped": len(skipped)}, run_id=parent_id)
+        sel_dict, winner_run_id = log_selection(parent_id, rows, selected, selection_error,
+                                                skipped, lat_by_backbone)
         report_path = write_report(
             sweep_dir, rows, card, sel_dict, selection_error, skipped, {},
             selection_metric=selection_metric, selection_on=selection_on, latency_key=latency_key,

@@ -25,15 +25,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from jobs.leaderboard import CANDIDATE_KIND, SWEEP_KIND, WINNER_TAG, leaderboard
+from jobs.leaderboard import CANDIDATE_KIND, SWEEP_KIND, leaderboard, log_selection
 from pipeline.settings import DEFAULT_EXPERIMENT, features_root
 from pipeline.sweep import ensemble as ens
 from pipeline.sweep.candidate import fit_evaluate
 from pipeline.sweep.features import backbone_latency as measure_or_lookup_latency
 from pipeline.sweep.features import plan_features, read_features, split_records
 from pipeline.sweep.folds import fold_lookup, plan_selection
-from pipeline.sweep.leaderboard import (CANDIDATE_TAG, HEAD_DIR_TAG, candidates_from_rows,
-                                        display_rows, rows_csv)
+from pipeline.sweep.leaderboard import CANDIDATE_TAG, HEAD_DIR_TAG, candidates_from_rows
 from pipeline.sweep.outcome import (Outcome, combined_latency, paired_inputs, save_candidate,
                                     subset_info)
 from pipeline.sweep.plan import (DEFAULT_HEADS, FeatureSetRef, HeadConfig, candidate_name,
@@ -45,9 +44,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 0.005
 SWEEP_TAG = "tlpipe.sweep_run_id"
-WINNER_NAME_TAG = "tlpipe.winner"
-WHY_TAG = "tlpipe.selection_why"
-SELECTION_ERROR_TAG = "tlpipe.selection_error"
 
 
 @dataclass
@@ -221,9 +217,8 @@ def run_sweep(
     from feature_store import FeatureStore
     from jobs.finetune import sweep_finetunes
     from jobs.ray_runtime import ensure_ray, node_cpus
-    from jobs.tracking import (KIND_TAG, format_markdown_table, log_bytes, log_dataset_card,
-                               log_json, log_metrics, log_params, log_table, log_tags, log_text,
-                               setup_mlflow, tracked_run)
+    from jobs.tracking import (KIND_TAG, log_bytes, log_dataset_card, log_json, log_params,
+                               log_tags, setup_mlflow, tracked_run)
     from pipeline.variant_pairs import pair_notes
 
     head_cfgs, ft_cfgs, refs = sweep_inputs(feature_sets, heads, head_params,
@@ -406,27 +401,9 @@ def run_sweep(
             rows, done, classes, metric=selection_metric, tolerance=tolerance,
             max_latency_ms=max_latency_ms, max_params_m=max_params_m, latency_key=latency_key,
             seed=seed)
-        winner_run_id = None
-        sel_dict = selected.to_dict() if selected is not None else None
-        if selected is not None:
-            winner_run_id = selected.winner.extra.get("run_id")
-            log_tags({WINNER_TAG: winner_run_id, WINNER_NAME_TAG: selected.winner.name,
-                      WHY_TAG: selected.why}, run_id=parent_id)
-            log_json(sel_dict, "selection.json", run_id=parent_id)
-        else:
-            log_tags({SELECTION_ERROR_TAG: selection_error}, run_id=parent_id)
-        for r in rows:
-            r["winner"] = bool(winner_run_id) and r["run_id"] == winner_run_id
-
-        log_table(rows, "leaderboard.json", run_id=parent_id)
-        log_text(rows_csv(rows), "leaderboard.csv", run_id=parent_id)
-        log_text(format_markdown_table(display_rows(rows)), "leaderboard.md", run_id=parent_id)
-        log_json(skipped, "skipped.json", run_id=parent_id)
-        log_json(lat_by_backbone, "backbone_latency.json", run_id=parent_id)
+        sel_dict, winner_run_id = log_selection(parent_id, rows, selected, selection_error,
+                                                skipped, lat_by_backbone)
         log_json(pairs, "variant_pairs.json", run_id=parent_id)  # precision / size variants' cost
-        log_metrics({"n_candidates": len(rows),
-                     "n_failed": sum(r["status"] != "FINISHED" for r in rows),
-                     "n_skipped": len(skipped)}, run_id=parent_id)
         report_path = write_report(
             sweep_dir, rows, card, sel_dict, selection_error, skipped, figures_by_name,
             selection_metric=selection_metric, selection_on=selection_on, latency_key=latency_key,

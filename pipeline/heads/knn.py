@@ -27,6 +27,16 @@ INDEX_FILE = "index.faiss"
 _WEIGHTINGS = ("softmax", "distance", "uniform")
 
 
+def check_vote_params(k: int, weights: str, temperature: float) -> None:
+    """A k-NN vote's settings (ValueError naming the bad one)."""
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if weights not in _WEIGHTINGS:
+        raise ValueError(f"weights must be one of {_WEIGHTINGS}, got {weights!r}")
+    if weights == "softmax" and not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 @register
 class KNN(Head):
     """Cosine k-NN with distance-weighted voting.
@@ -46,12 +56,7 @@ class KNN(Head):
         self.temperature = temperature
 
     def _check_params(self) -> None:
-        if int(self.k) < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.weights not in _WEIGHTINGS:
-            raise ValueError(f"weights must be one of {_WEIGHTINGS}, got {self.weights!r}")
-        if self.weights == "softmax" and not float(self.temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_vote_params(self.k, self.weights, self.temperature)
 
     def fit(self, X, y) -> "KNN":
         import faiss

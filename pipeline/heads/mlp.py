@@ -56,6 +56,51 @@ class AdamW:
                 p.addcdiv_(m, denom, value=-self.lr / bc1)
 
 
+def train_mlp(Xt, yt, Xvt, n_out: int, *, loss_fn, val_metrics, hidden: int, dropout: float,
+              lr: float, weight_decay: float, batch_size: int, max_epochs: int, patience: int,
+              seed: int, n_threads: int | None):
+    """One hidden layer (ReLU + dropout) trained with AdamW on the tensors (Xt, yt) and stopped
+    early on ``val_metrics(logits of Xvt)["val_loss"]`` (only a clear improvement resets the
+    patience; the best epoch's weights are kept). Deterministic given `seed` (own generator; the
+    global torch RNG is left untouched). Returns ((W1, b1, W2, b2) as numpy, history, best epoch)."""
+    import torch
+    from torch import nn
+
+    with torch_threads(n_threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(int(seed))
+        model = nn.Sequential(nn.Linear(Xt.shape[1], int(hidden)), nn.ReLU(),
+                              nn.Dropout(float(dropout)), nn.Linear(int(hidden), int(n_out)))
+        opt = AdamW(list(model.parameters()), lr=float(lr), weight_decay=float(weight_decay))
+        bs = max(1, int(batch_size))
+        best_loss, best_state, best_epoch, bad, history = float("inf"), None, 0, 0, []
+        for epoch in range(int(max_epochs)):
+            model.train()
+            perm = torch.randperm(len(Xt), generator=gen)
+            for i in range(0, len(Xt), bs):
+                idx = perm[i : i + bs]
+                opt.zero_grad()
+                loss_fn(model(Xt[idx]), yt[idx]).backward()
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                row = val_metrics(model(Xvt))
+            vloss = row["val_loss"]
+            history.append({"epoch": epoch + 1, **row})
+            significant = vloss < best_loss - max(1e-4 * abs(best_loss), 1e-7)
+            if vloss < best_loss:
+                best_loss, best_epoch = vloss, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            bad = 0 if significant else bad + 1
+            if bad >= int(patience):
+                break
+        model.load_state_dict(best_state)
+    sd = model.state_dict()
+    weights = (sd["0.weight"].T.contiguous().numpy(), sd["0.bias"].numpy().copy(),
+               sd["3.weight"].T.contiguous().numpy(), sd["3.bias"].numpy().copy())
+    return weights, history, best_epoch
+
+
 @register
 class MLP(Head):
     """Parameters
@@ -116,61 +161,22 @@ class MLP(Head):
         sw = per_class_weights(cf, C, self.class_weight, self.classes_)
         weight = None if sw is None else torch.as_tensor(sw, dtype=torch.float32)
 
-        with torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(self.seed))
-            gen = torch.Generator().manual_seed(int(self.seed))
-            model = nn.Sequential(
-                nn.Linear(X.shape[1], int(self.hidden)),
-                nn.ReLU(),
-                nn.Dropout(float(self.dropout)),
-                nn.Linear(int(self.hidden), C),
-            )
-            opt = AdamW(list(model.parameters()), lr=float(self.lr),
-                        weight_decay=float(self.weight_decay))
-            loss_fn = nn.CrossEntropyLoss(
-                weight=weight, label_smoothing=float(self.label_smoothing)
-            )
-            val_loss_fn = nn.CrossEntropyLoss(weight=weight)
-            Xt = torch.from_numpy(scaler.transform(Xf))
-            yt = torch.from_numpy(cf)
-            Xvt = torch.from_numpy(scaler.transform(Xv))
-            yvt = torch.from_numpy(cv)
-            bs = max(1, int(self.batch_size))
-            best_loss, best_state, best_epoch, bad = float("inf"), None, 0, 0
-            history = []
-            for epoch in range(int(self.max_epochs)):
-                model.train()
-                perm = torch.randperm(len(Xt), generator=gen)
-                for i in range(0, len(Xt), bs):
-                    idx = perm[i : i + bs]
-                    opt.zero_grad()
-                    loss = loss_fn(model(Xt[idx]), yt[idx])
-                    loss.backward()
-                    opt.step()
-                model.eval()
-                with torch.no_grad():
-                    logits = model(Xvt)
-                    vloss = float(val_loss_fn(logits, yvt))
-                    vacc = float((logits.argmax(1) == yvt).float().mean())
-                history.append({"epoch": epoch + 1, "val_loss": vloss, "val_accuracy": vacc})
-                # keep the best weights seen; only a clear improvement resets the patience
-                significant = vloss < best_loss - max(1e-4 * abs(best_loss), 1e-7)
-                if vloss < best_loss:
-                    best_loss, best_epoch = vloss, epoch + 1
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                bad = 0 if significant else bad + 1
-                if bad >= int(self.patience):
-                    break
-            model.load_state_dict(best_state)
+        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=float(self.label_smoothing))
+        val_loss_fn = nn.CrossEntropyLoss(weight=weight)
+        yvt = torch.from_numpy(cv)
 
-        sd = model.state_dict()
+        def val_metrics(logits):
+            return {"val_loss": float(val_loss_fn(logits, yvt)),
+                    "val_accuracy": float((logits.argmax(1) == yvt).float().mean())}
+
+        weights, self.history_, self.best_epoch_ = train_mlp(
+            torch.from_numpy(scaler.transform(Xf)), torch.from_numpy(cf),
+            torch.from_numpy(scaler.transform(Xv)), C, loss_fn=loss_fn, val_metrics=val_metrics,
+            hidden=self.hidden, dropout=self.dropout, lr=self.lr, weight_decay=self.weight_decay,
+            batch_size=self.batch_size, max_epochs=self.max_epochs, patience=self.patience,
+            seed=self.seed, n_threads=self.n_threads)
         self.scaler_ = scaler
-        self.W1_ = sd["0.weight"].T.contiguous().numpy()
-        self.b1_ = sd["0.bias"].numpy().copy()
-        self.W2_ = sd["3.weight"].T.contiguous().numpy()
-        self.b2_ = sd["3.bias"].numpy().copy()
-        self.history_ = history
-        self.best_epoch_ = best_epoch
+        self.W1_, self.b1_, self.W2_, self.b2_ = weights
         return self
 
     def _logits(self, X: np.ndarray) -> np.ndarray:

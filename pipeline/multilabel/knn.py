@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.heads.extmath import l2_normalize
+from pipeline.heads.knn import check_vote_params
 from pipeline.multilabel.base import MultiLabelHead
 
 INDEX_FILE = "index.faiss"
-_WEIGHTINGS = ("softmax", "distance", "uniform")
 
 
 def vote_weights(sims: np.ndarray, weights: str, temperature: float) -> np.ndarray:
@@ -59,12 +59,7 @@ class MultiLabelKNN(MultiLabelHead):
         self.temperature = temperature
 
     def _check_params(self) -> None:
-        if int(self.k) < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.weights not in _WEIGHTINGS:
-            raise ValueError(f"weights must be one of {_WEIGHTINGS}, got {self.weights!r}")
-        if self.weights == "softmax" and not float(self.temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_vote_params(self.k, self.weights, self.temperature)
 
     def fit(self, X, Y, X_val=None, Y_val=None, *, classes=None) -> "MultiLabelKNN":
         import faiss

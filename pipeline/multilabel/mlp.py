@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.heads.base import Standardizer, torch_threads
-from pipeline.heads.mlp import AdamW
+from pipeline.heads.base import Standardizer
+from pipeline.heads.mlp import train_mlp
 from pipeline.multilabel.base import MultiLabelHead, holdout_or_val
 
 
@@ -60,48 +60,17 @@ class MultiLabelMLP(MultiLabelHead):
             pw = torch.as_tensor(np.where(pos > 0, (len(Yf) - pos) / np.maximum(pos, 1), 1.0),
                                  dtype=torch.float32)
 
-        with torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(self.seed))
-            gen = torch.Generator().manual_seed(int(self.seed))
-            model = nn.Sequential(nn.Linear(X.shape[1], int(self.hidden)), nn.ReLU(),
-                                  nn.Dropout(float(self.dropout)), nn.Linear(int(self.hidden), L))
-            opt = AdamW(list(model.parameters()), lr=float(self.lr), weight_decay=float(self.weight_decay))
-            loss_fn = nn.BCEWithLogitsLoss(pos_weight=pw)
-            Xt = torch.from_numpy(scaler.transform(Xf))
-            Yt = torch.from_numpy(Yf.astype(np.float32))
-            Xvt = torch.from_numpy(scaler.transform(Xv))
-            Yvt = torch.from_numpy(Yv.astype(np.float32))
-            bs = max(1, int(self.batch_size))
-            best_loss, best_state, best_epoch, bad, history = float("inf"), None, 0, 0, []
-            for epoch in range(int(self.max_epochs)):
-                model.train()
-                perm = torch.randperm(len(Xt), generator=gen)
-                for i in range(0, len(Xt), bs):
-                    idx = perm[i:i + bs]
-                    opt.zero_grad()
-                    loss_fn(model(Xt[idx]), Yt[idx]).backward()
-                    opt.step()
-                model.eval()
-                with torch.no_grad():
-                    vloss = float(loss_fn(model(Xvt), Yvt))
-                history.append({"epoch": epoch + 1, "val_bce": vloss})
-                significant = vloss < best_loss - max(1e-4 * abs(best_loss), 1e-7)
-                if vloss < best_loss:
-                    best_loss, best_epoch = vloss, epoch + 1
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                bad = 0 if significant else bad + 1
-                if bad >= int(self.patience):
-                    break
-            model.load_state_dict(best_state)
-
-        sd = model.state_dict()
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=pw)
+        Yvt = torch.from_numpy(Yv.astype(np.float32))
+        weights, self.history_, self.best_epoch_ = train_mlp(
+            torch.from_numpy(scaler.transform(Xf)), torch.from_numpy(Yf.astype(np.float32)),
+            torch.from_numpy(scaler.transform(Xv)), L, loss_fn=loss_fn,
+            val_metrics=lambda logits: {"val_loss": float(loss_fn(logits, Yvt))},
+            hidden=self.hidden, dropout=self.dropout, lr=self.lr, weight_decay=self.weight_decay,
+            batch_size=self.batch_size, max_epochs=self.max_epochs, patience=self.patience,
+            seed=self.seed, n_threads=self.n_threads)
         self.scaler_ = scaler
-        self.W1_ = sd["0.weight"].T.contiguous().numpy()
-        self.b1_ = sd["0.bias"].numpy().copy()
-        self.W2_ = sd["3.weight"].T.contiguous().numpy()
-        self.b2_ = sd["3.bias"].numpy().copy()
-        self.history_ = history
-        self.best_epoch_ = best_epoch
+        self.W1_, self.b1_, self.W2_, self.b2_ = weights
         self._tune(Yv, self.predict_proba(Xv), source)
         return self
 
