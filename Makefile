@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - validate, extract and probe clothing-small end to end (offline, CPU)"
 	@echo "make test   - run the test suite (bootstraps .venv)"
-	@echo "make bench  - run the benchmarks (~100 min, incl. a 10-minute soak) and write BENCHMARKS.md"
+	@echo "make bench  - run the benchmarks (~2 h, incl. a 10-minute soak) and write BENCHMARKS.md"
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -35,10 +35,14 @@ test-fast: venv
 
 bench: venv
 	$(PY) -m bench.extract --write
+	$(PY) -m bench.extract --int8 --write
 	$(PY) -m bench.probe --cifar 5000 --no-sklearn-all --repeats 2 --write
 	$(PY) -m bench.probe --cifar 500 --write
 	$(PY) -m bench.serve --write
+	$(PY) -m bench.serve --multi --rounds 3 --duration 8 --warmup 2 --clients 4,16 --write
+	$(PY) -m bench.serve_int8 --duration 12 --clients 1,4,16 --write
 	$(PY) -m bench.soak --minutes 10 --write
+	$(PY) -m bench.multilabel --train 1200 --val 300 --test 500 --size 128 --values 20 --write
 	$(PY) -m bench.accuracy --dataset both --write --keep-root
 	$(PY) -m bench.selection_speed --write
 

@@ -8,6 +8,7 @@ same test split (same dataset hash), unless forced — and records why in the ve
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -85,6 +86,8 @@ def register_predictor(predictor_dir: str | Path, model_name: str, *, run_id: st
             predictor_dir = Path(tmp) / PREDICTOR_ARTIFACT
         no_signature = _DropNoSignatureNotice()
         logging.getLogger("mlflow.pyfunc").addFilter(no_signature)
+        if run_id:  # MLflow refuses to resume a run outside the active experiment (one the caller set)
+            use_experiment(MlflowClient().get_run(run_id).info.experiment_id)
         try:
             with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(
                     run_name=f"register-{model_name}"):
@@ -101,6 +104,19 @@ def register_predictor(predictor_dir: str | Path, model_name: str, *, run_id: st
         client.set_model_version_tag(model_name, version, key, str(value))
     client.set_registered_model_alias(model_name, alias, version)
     return version
+
+
+def use_experiment(experiment_id: str) -> None:
+    """Make `experiment_id` MLflow's active experiment, without `set_experiment`'s side effect on
+    the environment (it also exports MLFLOW_EXPERIMENT_ID, which child processes would inherit)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    mlflow.set_experiment(experiment_id=experiment_id)
+    if before is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = before
 
 
 def alias_version(model_name: str, alias: str) -> str | None:

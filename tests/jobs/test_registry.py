@@ -187,3 +187,28 @@ def test_local_backbone_weights_travel_inside_the_artifact(predictor_dir, tmp_pa
     assert Path(moved.spec.weights).is_relative_to(tmp_path / "moved")
     assert [p.to_dict() for p in moved.predict_images(images)] == expected
     assert moved.spec.fingerprint == fingerprint  # weights are keyed by content, not path
+
+
+def test_registering_into_a_run_works_whatever_experiment_the_caller_made_active(mlflow_store, predictor_dir):
+    """A caller (a notebook, another test) that made another experiment active does not stop the
+    registration into the sweep's run (MLflow refuses to resume a run outside the active one),
+    and MLFLOW_EXPERIMENT_ID is not left exported for child processes."""
+    import os
+
+    import mlflow
+
+    from jobs.registry import register_predictor
+
+    client = mlflow.MlflowClient()
+    sweep_exp = client.create_experiment("sweeps-elsewhere", artifact_location=(mlflow_store / "sweeps").as_uri())
+    run_id = client.create_run(sweep_exp).info.run_id
+    mlflow.set_experiment(experiment_id=client.create_experiment(
+        "someone-else", artifact_location=(mlflow_store / "other").as_uri()))
+    before = os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    try:
+        version = register_predictor(predictor_dir[0], "cifar3-into-run", run_id=run_id)
+        assert client.get_model_version("cifar3-into-run", version).run_id == run_id
+        assert "MLFLOW_EXPERIMENT_ID" not in os.environ
+    finally:
+        if before is not None:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = before
