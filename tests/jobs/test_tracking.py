@@ -126,7 +126,7 @@ def test_failed_child_does_not_fail_the_parent(exp_id):
         # an inner run left open is ended with its parent
         import mlflow
 
-        leaked = mlflow.start_run(nested=True, run_name="leaked")
+        leaked = mlflow.start_run(nested=True, run_name="leaked", experiment_id=exp_id)
     c = _client()
     assert c.get_run(child.info.run_id).info.status == "FAILED"
     assert c.get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
