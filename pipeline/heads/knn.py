@@ -37,6 +37,25 @@ def check_vote_params(k: int, weights: str, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def write_index(index, directory: Path) -> None:
+    """A head's FAISS index as `directory/INDEX_FILE`, written atomically."""
+    import faiss
+
+    tmp = directory / (INDEX_FILE + ".tmp")
+    tmp.write_bytes(np.asarray(faiss.serialize_index(index), dtype=np.uint8).tobytes())
+    os.replace(tmp, directory / INDEX_FILE)
+
+
+def read_index(directory, head: str):
+    """The FAISS index `write_index` saved in `directory` (FileNotFoundError naming `head`)."""
+    import faiss
+
+    index_path = Path(directory) / INDEX_FILE
+    if not index_path.exists():
+        raise FileNotFoundError(f"{index_path} is missing: the {head} save is incomplete")
+    return faiss.deserialize_index(np.frombuffer(index_path.read_bytes(), dtype=np.uint8))
+
+
 @register
 class KNN(Head):
     """Cosine k-NN with distance-weighted voting.
@@ -113,21 +132,10 @@ class KNN(Head):
         return {"labels": self.labels_.astype(np.int64)}, {"n_support": int(self.index_.ntotal)}
 
     def _save_extra(self, path: Path) -> None:
-        import faiss
-
-        data = faiss.serialize_index(self.index_)
-        tmp = path / (INDEX_FILE + ".tmp")
-        tmp.write_bytes(np.asarray(data, dtype=np.uint8).tobytes())
-        os.replace(tmp, path / INDEX_FILE)
+        write_index(self.index_, path)
 
     def _set_state(self, arrays, state, path):
-        import faiss
-
-        index_path = Path(path) / INDEX_FILE
-        if not index_path.exists():
-            raise FileNotFoundError(f"{index_path} is missing: the KNN save is incomplete")
-        raw = np.frombuffer(index_path.read_bytes(), dtype=np.uint8)
-        self.index_ = faiss.deserialize_index(raw)
+        self.index_ = read_index(path, "KNN")
         self.labels_ = arrays["labels"].astype(np.int64)
         if self.index_.ntotal != len(self.labels_):
             raise ValueError(

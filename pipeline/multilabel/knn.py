@@ -11,16 +11,13 @@ leave-one-out scores of the support set itself (each training row voted on by it
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.heads.extmath import l2_normalize
-from pipeline.heads.knn import check_vote_params
+from pipeline.heads.knn import check_vote_params, read_index, write_index
 from pipeline.multilabel.base import MultiLabelHead
-
-INDEX_FILE = "index.faiss"
 
 
 def vote_weights(sims: np.ndarray, weights: str, temperature: float) -> np.ndarray:
@@ -109,20 +106,10 @@ class MultiLabelKNN(MultiLabelHead):
         return {"labels": self.labels_}, {"n_support": int(self.index_.ntotal)}
 
     def _save_extra(self, path: Path) -> None:
-        import faiss
-
-        data = faiss.serialize_index(self.index_)
-        tmp = path / (INDEX_FILE + ".tmp")
-        tmp.write_bytes(np.asarray(data, dtype=np.uint8).tobytes())
-        os.replace(tmp, path / INDEX_FILE)
+        write_index(self.index_, path)
 
     def _set_head_state(self, arrays, state, path):
-        import faiss
-
-        index_path = Path(path) / INDEX_FILE
-        if not index_path.exists():
-            raise FileNotFoundError(f"{index_path} is missing: the MultiLabelKNN save is incomplete")
-        self.index_ = faiss.deserialize_index(np.frombuffer(index_path.read_bytes(), dtype=np.uint8))
+        self.index_ = read_index(path, "MultiLabelKNN")
         self.labels_ = arrays["labels"].astype(np.uint8)
         if self.index_.ntotal != len(self.labels_) or self.index_.d != self.n_features_in_:
             raise ValueError(f"{path}: index holds {self.index_.ntotal} x {self.index_.d} vectors but "

@@ -54,9 +54,15 @@ def _rank_key(seed: int, repeat: int, sha: str) -> str:
 def plan_selection(labels, splits, *, k: int = DEFAULT_K, cv_max_rows: int = CV_MAX_ROWS,
                    mode: str = "auto") -> SelectionPlan:
     """Choose CV or the validation split for rows with these labels and split names."""
-    labels = np.asarray(labels, dtype=str)
+    _, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
+    return plan_from_counts(len(labels), splits, counts, k=k, cv_max_rows=cv_max_rows, mode=mode)
+
+
+def plan_from_counts(n: int, splits, counts, *, k: int = DEFAULT_K, cv_max_rows: int = CV_MAX_ROWS,
+                     mode: str = "auto") -> SelectionPlan:
+    """`plan_selection`'s rule for `n` rows with these split names, given how many rows carry each
+    label (`counts`: per class, or per label of a multi-label set; zeros are ignored)."""
     splits = np.asarray(splits, dtype=str)
-    n = len(labels)
     n_val = int((splits == "val").sum())
     if mode not in ("auto", "cv", "val"):
         raise ValueError(f"selection mode must be 'auto', 'cv' or 'val', got {mode!r}")
@@ -67,9 +73,11 @@ def plan_selection(labels, splits, *, k: int = DEFAULT_K, cv_max_rows: int = CV_
         return SelectionPlan("val", 1, 1, n, n_val)
     if n == 0:
         raise ValueError("no train+val images to select on")
-    _, counts = np.unique(labels, return_counts=True)
+    counts = np.asarray(counts)
+    counts = counts[counts > 0]
+    rarest = int(counts.min()) if len(counts) else 2
     # every fold must be able to hold out at least one image of the rarest class
-    kk = int(max(2, min(int(k), int(counts.min()) if counts.min() >= 2 else 2)))
+    kk = int(max(2, min(int(k), rarest if rarest >= 2 else 2)))
     repeats = TINY_REPEATS if n < TINY_ROWS else 1
     return SelectionPlan("cv", kk, repeats, n, n)
 

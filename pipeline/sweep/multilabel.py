@@ -32,7 +32,7 @@ from pipeline.multilabel.crossval import cross_validate_multilabel, fold_matrix,
 from pipeline.multilabel.heads import MULTILABEL_HEADS, make_multilabel_head
 from pipeline.multilabel.metrics import MULTILABEL_METRICS, evaluate_multilabel
 from pipeline.sweep.candidate import LATENCY_BATCH_SIZES, fitted_scalars, stored_numbers
-from pipeline.sweep.folds import CV_MAX_ROWS, DEFAULT_K, TINY_REPEATS, TINY_ROWS, SelectionPlan
+from pipeline.sweep.folds import CV_MAX_ROWS, DEFAULT_K, SelectionPlan, plan_from_counts
 
 #: the selection metric of a multi-label sweep unless another of MULTILABEL_METRICS is asked for
 DEFAULT_MULTILABEL_METRIC = "map"
@@ -61,22 +61,7 @@ def plan_multilabel_selection(Y: np.ndarray, splits: Sequence[str], *, k: int = 
     """CV or the validation split for train+val rows with indicator ``Y`` and these split names
     (the rule of `pipeline.sweep.folds.plan_selection`, label counts instead of class counts)."""
     Y = np.asarray(Y)
-    splits = np.asarray(splits, dtype=str)
-    n, n_val = len(Y), int((splits == "val").sum())
-    if mode not in ("auto", "cv", "val"):
-        raise ValueError(f"selection mode must be 'auto', 'cv' or 'val', got {mode!r}")
-    if mode == "val" or (mode == "auto" and n > cv_max_rows and n_val > 0):
-        if n_val == 0:
-            raise ValueError("selection on the validation split needs a validation split; "
-                             "use mode='cv' or add validation images")
-        return SelectionPlan("val", 1, 1, n, n_val)
-    if n == 0:
-        raise ValueError("no train+val images to select on")
-    counts = Y.sum(axis=0)
-    counts = counts[counts > 0]
-    rarest = int(counts.min()) if len(counts) else 2
-    kk = int(max(2, min(int(k), rarest if rarest >= 2 else 2)))
-    return SelectionPlan("cv", kk, TINY_REPEATS if n < TINY_ROWS else 1, n, n)
+    return plan_from_counts(len(Y), splits, Y.sum(axis=0), k=k, cv_max_rows=cv_max_rows, mode=mode)
 
 
 def multilabel_fold_lookup(ids: Sequence[str], Y: np.ndarray, splits: Sequence[str],
