@@ -326,11 +326,14 @@ def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"), ro
 @clean_errors
 def predict(images: List[Path] = typer.Argument(..., help="Image files."),
             model: str = typer.Option(..., "--model", help="NAME@alias, NAME/version, or a predictor dir."),
+            as_json: bool = typer.Option(False, "--json", help="Print a JSON list (one object per image, "
+                                         "with `labels`) instead of the table."),
             root: Optional[Path] = RootOpt) -> None:
-    """Classify images with a registered model (in process, no server)."""
+    """Classify images with a registered model (in process, no server). A multi-label model
+    answers a list of labels per image (empty when it abstains)."""
     from jobs.registry import alias_version, predictor_path
     from jobs.tracking import setup_mlflow
-    from pipeline.predictor import Predictor
+    from pipeline.multilabel.predictor import MULTILABEL_TASK, answered_labels, load_any_predictor, task_of
 
     if Path(model).is_dir():
         pdir = Path(model)
@@ -341,35 +344,51 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files."),
         if not version:
             fail(f"{model}: no such model version or alias")
         pdir = predictor_path(name, version)
-    predictor = Predictor.load(pdir)
+    predictor = load_any_predictor(pdir)
+    multilabel = task_of(predictor) == MULTILABEL_TASK
     table = Table(title=f"predictions ({model})")
-    for col in ("image", "label", "score", "decision", "top-3"):
+    columns = ("labels",) if multilabel else ("label", "score")  # a multi-label answer: a list
+    for col in ("image", *columns, "decision", "top-3"):
         table.add_column(col)
     from pipeline.images import ImageValidationError
 
+    rows = []
     for path in images:
         try:
             (p,) = predictor.predict_images([path.read_bytes()])
         except (ImageValidationError, OSError) as exc:
-            table.add_row(str(path), "-", "-", "error", str(exc))
+            rows.append({"image": str(path), "error": str(exc)})
+            table.add_row(str(path), *["-"] * len(columns), "error", str(exc))
             continue
+        rows.append({"image": str(path), **p.to_dict(), "labels": answered_labels(p)})
         tops = ", ".join(f"{t['label']} {t['score']:.2f}" for t in p.top_k[:3])
-        table.add_row(str(path), str(p.label), f"{p.score:.3f}", p.decision, tops)
-    console.print(table)
+        if multilabel:
+            labels = ", ".join(f"{d['label']} {d['score']:.2f}" for d in p.labels) or "-"
+            table.add_row(str(path), labels, p.decision, tops)
+        else:
+            table.add_row(str(path), str(p.label), f"{p.score:.3f}", p.decision, tops)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        console.print(table)
 
 
 @app.command()
 @clean_errors
 def serve(
-    model: List[str] = typer.Option(..., "--model", help="NAME@alias (follows the alias), NAME/version, or a predictor dir. "
+    model: List[str] = typer.Option(..., "--model", envvar="TLPIPE_SERVE_MODEL",
+                                    help="NAME@alias (follows the alias), NAME/version, or a predictor dir. "
                                     "Repeat for several models on one endpoint: POST /v1/models/NAME/predict; "
-                                    "models on the same backbone share its forward passes."),
+                                    "models on the same backbone share its forward passes. "
+                                    "From the environment: several separated by spaces."),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     engine: Optional[str] = typer.Option(None, help="auto | torch | onnx | openvino (default auto)."),
     max_batch_size: Optional[int] = typer.Option(None),
     batch_wait_timeout_s: Optional[float] = typer.Option(None),
     intra_op_threads: Optional[int] = typer.Option(None, help="Backbone engine threads (OpenVINO / ONNX Runtime intra-op; default: the CPUs this process may use)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda: where the backbone runs (default auto: cuda when a GPU is visible)."),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 on cuda (default auto: bfloat16 where supported, else float16)."),
     direct_ingress: Optional[bool] = typer.Option(
         None, "--direct-ingress/--via-proxy",
         help="The ingress replica answers HTTP itself (default on a local Ray) or through Serve's proxy."),
@@ -385,6 +404,7 @@ def serve(
     from deploy.app import run as serve_run
     from deploy.model_source import ModelSourceError
     from deploy.preflight import ServeStartError
+    from deploy.settings import SettingsError
     from jobs.tracking import tracking_uri_for
 
     from deploy.models import model_names
@@ -398,8 +418,9 @@ def serve(
         serve_run(model if len(model) > 1 else model[0], host=host, port=port, tracking_uri=tracking_uri_for(state_root(root)),
                   state_root=str(state_root(root)), engine=engine, max_batch_size=max_batch_size,
                   batch_wait_timeout_s=batch_wait_timeout_s, intra_op_num_threads=intra_op_threads,
-                  direct_ingress=direct_ingress, colocate_backbone=colocate, capture=capture, blocking=True)
-    except (ModelSourceError, ServeStartError) as exc:
+                  direct_ingress=direct_ingress, colocate_backbone=colocate, capture=capture, device=device,
+                  dtype=dtype, blocking=True)
+    except (ModelSourceError, ServeStartError, SettingsError) as exc:
         fail(str(exc))
 
 

@@ -5,6 +5,11 @@ JSON `ErrorResponse` (``{"error": code, "message": ..., "details": [...]}``) wit
 (malformed: bad base64, corrupt image, bad JSON/multipart), 413 (request too large, too many
 images, too many pixels), 415 (not an image / unsupported Content-Type), 422 (schema), 401/403
 (admin auth), 404 or 503 (no model yet).
+
+Single-label and multi-label models answer in one schema: every prediction lists ``labels``, the
+[{label, score}] it answers (a multi-label model's labels that passed their thresholds, best
+first; a single-label model's one label; ``[]`` on abstain), beside the single-label fields
+``label`` (a multi-label answer's key ``"a|b"``), ``score``, ``decision`` and ``top_k``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from deploy.metrics import CONTENT_TYPE_LATEST
 from deploy.multipart import MultipartError, parse_multipart
 from deploy.models import ModelSet
 from deploy.service import ImageInput, NotReady, ServingService, decode_base64
+from pipeline.multilabel.predictor import answered_labels
 
 log = logging.getLogger("tlpipe.serve")
 
@@ -283,9 +289,9 @@ def _model_routes(api: FastAPI, prefix: str, info_path: str, pick, settings, adm
         state, preds = await service.predict(items, top_k=top_k or body_top_k)
         ms = round((time.perf_counter() - t0) * 1000.0, 3)
         out = [{"index": i, "filename": items[i].filename, "label": p.label, "score": p.score,
-                "decision": p.decision, "top_k": p.top_k, "model": state.label, "latency_ms": ms}
-               for i, p in enumerate(preds)]
-        return {"model": state.label, "predictions": out, "latency_ms": ms}
+                "labels": answered_labels(p), "decision": p.decision, "top_k": p.top_k, "model": state.label,
+                "latency_ms": ms} for i, p in enumerate(preds)]
+        return {"model": state.label, "task": state.task, "predictions": out, "latency_ms": ms}
 
     # ---------------------------------------------------------------- admin
     @api.post(prefix + "/classes/{name}/examples", response_model=schemas.AddExamplesResponse, tags=["admin"],

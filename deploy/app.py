@@ -21,6 +21,10 @@ Start it with ``tlpipe serve --model NAME@champion`` (`run`), from Python with `
 same graph with every setting read from ``TLPIPE_SERVE_*`` environment variables when the replicas
 start (``TLPIPE_SERVE_MODEL`` names the model).
 
+On a GPU (``device`` setting, ``tlpipe serve --device``; auto when one is visible) the Backbone
+deployment reserves ``num_gpus``, batches wider (``gpu_max_batch_size`` / ``gpu_batch_wait_timeout_s``)
+and runs the torch engine in bfloat16 / float16 (`build_app`; deploy/serve-gpu.yaml).
+
 Live-tunable ``user_config`` (YAML ``deployments[].user_config``, applied by ``reconfigure``):
 ``Backbone``: ``max_batch_size``, ``batch_wait_timeout_s``, ``concurrent_batches``; ``Ingress``:
 ``poll_interval_s`` (and the batch keys when the backbone is colocated in the ingress,
@@ -172,21 +176,26 @@ class BatchedEmbedder:
 
     def batching(self) -> dict:
         return {"max_batch_size": self._batch._get_max_batch_size(), "batch_wait_timeout_s": self.max_wait_s,
-                "forward_ms": round(self.forward_s * 1000, 3), "loaded": self.pool.loaded()}
+                "forward_ms": round(self.forward_s * 1000, 3), "loaded": self.pool.loaded(),
+                "device": self.pool.device, "dtype": self.pool.dtype}
 
 
 @serve.deployment(name=BACKBONE_DEPLOYMENT, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
                   user_config=BackboneConfig().model_dump())
 class Backbone:
-    """Frozen backbone(s) behind `@serve.batch`: uint8 pixels in, embeddings out."""
+    """Frozen backbone(s) behind `@serve.batch`: uint8 pixels in, embeddings out.
+
+    `device` / `dtype` as `build_app` resolved them ('cuda': Ray reserved this replica's GPU,
+    ``num_gpus``); None: the ``TLPIPE_SERVE_*`` environment, read at replica start."""
 
     def __init__(self, engine: str | None = None, intra_op_num_threads: int | None = None,
-                 capacity: int = DEFAULT_CAPACITY):
-        if engine is None:
+                 capacity: int = DEFAULT_CAPACITY, device: str | None = None, dtype: str | None = None):
+        if engine is None or device is None or dtype is None:
             from deploy.settings import load_settings
 
-            engine = load_settings().engine  # environment, read at replica start
-        self.embedder = BatchedEmbedder(BackbonePool(engine, capacity=capacity,
+            env = load_settings()  # environment, read at replica start
+            engine, device, dtype = engine or env.engine, device or env.device, dtype or env.dtype
+        self.embedder = BatchedEmbedder(BackbonePool(engine, device=device, dtype=dtype, capacity=capacity,
                                                      intra_op_num_threads=intra_op_num_threads))
 
     async def reconfigure(self, config: dict | None) -> None:
@@ -257,13 +266,12 @@ class Ingress:
         from deploy.settings import load_settings
 
         overrides = dict(settings or {})
-        if model:
-            overrides["model"] = model
-        refs = list(models or [])
-        if not refs:  # one model: the argument, else TLPIPE_SERVE_MODEL (read here, at replica start)
-            refs = [load_settings(overrides).model]
-            if refs[0] is None:
+        refs = list(models or ([model] if model else []))
+        if not refs:  # the argument(s), else TLPIPE_SERVE_MODEL (read here, at replica start)
+            env_model = load_settings(overrides).model
+            if env_model is None:
                 raise ValueError("no model to serve: pass model=NAME@champion (or set TLPIPE_SERVE_MODEL)")
+            refs = env_model.split()  # several, whitespace-separated, as `tlpipe serve` reads it
         overrides.pop("model", None)
         per_model = per_model_settings(refs, overrides)  # defaults < TLPIPE_SERVE_* env < arguments
         self.settings = per_model[0]
@@ -367,9 +375,16 @@ def build_app(model: str | Sequence[str] | None, *, tracking_uri: str | None = N
     max_images_per_request, max_pixels, decode_threads, top_k, ...). Unset ones come from the
     ``TLPIPE_SERVE_*`` environment of the replicas. `*_options` go to `Deployment.options`
     (e.g. ``{"ray_actor_options": {"num_cpus": 0.5}}``).
+
+    The backbone's device is decided here (`device` setting, environment < argument): 'auto' is
+    this machine's (`deploy.backbone.resolve_backbone_device`), 'cuda' is taken as asked (the GPUs
+    may be on other nodes of the cluster). On cuda the deployment that runs the backbone (Backbone,
+    or Ingress when colocated) asks Ray for ``num_gpus=gpus_per_replica``, its `@serve.batch`
+    defaults are ``gpu_max_batch_size`` / ``gpu_batch_wait_timeout_s`` (explicit `max_batch_size` /
+    `batch_wait_timeout_s` still win) and the backbone runs the torch engine in `dtype`.
     """
     from deploy.model_source import parse_model_ref
-    from deploy.settings import ServeSettings
+    from deploy.settings import ServeSettings, load_settings
 
     overrides: dict[str, Any] = {k: v for k, v in settings.items() if v is not None}
     if state_root is not None:
@@ -394,12 +409,18 @@ def build_app(model: str | Sequence[str] | None, *, tracking_uri: str | None = N
 
         model_names(models)  # one reference per name
     many = {"models": models} if len(models) > 1 else {"model": models[0] if models else None}
+    hw = load_settings({**overrides, "model": None})  # device settings: environment < arguments
+    device = hw.backbone_device(require=False)
+    hardware = {"device": device, "dtype": hw.dtype if device == "cuda" else "float32"}
     b_opts = dict(backbone_options or {})
     i_opts = dict(ingress_options or {})
     if backbone_replicas is not None:
         b_opts["num_replicas"] = backbone_replicas
     if ingress_replicas is not None:
         i_opts["num_replicas"] = ingress_replicas
+    if device == "cuda":  # GPU batch defaults; explicit arguments still win
+        max_batch_size = hw.gpu_max_batch_size if max_batch_size is None else max_batch_size
+        batch_wait_timeout_s = hw.gpu_batch_wait_timeout_s if batch_wait_timeout_s is None else batch_wait_timeout_s
     batching = BackboneConfig(**{k: v for k, v in {"max_batch_size": max_batch_size,
                                                    "batch_wait_timeout_s": batch_wait_timeout_s,
                                                    "concurrent_batches": concurrent_batches}.items()
@@ -408,22 +429,37 @@ def build_app(model: str | Sequence[str] | None, *, tracking_uri: str | None = N
     if colocate_backbone:
         ingress_config = ingress_config.model_copy(update=batching.model_dump())
         colocated = {"engine": engine, "intra_op_num_threads": intra_op_num_threads,
-                     "batching": batching.model_dump()}
+                     "batching": batching.model_dump(), **hardware}
         i_opts.setdefault("user_config", ingress_config.model_dump(exclude_none=True))
+        if device == "cuda":
+            i_opts = gpu_options(Ingress, i_opts, hw.gpus_per_replica, batching.max_batch_size)
         return Ingress.options(**i_opts).bind(None, settings=overrides, colocated=colocated, **many)
     b_opts.setdefault("user_config", batching.model_dump())
+    if device == "cuda":
+        b_opts = gpu_options(Backbone, b_opts, hw.gpus_per_replica, batching.max_batch_size)
     if poll_interval_s is not None:
         i_opts.setdefault("user_config", ingress_config.model_dump(exclude_none=True))
     if len(models) <= 1:  # one model: one Backbone deployment, whatever its backbones
-        backbone = Backbone.options(**b_opts).bind(engine=engine, intra_op_num_threads=intra_op_num_threads)
+        backbone = Backbone.options(**b_opts).bind(engine=engine, intra_op_num_threads=intra_op_num_threads,
+                                                   **hardware)
         return Ingress.options(**i_opts).bind(backbone, settings=overrides, **many)
     if not backbone_keys:  # not resolved (a Serve config): one deployment batching every backbone
         backbone = Backbone.options(**b_opts).bind(engine=engine, intra_op_num_threads=intra_op_num_threads,
-                                                   capacity=DEFAULT_CAPACITY * len(models))
+                                                   capacity=DEFAULT_CAPACITY * len(models), **hardware)
         return Ingress.options(**i_opts).bind(backbone, settings=overrides, **many)
     backbones = [Backbone.options(name=backbone_deployment_name(i), **b_opts).bind(
-        engine=engine, intra_op_num_threads=intra_op_num_threads) for i in range(len(backbone_keys))]
+        engine=engine, intra_op_num_threads=intra_op_num_threads, **hardware) for i in range(len(backbone_keys))]
     return Ingress.options(**i_opts).bind(backbones, settings=overrides, backbone_keys=list(backbone_keys), **many)
+
+
+def gpu_options(deployment, opts: dict, gpus: float, max_batch_size: int) -> dict:
+    """`opts` for a deployment that runs the backbone on a GPU: ``num_gpus`` added to its
+    ray_actor_options (the given ones, else the deployment's own; Ray then sets the replica's
+    CUDA_VISIBLE_DEVICES), and room for two full batches in flight (``concurrent_batches``)."""
+    actor = dict(opts.get("ray_actor_options") or deployment.ray_actor_options or {})
+    actor.setdefault("num_gpus", gpus)
+    ongoing = max(int(opts.get("max_ongoing_requests") or deployment.max_ongoing_requests), 2 * int(max_batch_size))
+    return {**opts, "ray_actor_options": actor, "max_ongoing_requests": ongoing}
 
 
 def backbone_deployment_name(i: int) -> str:
@@ -458,8 +494,10 @@ def run(model: str | Sequence[str], *, host: str = "127.0.0.1", port: int = 8000
       replica itself listens on host:port (replica i of several on port + i; `direct_ingress_env`);
       Serve's proxy listens on `proxy_port` (default: a free port) as a fallback. Joining a
       cluster, the proxy listens on host:port as usual.
-    - ``colocate_backbone`` (default: True for a local Ray without a GPU): the backbone runs in
-      the ingress replica (`build_app`).
+    - ``colocate_backbone`` (default: True for a local Ray whose backbone runs on the CPU): the
+      backbone runs in the ingress replica (`build_app`).
+    - ``device`` (a `ServeSettings` field in `kwargs`; default auto): on a local Ray, 'cuda'
+      without a visible CUDA GPU is a `SettingsError` here, before Ray starts.
 
     `model` may be a list: several models on one endpoint (`build_app`). Every reference is
     resolved and opened here first (`deploy.preflight.check_models`): any wrong one is one error
@@ -470,12 +508,15 @@ def run(model: str | Sequence[str], *, host: str = "127.0.0.1", port: int = 8000
     """
     import ray
 
+    from deploy.settings import load_settings
     from jobs.ray_runtime import ensure_ray
-    from pipeline.devices import resolve_device
 
     local = not ray.is_initialized() and not (ray_address or os.environ.get("RAY_ADDRESS"))
-    if colocate_backbone is None:  # a local Ray sees this machine's devices
-        colocate_backbone = local and resolve_device("auto") == "cpu"
+    hw = load_settings({k: kwargs.get(k) for k in ("device", "dtype", "engine")})  # environment < arguments
+    # a local Ray has this machine's devices: check them here; a cluster's GPUs may be on other nodes
+    kwargs["device"] = hw.backbone_device(require=local)
+    if colocate_backbone is None:
+        colocate_backbone = local and kwargs["device"] == "cpu"
     models = model_list(model)
     preflight = dict(tracking_uri=kwargs.get("tracking_uri"), state_root=kwargs.get("state_root"),
                      engine=kwargs.get("engine"))

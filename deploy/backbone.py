@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 
 log = logging.getLogger("tlpipe.serve")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # torch's names, as pipeline.backbones takes them
 # enough for two models of two backbones each (a hot reload between multi-backbone models)
 # without evicting one that is still in use
 DEFAULT_CAPACITY = 4
@@ -40,6 +42,39 @@ def spec_key(spec) -> str:
     return json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
+class DeviceError(ValueError):
+    """The device asked for is not on this machine; the message names the fix."""
+
+
+def resolve_backbone_device(device: str, *, require: bool = True) -> str:
+    """'cpu' or 'cuda' for a serving `device` (one of `DEVICE_CHOICES`), decided on THIS machine:
+    'auto' is `pipeline.devices.resolve_device('auto')`; 'cuda' without a visible CUDA GPU is a
+    `DeviceError`, unless `require` is False (an application built for a cluster whose GPUs are
+    on other nodes: Ray places the replicas there)."""
+    from pipeline.devices import resolve_device
+
+    if device != "cuda" or not require:
+        return "cuda" if device == "cuda" else resolve_device(device)
+    try:
+        return resolve_device("cuda")
+    except ValueError:
+        raise DeviceError("device cuda asked for but no CUDA GPU is visible on this machine "
+                          "(torch.cuda.is_available() is False): use --device cpu or auto") from None
+
+
+def backbone_dtype(device: str, dtype: str = "auto") -> str:
+    """The precision a serving backbone runs in: float32 on CPU; on CUDA `dtype`, where 'auto' is
+    bfloat16 on GPUs that support it (Ampere and later) and float16 otherwise (both as autocast:
+    pipeline.backbones.torch_base). Ask on the machine that holds the GPU (the replica)."""
+    if not str(device).startswith("cuda"):
+        return "float32"
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
 @functools.lru_cache(maxsize=256)
 def backbone_identity(key: str) -> str:
     """Which backbone a spec key names: its fingerprint, so keys that differ only in fields that do
@@ -56,15 +91,19 @@ def backbone_identity(key: str) -> str:
 class BackbonePool:
     """Loaded backbones by spec JSON (LRU, thread-safe loading).
 
+    `device` 'cuda' runs the torch engine in `dtype` (`backbone_dtype`: bfloat16
+    where the GPU supports it, else float16, as autocast; embeddings come back float32).
+
     ONNX Runtime sessions come with intra-op thread spinning off (pipeline's default): on a
     small CPU shared with the proxy, the ingress and JPEG decoding, spinning threads steal the
     cores the rest of the request path needs.
     """
 
-    def __init__(self, engine: str = "auto", *, device: str = "cpu", capacity: int = DEFAULT_CAPACITY,
-                 intra_op_num_threads: int | None = None):
+    def __init__(self, engine: str = "auto", *, device: str = "cpu", dtype: str = "auto",
+                 capacity: int = DEFAULT_CAPACITY, intra_op_num_threads: int | None = None):
         self.engine = engine
-        self.device = device
+        self.device = resolve_backbone_device(device)  # 'auto' -> cuda / cpu on this replica
+        self.dtype = backbone_dtype(self.device, dtype)  # float32 on CPU; bf16 / fp16 autocast on CUDA
         self.capacity = max(1, int(capacity))
         self.intra_op_num_threads = intra_op_num_threads
         self._models: OrderedDict[str, object] = OrderedDict()
@@ -83,8 +122,13 @@ class BackbonePool:
             kwargs = {}
             if self.intra_op_num_threads:
                 kwargs["intra_op_num_threads"] = int(self.intra_op_num_threads)
-            log.info("loading backbone %s (engine=%s)", spec.name, self.engine)
-            model = load_backbone(spec, engine=self.engine, device=self.device, **kwargs)
+            engine, device, dtype = self.engine, self.device, self.dtype
+            if device != "cpu" and spec.precision != "fp32":
+                # an INT8 variant runs only on a CPU graph engine (pipeline.backbones.registry):
+                # on a GPU replica it still runs, on this replica's CPU
+                engine, device, dtype = "auto", "cpu", "float32"
+            log.info("loading backbone %s (engine=%s, device=%s, dtype=%s)", spec.name, engine, device, dtype)
+            model = load_backbone(spec, engine=engine, device=device, dtype=dtype, **kwargs)
             self._models[ident] = model
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)

@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.images import sniff_format
+from pipeline.multilabel.predictor import answered_labels
 
 log = logging.getLogger("tlpipe.serve")
 
@@ -94,8 +95,8 @@ class CaptureWriter:
         n = 0
         for i, p in enumerate(preds):
             if self.wants(p.decision):
-                rec = {**meta, "decision": p.decision, "label": p.label, "score": p.score,
-                       "top_k": p.top_k, "index": i, "filename": filenames[i] if filenames else None}
+                rec = {**meta, "decision": p.decision, "label": p.label, "labels": answered_labels(p),
+                       "score": p.score, "top_k": p.top_k, "index": i, "filename": filenames[i] if filenames else None}
                 n += self.offer(CaptureRecord(images[i], np.array(embeddings[i], np.float32), rec))
         return n
 

@@ -213,7 +213,8 @@ class ModelSource:
         return found
 
     def load(self, resolved: ResolvedModel, *, engine: str = "auto"):
-        """`pipeline.predictor.Predictor` of the resolved version."""
-        from pipeline.predictor import Predictor
+        """The resolved version's predictor: a single-label `pipeline.predictor.Predictor` or a
+        `pipeline.multilabel.predictor.MultiLabelPredictor`, by what its predictor.json says."""
+        from pipeline.multilabel.predictor import load_any_predictor
 
-        return Predictor.load(self.fetch(resolved), engine=engine)
+        return load_any_predictor(self.fetch(resolved), engine=engine)

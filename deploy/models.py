@@ -117,14 +117,15 @@ class ModelSet:
         return self.metrics.render()
 
     def describe(self) -> dict:
-        """`GET /v1/models`: each model's route name, version, reference, classes and backbones; and
+        """`GET /v1/models`: each model's route name, version, reference, classes, task (multiclass
+        or multilabel: one server may serve both) and backbones; and
         which models share a backbone (the same fingerprint: one forward pass per batch for all)."""
         out = []
         for name, s in self.services.items():
             row: dict[str, Any] = {"name": name, "reference": str(s.ref), "alias": s.ref.alias, "ready": s.ready}
             if s.ready:
                 st = s.state
-                row.update(model=st.label, version=st.resolved.version, classes=st.base.classes,
+                row.update(model=st.label, version=st.resolved.version, classes=st.base.classes, task=st.task,
                            backbones=st.backbones.names, fingerprint=st.fingerprint)
             out.append(row)
         shared: dict[str, dict] = {}

@@ -15,6 +15,7 @@ from collections import OrderedDict
 import numpy as np
 
 from pipeline.monitoring import DecisionWindows, window_name
+from pipeline.multilabel.predictor import MULTILABEL_TASK, task_of
 
 log = logging.getLogger("tlpipe.serve")
 MAX_MODELS = 4  # versions remembered per replica: the served one and a few before a hot reload
@@ -41,7 +42,8 @@ class ServingMonitor:
                             state.label, ref.dim, int(sum(state.dims)))
                 ref = None
             kw = {"max_records": self.max_records} if self.max_records else {}
-            w = self.models[state.label] = DecisionWindows(reference=ref, **kw)
+            w = self.models[state.label] = DecisionWindows(
+                reference=ref, multilabel=task_of(state.base) == MULTILABEL_TASK, **kw)
             while len(self.models) > MAX_MODELS:
                 self.models.popitem(last=False)
         return w
@@ -52,8 +54,11 @@ class ServingMonitor:
             if self.track:
                 w = self._windows(state)
                 residuals = w.reference.residuals(embeddings) if w.reference is not None else None
+                # a multi-label answer counts each of its labels (not its "a|b" key)
+                labels = ([tuple(d["label"] for d in p.labels) for p in preds] if w.multilabel
+                          else [p.label for p in preds])
                 w.add([p.decision for p in preds], [p.top_k[0]["score"] if p.top_k else p.score for p in preds],
-                      [p.label for p in preds], residuals)
+                      labels, residuals)
             if self.capture is not None:
                 self.capture.offer_predictions(
                     [it.data for it in items], embeddings, preds,

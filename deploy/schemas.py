@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Decision = Literal["classifier", "fallback", "abstain"]
+Task = Literal["multiclass", "multilabel"]  # pipeline.multilabel.predictor.task_of
 
 
 class _Model(BaseModel):
@@ -31,8 +32,13 @@ class ImagePrediction(_Model):
     index: int = Field(..., description="position of the image in the request")
     filename: str | None = Field(None, description="multipart file name, when given")
     label: str | None = Field(..., description="the answer; with decision abstain, the head's best guess "
-                                               "below every calibrated threshold (do not act on it unreviewed)")
-    score: float = Field(..., description="classifier probability, or k-NN vote agreement for fallback")
+                                               "below every calibrated threshold (do not act on it unreviewed). "
+                                               "A multi-label model: the key of `labels` ('cat|dog'), null on abstain")
+    score: float = Field(..., description="classifier probability, or k-NN vote agreement for fallback "
+                                          "(multi-label: the first label's score, or the head's best on abstain)")
+    labels: list[ScoredLabel] = Field(..., description="the labels answered, best first: a multi-label model's "
+                                      "labels that passed their per-label thresholds (or the fallback's vote "
+                                      "shares), a single-label model's one label; [] on abstain")
     decision: Decision
     top_k: list[ScoredLabel] = Field(..., description="the classifier's top scores (its view)")
     model: str = Field(..., description="name@version that answered")
@@ -41,6 +47,7 @@ class ImagePrediction(_Model):
 
 class PredictResponse(_Model):
     model: str
+    task: Task = Field(..., description="multiclass (one label per image) or multilabel (a list)")
     predictions: list[ImagePrediction]
     latency_ms: float
 
@@ -63,7 +70,11 @@ class ModelInfo(_Model):
     embed_dim: int
     head: str
     classes: list[str]
-    threshold: float
+    task: Task = Field(..., description="multiclass (one label per image) or multilabel (a list)")
+    threshold: float | None = Field(..., description="minimum top probability for a classifier answer "
+                                    "(multiclass; null for multilabel: see `thresholds`)")
+    thresholds: dict[str, float] | None = Field(None, description="multilabel: each label's minimum "
+                                                "probability to be answered (null for multiclass)")
     knn_threshold: float
     knn_k: int
     top_k: int
@@ -81,6 +92,7 @@ class ModelSummary(_Model):
     model: str | None = Field(None, description="name@version being served (None while loading)")
     version: str | None = None
     classes: list[str] | None = None
+    task: Task | None = None
     backbones: list[str] | None = None
     fingerprint: str | None = None
 
@@ -94,7 +106,8 @@ class ModelsResponse(_Model):
 class ClassInfo(_Model):
     name: str
     in_head: bool = Field(..., description="the classifier head was trained on it")
-    support_examples: int = Field(..., description="vectors in the support index (artifact + added)")
+    support_examples: int = Field(..., description="vectors in the support index (artifact + added); "
+                                  "multilabel: the vectors whose label set holds it")
     added_examples: int = Field(..., description="examples added through the API")
     needs_retraining: bool = Field(..., description="answerable only by the fallback until retrained")
 

@@ -11,6 +11,11 @@ A predictor over several backbones (`Predictor.specs`) is served the same way: e
 decoded once per distinct preprocessing, the embedder is called once per backbone, and the
 embeddings are concatenated in spec order (`Backbones`).
 
+A multi-label predictor (`pipeline.multilabel.predictor.MultiLabelPredictor`, ``task`` multilabel)
+is served the same way: its support index holds label-set keys (``"cat|dog"``), so per-class
+support counts split them; an added example is a set of one label, which its fallback vote
+answers like any other.
+
 Every answered request is also handed to the production monitor (`deploy.monitor`: decision
 windows, drift against the predictor's reference, capture of uncertain images), which never
 blocks or fails the request.
@@ -39,6 +44,8 @@ from deploy.model_source import ModelSource, ModelSourceError, ResolvedModel
 from deploy.settings import ServeSettings
 from deploy.support_store import CombinedSupport, Example, SupportStore, check_class_name
 from pipeline.images import ImageValidationError
+from pipeline.multilabel.labelsets import split_key
+from pipeline.multilabel.predictor import MULTILABEL_TASK, task_of
 
 log = logging.getLogger("tlpipe.serve")
 
@@ -97,6 +104,11 @@ class ServingState:
         return self.resolved.label
 
     @property
+    def task(self) -> str:
+        """``multiclass`` (one label per image) or ``multilabel`` (a list of labels)."""
+        return task_of(self.base)
+
+    @property
     def added_counts(self) -> dict:
         if self.added is None or not len(self.added):
             return {}
@@ -108,6 +120,19 @@ def _fingerprint(spec, key: str) -> str:
         return spec.fingerprint[:32]
     except Exception:  # noqa: BLE001 - weights identity unavailable: key on the spec itself
         return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def support_counts(predictor) -> dict[str, int]:
+    """Support vectors per class of the predictor's own index; a multi-label index's label-set
+    keys (``"cat|dog"``) count once for each label they hold."""
+    by_key = predictor.support_class_sizes()
+    if task_of(predictor) != MULTILABEL_TASK:
+        return by_key
+    out: Counter = Counter()
+    for key, count in by_key.items():
+        for lab in split_key(key):
+            out[lab] += int(count)
+    return dict(out)
 
 
 def backbones_fingerprint(backbones: Backbones) -> str:
@@ -245,10 +270,7 @@ class ServingService:
                                    f"give{'' if len(dims) > 1 else 's'} {sum(dims)}-d embeddings but the head "
                                    f"expects {want}; the artifact is inconsistent, re-save the predictor")
         probe = probes[0]
-        base_counts = {}
-        if predictor.support is not None and len(predictor.support):
-            labels, counts = np.unique(predictor.support.labels, return_counts=True)
-            base_counts = {str(a): int(b) for a, b in zip(labels, counts)}
+        base_counts = support_counts(predictor)
         async with self.lock:
             fp = backbones_fingerprint(bb)
             added, token = await self._reconcile(bb, fp, None)
@@ -499,7 +521,9 @@ class ServingService:
             "loaded_at": s.loaded_at, "fingerprint": s.fingerprint,
             "backbone": p.spec.name, "backbones": s.backbones.names, "engine": s.engine,
             "input_size": p.spec.input_size, "embed_dim": int(sum(s.dims)),
-            "head": type(p.head).__name__, "classes": p.classes, "threshold": p.threshold,
+            "head": type(p.head).__name__, "classes": p.classes, "task": s.task,
+            "threshold": None if s.task == MULTILABEL_TASK else p.threshold,
+            "thresholds": p.thresholds if s.task == MULTILABEL_TASK else None,
             "knn_threshold": p.knn_threshold, "knn_k": p.knn_k, "top_k": p.top_k,
             "support_size": len(p.support) if p.support is not None else 0,
             "added_examples": len(s.added) if s.added is not None else 0,

@@ -11,6 +11,11 @@ Environment variables (read by `load_settings`, at call time):
 | ``TLPIPE_HOME``                       | ``state_root`` fallback  |
 | ``MLFLOW_TRACKING_URI``               | ``tracking_uri`` fallback|
 
+Hardware (`device`, `dtype`, `gpus_per_replica`, `gpu_max_batch_size`, `gpu_batch_wait_timeout_s`) is
+decided where the application is BUILT (`deploy.app.build_app`: the ``num_gpus`` Ray must reserve
+and the batch defaults are deployment options, fixed before any replica starts); the replicas run
+what the builder resolved (the rules: `deploy.backbone.resolve_backbone_device` / `backbone_dtype`).
+
 The admin token should come from the environment (a Kubernetes secret), not from a config file:
 Serve configs and bind arguments are visible to anyone who can read the cluster's config.
 """
@@ -21,9 +26,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 
-from pipeline.backbones.registry import ENGINE_CHOICES
+from deploy.backbone import DEVICE_CHOICES, DTYPE_CHOICES, DeviceError, resolve_backbone_device
+from pipeline.backbones.registry import ENGINE_CHOICES, GRAPH_ENGINES
 from pipeline.monitoring import DEFAULT_LAST, DEFAULT_WINDOWS_S
 from pipeline.settings import DEFAULT_STATE_ROOT
 
@@ -50,6 +56,17 @@ class ServeSettings(BaseModel):
     poll_interval_s: float = Field(10.0, ge=0.0, description="registry alias poll period (0: never poll)")
     engine: str = Field("auto", description=f"backbone engine, one of {ENGINE_CHOICES}")
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding + preparing images")
+    device: str = Field("auto", description=f"backbone device, one of {DEVICE_CHOICES}; auto: cuda when a CUDA "
+                        "GPU is visible where the app is built (name cuda explicitly on a cluster)")
+    dtype: str = Field("auto", description=f"backbone precision on cuda, one of {DTYPE_CHOICES}; auto: bfloat16 "
+                       "where the GPU supports it, else float16 (autocast). CPU runs float32")
+    # 1: one replica per GPU; a fraction packs several backbone replicas onto one GPU
+    gpus_per_replica: float = Field(1.0, gt=0.0, le=8.0, description="num_gpus of each backbone replica on cuda")
+    # a GPU's forward pass grows far less than linearly with the batch: batch wider than on CPU and
+    # wait a little for company (tune with bench/gpu_serve.py); the CPU defaults are BackboneConfig's
+    gpu_max_batch_size: int = Field(64, ge=1, le=256, description="@serve.batch max_batch_size on cuda")
+    gpu_batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0,
+                                            description="@serve.batch longest wait for company on cuda")
     top_k: int | None = Field(None, ge=1, le=1000, description="default top_k (None: the predictor's)")
     monitor: bool = Field(True, description="drift and decision monitoring (GET /v1/monitor, gauges on /metrics)")
     monitor_windows_s: tuple[float, ...] = Field(DEFAULT_WINDOWS_S, min_length=1,
@@ -67,6 +84,32 @@ class ServeSettings(BaseModel):
     def _known_engine(cls, v: str) -> str:
         if v not in ENGINE_CHOICES:
             raise ValueError(f"engine must be one of {ENGINE_CHOICES}, got {v!r}")
+        return v
+
+    @field_validator("device", "dtype", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    # cross-field rules as field validators (fields validate in declaration order: engine, device,
+    # dtype), so an error quotes this field's input, never the others' (the admin token)
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str, info: ValidationInfo) -> str:
+        if v not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {DEVICE_CHOICES}")
+        if v == "cuda" and info.data.get("engine") in GRAPH_ENGINES:
+            raise ValueError(f"engine={info.data['engine']!r} runs on CPU; use engine 'torch' or 'auto' "
+                             "with device cuda")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str, info: ValidationInfo) -> str:
+        if v not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}")
+        if info.data.get("device") == "cpu" and v not in ("auto", "float32"):
+            raise ValueError(f"dtype={v!r} is for device cuda; the CPU engines run float32")
         return v
 
     @field_validator("monitor_windows_s", mode="before")
@@ -103,6 +146,17 @@ class ServeSettings(BaseModel):
         if self.capture is None:
             return None
         return str(self.serve_dir(model_key) / "capture") if self.capture == "auto" else self.capture
+
+    def backbone_device(self, *, require: bool = True) -> str:
+        """'cpu' or 'cuda' for `device` on this machine (`deploy.backbone.resolve_backbone_device`);
+        a `SettingsError` naming the fix when cuda is asked for and `require`d but not there.
+        'auto' with a CPU engine (onnx, openvino) is the CPU."""
+        if self.device == "auto" and self.engine in GRAPH_ENGINES:
+            return "cpu"
+        try:
+            return resolve_backbone_device(self.device, require=require)
+        except DeviceError as exc:
+            raise SettingsError(str(exc)) from None
 
     def public(self) -> dict:
         """The settings without the secret (for /v1/model and logs)."""

@@ -12,8 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from jobs.multilabel_sweep import MULTILABEL_TASK, TASK_TAG, run_multilabel_sweep
+from jobs.multilabel_sweep import TASK_TAG, run_multilabel_sweep
 from pipeline.multilabel.metrics import evaluate_multilabel
+from pipeline.multilabel.predictor import MULTILABEL_TASK
 from pipeline.sweep.multilabel import multilabel_heads, multilabel_metric
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from jobs.leaderboard import CANDIDATE_KIND, SWEEP_KIND, leaderboard, log_selection
 from jobs.sweep import DEFAULT_TOLERANCE, SWEEP_TAG, CandidateFailed, SweepResult
 from pipeline.multilabel.labelsets import binarize
+from pipeline.multilabel.predictor import MULTILABEL_TASK
 from pipeline.settings import DEFAULT_EXPERIMENT
 from pipeline.sweep.features import backbone_latency, plan_features, read_features, split_records
 from pipeline.sweep.leaderboard import CANDIDATE_TAG, HEAD_DIR_TAG, candidates_from_rows
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 #: model-version and run tag naming the task, so serving and promotion know what they hold
 TASK_TAG = "tlpipe.task"
-MULTILABEL_TASK = "multilabel"
 
 
 def _save_candidate(cdir: Path, name: str, ref: FeatureSetRef, head: str, result: Mapping[str, Any],

@@ -8,7 +8,26 @@ agreement for the inputs the classifier passes on.
 
 from __future__ import annotations
 
+import math
+from typing import Mapping
+
 import numpy as np
+
+#: the fallback answers with a majority of its neighbours when too few uncertain rows exist to
+#: calibrate its vote threshold on
+DEFAULT_KNN_THRESHOLD = 0.6
+#: a label with fewer support examples than k is voted on among its n nearest neighbours (at
+#: least this many): a class added with a handful of examples can then win the fallback's vote
+MIN_VOTE_NEIGHBOURS = 3
+
+
+def min_calibration_rows(target_precision: float, confidence: float = 0.95) -> int:
+    """Fewest rows that can show `target_precision` at one-sided `confidence` even if every one
+    is correct (n with target^n <= 1 - confidence: 29 for 0.9, 59 for 0.95). A threshold tuned
+    on fewer rows claims a precision its data cannot support; keep the default instead."""
+    if not 0.0 < target_precision < 1.0:
+        return 1
+    return int(math.ceil(math.log(1.0 - confidence) / math.log(target_precision)))
 
 
 def precision_threshold(confidence, correct, *, target_precision: float = 0.9,
@@ -39,27 +58,39 @@ def precision_threshold(confidence, correct, *, target_precision: float = 0.9,
     return float(conf[np.flatnonzero(valid).max()])
 
 
-def knn_vote(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def knn_vote(scores: np.ndarray, labels: np.ndarray,
+             class_sizes: Mapping[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Similarity-weighted vote of k neighbours → (label, agreement in [0, 1]) per query.
 
-    `scores` are cosine similarities (Q, k), `labels` their labels (Q, k). Negative similarities
-    and missing neighbours (label "") carry no weight.
+    `scores` are cosine similarities (Q, k), sorted best first per row as the index returns
+    them; `labels` their labels (Q, k). Negative similarities and missing neighbours (label "")
+    carry no weight. A label's agreement is its weighted share of the k neighbours; with
+    `class_sizes` ({label: support examples}), a label with n < k examples is judged among the
+    max(n, MIN_VOTE_NEIGHBOURS) nearest instead — k neighbours could never be mostly of it.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
     out_label = np.empty(len(scores), dtype=object)
     agreement = np.zeros(len(scores), dtype=np.float64)
     for i in range(len(scores)):
-        weights: dict[str, float] = {}
-        for s, lab in zip(scores[i], labels[i]):
-            if lab == "" or not np.isfinite(s):
-                continue
-            weights[str(lab)] = weights.get(str(lab), 0.0) + max(float(s), 0.0)
-        total = sum(weights.values())
+        w = np.where(np.isfinite(scores[i]) & (labels[i] != ""), np.maximum(scores[i], 0.0), 0.0)
+        labs = [str(v) for v in labels[i]]
+        k = len(labs)
+        total = float(w.sum())
         if total <= 0:
             out_label[i] = None
             continue
-        best = max(weights, key=lambda k: (weights[k], k))
+        cum = np.cumsum(w)
+        best, best_key = None, None
+        for lab in dict.fromkeys(l for l, wi in zip(labs, w) if wi > 0):
+            mine = np.cumsum([wi if l == lab else 0.0 for l, wi in zip(labs, w)])
+            n = k
+            if class_sizes is not None:
+                n = max(min(k, int(class_sizes.get(lab, k))), min(MIN_VOTE_NEIGHBOURS, k))
+            share = float(mine[n - 1] / cum[n - 1]) if cum[n - 1] > 0 else 0.0
+            key = (share, float(mine[-1]), lab)
+            if best_key is None or key > best_key:
+                best, best_key = lab, key
         out_label[i] = best
-        agreement[i] = weights[best] / total
+        agreement[i] = best_key[0]
     return out_label, agreement

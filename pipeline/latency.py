@@ -46,6 +46,8 @@ def machine_info() -> dict[str, Any]:
 
 #: timed calls a batch size gets at least, whatever the time budget
 MIN_REPEATS = 3
+#: the batch sizes every backbone and head latency is measured at (b1: one request; b32: a batch)
+LATENCY_BATCH_SIZES = (1, 32)
 
 
 def measure_latency(fn: Callable[[Any], Any], make_batch: Callable[[int], Any],

@@ -3,6 +3,12 @@ predicted-class distribution against the training prior, and the embedding-drift
 
 Pure and cheap per image (one tuple appended); summaries are computed when asked for (the
 monitor endpoint, a metrics scrape), over the images of the last `window_s` seconds.
+
+A multi-label model (``multilabel=True``) records each image's answered labels (a tuple, empty
+on abstain): ``predicted`` is then the share of images answered with each label (each label of
+"cat|dog" counts, rows need not sum to 1), ``prior`` the share of training images carrying it
+(`label_prior` of the reference's label-set-key prior), and ``prior_distance`` compares the two
+as label mixes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.drift import prior_distance
+from pipeline.multilabel.labelsets import split_key
 from pipeline.predictor import DECISIONS
 
 DEFAULT_WINDOWS_S = (300.0, 3600.0)  # five minutes and an hour
@@ -27,15 +34,17 @@ CONFIDENCE_BINS = 10  # equal-width bins of the head's top probability over [0, 
 class DecisionWindows:
     """The last `max_records` answers of one model, summarised over sliding time windows."""
 
-    def __init__(self, *, max_records: int = MAX_RECORDS, reference=None, clock=time.time):
+    def __init__(self, *, max_records: int = MAX_RECORDS, reference=None, clock=time.time,
+                 multilabel: bool = False):
         self.reference = reference  # a DriftReference, or None: drift unavailable
-        self._records: deque = deque(maxlen=int(max_records))  # (time, decision, confidence, label, residual)
+        self.multilabel = bool(multilabel)  # labels are tuples of labels; the prior is over label-set keys
+        self._records: deque = deque(maxlen=int(max_records))  # (time, decision, confidence, label or labels, residual)
         self._lock = threading.Lock()  # appends come from the event loop, summaries maybe from a thread
         self.clock = clock
         self.total = 0
 
-    def add(self, decisions: Sequence[str], confidences: Sequence[float], labels: Sequence[str | None],
-            residuals: Sequence[float] | None = None, *, now: float | None = None) -> None:
+    def add(self, decisions: Sequence[str], confidences: Sequence[float],
+            labels: Sequence[str | Sequence[str] | None], residuals: Sequence[float] | None = None, *, now: float | None = None) -> None:
         t = self.clock() if now is None else now
         res = residuals if residuals is not None else [math.nan] * len(decisions)
         with self._lock:
@@ -61,8 +70,18 @@ class DecisionWindows:
         counts = Counter(r[1] for r in recs)
         conf = np.asarray([r[2] for r in recs], dtype=np.float64)
         hist, edges = np.histogram(np.clip(conf, 0.0, 1.0), bins=CONFIDENCE_BINS, range=(0.0, 1.0))
-        labels = Counter(str(r[3]) for r in recs if r[3] is not None)
+        labels: Counter = Counter()
+        for r in recs:
+            if isinstance(r[3], str):
+                labels[r[3]] += 1
+            elif r[3] is not None:  # a multi-label answer: each of its labels
+                labels.update(map(str, r[3]))
         prior = self.reference.class_prior if self.reference is not None else {}
+        mix = prior
+        if self.multilabel:
+            prior = label_prior(prior)
+            total = sum(prior.values())
+            mix = {c: v / total for c, v in prior.items()} if total else {}
         out = {
             "window": window_name(window_s, last), "window_s": window_s, "last": last, "images": n,
             "decisions": {d: int(counts.get(d, 0)) for d in DECISIONS},
@@ -71,7 +90,7 @@ class DecisionWindows:
                            "mean": float(conf.mean()) if n else None},
             "predicted": {c: v / n for c, v in sorted(labels.items())} if n else {},
             "prior": prior,
-            "prior_distance": prior_distance(labels, prior),
+            "prior_distance": prior_distance(labels, mix),
         }
         if self.reference is None:
             out["drift"] = {"available": False, "reason": "the predictor has no drift reference (saved by "
@@ -80,6 +99,16 @@ class DecisionWindows:
             scores = [r[4] for r in recs if not math.isnan(r[4])]
             out["drift"] = self.reference.judge(scores)
         return out
+
+
+def label_prior(key_prior: dict) -> dict[str, float]:
+    """Per label, the share of training images carrying it, from a prior over label-set keys
+    ({"cat|dog": 0.2, "cat": 0.1} -> {"cat": 0.3, "dog": 0.2})."""
+    out: Counter = Counter()
+    for key, share in key_prior.items():
+        for lab in split_key(key):
+            out[lab] += float(share)
+    return dict(sorted(out.items()))
 
 
 def window_name(window_s: float | None, last: int | None) -> str:

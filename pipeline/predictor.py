@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.calibration import knn_vote, precision_threshold
+from pipeline.calibration import DEFAULT_KNN_THRESHOLD, knn_vote, min_calibration_rows, precision_threshold
 
 FORMAT = "tlpipe.predictor"
 FORMAT_VERSION = 2
@@ -85,7 +85,8 @@ class Predictor:
     """
 
     def __init__(self, spec, head, *, threshold: float = 0.0, support=None, knn_k: int = 10,
-                 knn_threshold: float = 0.6, top_k: int = 5, info: dict | None = None) -> None:
+                 knn_threshold: float = DEFAULT_KNN_THRESHOLD, top_k: int = 5,
+                 info: dict | None = None) -> None:
         if getattr(head, "classes_", None) is None:
             raise ValueError("the predictor needs a fitted head (head.classes_ is missing)")
         specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
@@ -118,6 +119,13 @@ class Predictor:
             return []
         return sorted(set(map(str, self.support.labels)) - set(self.classes))
 
+    def support_class_sizes(self) -> dict[str, int]:
+        """{label: examples in the support index}, for the fallback's vote (see `knn_vote`)."""
+        if self.support is None or not len(self.support):
+            return {}
+        names, counts = np.unique(np.asarray(self.support.labels).astype(str), return_counts=True)
+        return dict(zip(names.tolist(), counts.tolist()))
+
     # ------------------------------------------------------------------ calibration
     def calibrate(self, X_val, y_val, *, target_precision: float = 0.9,
                   knn_target_precision: float | None = None) -> "Predictor":
@@ -134,15 +142,19 @@ class Predictor:
         self.threshold = precision_threshold(conf, classes[top] == y_val,
                                              target_precision=target_precision)
         passed = conf < self.threshold
-        if self.support is not None and len(self.support) and passed.sum() >= 5:
+        knn_target = knn_target_precision or target_precision
+        # too few uncertain rows to show the target precision: the majority default stays
+        vote_calibrated = bool(self.support is not None and len(self.support)
+                               and passed.sum() >= min_calibration_rows(knn_target))
+        if vote_calibrated:
             scores, labels, _ = self.support.search(np.asarray(X_val)[passed], self.knn_k)
-            vote, agreement = knn_vote(scores, labels)
-            self.knn_threshold = precision_threshold(
-                agreement, vote == y_val[passed],
-                target_precision=knn_target_precision or target_precision)
+            vote, agreement = knn_vote(scores, labels, self.support_class_sizes())
+            self.knn_threshold = precision_threshold(agreement, vote == y_val[passed],
+                                                     target_precision=knn_target)
         self.info["calibration"] = {
             "target_precision": target_precision, "threshold": self.threshold,
             "knn_threshold": self.knn_threshold, "val_samples": int(len(y_val)),
+            "knn_threshold_calibrated": vote_calibrated,
             "val_coverage": float(1 - passed.mean()),
         }
         return self
@@ -167,7 +179,7 @@ class Predictor:
         votes: dict[int, tuple[Any, float]] = {}
         if low and self.support is not None and len(self.support):
             scores, labels, _ = self.support.search(X[low], self.knn_k)
-            vote, agreement = knn_vote(scores, labels)
+            vote, agreement = knn_vote(scores, labels, self.support_class_sizes())
             votes = {i: (vote[j], float(agreement[j])) for j, i in enumerate(low)}
         for i in range(len(X)):
             tops = [{"label": classes[c], "score": float(proba[i, c])} for c in order[i]]

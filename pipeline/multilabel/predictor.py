@@ -14,6 +14,8 @@ Embedding (``embed_images``), drift reference and backbone bundling are the sing
 ``pipeline.predictor.Predictor``'s, inherited. ``save(dir)`` writes the same layout (head/,
 support/, backbone/, drift/) with ``predictor.json`` of format ``tlpipe.multilabel_predictor``,
 which ``Predictor.load`` refuses with a clear error; ``load_any_predictor(dir)`` loads either.
+Code serving either kind reads ``task_of(predictor)`` and ``answered_labels(prediction)`` (the
+label list of either kind of answer) instead of checking classes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from pipeline.predictor import Predictor
 FORMAT = "tlpipe.multilabel_predictor"
 FORMAT_VERSION = 1
 DECISIONS = ("classifier", "fallback", "abstain")
+#: what a predictor answers (``task_of``): one label per image, or a list of labels
+SINGLE_LABEL_TASK = "multiclass"
+MULTILABEL_TASK = "multilabel"
 
 
 @dataclass
@@ -86,6 +91,8 @@ class MultiLabelPredictor(Predictor):
         knn_k, knn_threshold: the fallback's neighbours and minimum weighted share per label.
         top_k: how many head scores each prediction lists.
     """
+
+    task = MULTILABEL_TASK
 
     def __init__(self, spec, head, *, support=None, knn_k: int = 10, knn_threshold: float = 0.5,
                  top_k: int = 5, info: dict | None = None) -> None:
@@ -145,7 +152,7 @@ class MultiLabelPredictor(Predictor):
         d = super().save(directory)  # head/, support/, drift/, backbone/ and predictor.json
         cfg = json.loads((d / "predictor.json").read_text())
         cfg.pop("threshold", None)
-        cfg.update({"format": FORMAT, "version": FORMAT_VERSION, "task": "multilabel",
+        cfg.update({"format": FORMAT, "version": FORMAT_VERSION, "task": MULTILABEL_TASK,
                     "thresholds": self.thresholds})
         (d / "predictor.json").write_text(json.dumps(cfg, indent=2, default=str))
         return d
@@ -200,6 +207,22 @@ def is_multilabel_predictor(directory: str | os.PathLike) -> bool:
     return read_predictor_config(directory).get("format") == FORMAT
 
 
+def task_of(predictor) -> str:
+    """``"multilabel"`` for a ``MultiLabelPredictor``, ``"multiclass"`` for a single-label one."""
+    return getattr(predictor, "task", SINGLE_LABEL_TASK)
+
+
+def answered_labels(prediction) -> list[dict]:
+    """The [{label, score}] a prediction answers: a multi-label one's passing labels; a
+    single-label one's label, or [] when it abstains (its label is then only the head's guess)."""
+    labels = getattr(prediction, "labels", None)
+    if labels is not None:
+        return list(labels)
+    if prediction.decision == "abstain" or prediction.label is None:
+        return []
+    return [{"label": prediction.label, "score": float(prediction.score)}]
+
+
 def load_any_predictor(directory: str | os.PathLike, *, engine: str = "auto", device: str = "cpu"):
     """A ``MultiLabelPredictor`` or a single-label ``Predictor``, by what the folder holds."""
     if is_multilabel_predictor(directory):
@@ -207,5 +230,6 @@ def load_any_predictor(directory: str | os.PathLike, *, engine: str = "auto", de
     return Predictor.load(directory, engine=engine, device=device)
 
 
-__all__ = ["DECISIONS", "FORMAT", "MultiLabelPrediction", "MultiLabelPredictor", "is_multilabel_predictor",
-           "load_any_predictor", "read_predictor_config", "vote_label_sets"]
+__all__ = ["DECISIONS", "FORMAT", "MULTILABEL_TASK", "MultiLabelPrediction", "MultiLabelPredictor",
+           "SINGLE_LABEL_TASK", "answered_labels", "is_multilabel_predictor", "load_any_predictor",
+           "read_predictor_config", "task_of", "vote_label_sets"]

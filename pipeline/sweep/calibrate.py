@@ -12,9 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.calibration import knn_vote, precision_threshold
-
-MIN_FALLBACK_ROWS = 5
+from pipeline.calibration import DEFAULT_KNN_THRESHOLD, knn_vote, min_calibration_rows, precision_threshold
 
 
 def _unit(X: np.ndarray) -> np.ndarray:
@@ -37,16 +35,21 @@ def cross_fitted_knn(X: np.ndarray, y: np.ndarray, folds: np.ndarray, rows: np.n
         kk = min(int(k), sims.shape[1])
         top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
         sc = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-sc, axis=1, kind="stable")  # best first, as an index answers
+        top, sc = np.take_along_axis(top, order, axis=1), np.take_along_axis(sc, order, axis=1)
         lab = np.where(np.isfinite(sc), y[top], "")
-        v, a = knn_vote(sc, lab)
-        labels[s:s + len(q)], agreement[s:s + len(q)] = v, a
+        for f in np.unique(folds[q]):  # each query's neighbours come from the other folds only
+            at = np.flatnonzero(folds[q] == f)
+            names, counts = np.unique(y[folds != f], return_counts=True)
+            v, a = knn_vote(sc[at], lab[at], dict(zip(names.tolist(), counts.tolist())))
+            labels[s + at], agreement[s + at] = v, a
     return labels, agreement
 
 
 def calibrate_from_oof(proba: np.ndarray, y: Sequence[str], classes: Sequence[str], *,
                        X: np.ndarray | None = None, folds: np.ndarray | None = None,
                        knn_k: int = 10, target_precision: float = 0.9,
-                       default_knn_threshold: float = 0.6) -> dict[str, Any]:
+                       default_knn_threshold: float = DEFAULT_KNN_THRESHOLD) -> dict[str, Any]:
     """{threshold, knn_threshold, ...} for a predictor, from out-of-fold probabilities `proba`
     (rows aligned with y, X and folds — the held-out fold of each row)."""
     y = np.asarray([str(v) for v in y])
@@ -56,7 +59,7 @@ def calibrate_from_oof(proba: np.ndarray, y: Sequence[str], classes: Sequence[st
     threshold = precision_threshold(conf, classes[top] == y, target_precision=target_precision)
     passed = np.flatnonzero(conf < threshold)
     knn_threshold = default_knn_threshold
-    if X is not None and folds is not None and len(passed) >= MIN_FALLBACK_ROWS \
+    if X is not None and folds is not None and len(passed) >= min_calibration_rows(target_precision) \
             and len(np.unique(folds)) > 1:
         vote, agreement = cross_fitted_knn(X, y, folds, passed, knn_k)
         knn_threshold = precision_threshold(agreement, vote == y[passed],

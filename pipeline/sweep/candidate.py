@@ -17,10 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.latency import measure_latency
+from pipeline.latency import LATENCY_BATCH_SIZES, measure_latency
 from pipeline.sweep.cv import align_proba, cross_validate, refit
 
-LATENCY_BATCH_SIZES = (1, 32)
 #: what a head task imports on first use (torch for the solvers, FAISS for k-NN, PIL for the
 #: figures): workers can import them before the first task arrives (`jobs.ray_runtime.warm_workers`)
 TASK_MODULES = ("torch", "faiss", "pipeline.sweep.candidate", "pipeline.heads", "pipeline.charts",

@@ -103,7 +103,7 @@ def cross_validate(head_name: str, params: Mapping[str, Any], X: np.ndarray, y: 
     y = np.asarray(y, dtype=str)
     t0 = time.perf_counter()
     held = np.flatnonzero((folds >= 0).any(axis=0))
-    if head_name == "LinearProbe" and _tunes_weight_decay(params):
+    if head_name == "LinearProbe":  # one shared preconditioner, a tuned or a fixed weight decay
         res = _cv_linear(params, X, y, folds, classes, metric, held)
     else:
         res = _cv_plain(head_name, params, X, y, folds, classes, metric, held)
@@ -190,12 +190,14 @@ def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
     n_fit_mean = n_fit_sum / max(n_folds, 1)
     lam_refit = float(lams[best]) * n_fit_mean / X.shape[0]
     refit = {**dict(params), "weight_decays": [lam_refit]}
-    start = None  # the refit (scored on the test split only) starts from the last fold's solution
-    if np.array_equal(last[0], np.unique(y)):
-        start = (last[1][0][best][None], last[1][1][best][None])
     chosen = {"weight_decay_cv": float(lams[best]), "weight_decay": lam_refit,
               "C": (1.0 / (lam_refit * X.shape[0])) if lam_refit > 0 else None,
               "cv_score": float(score)}
+    if not _tunes_weight_decay(params):  # a weight decay the user fixed is refit as given
+        refit, chosen = dict(params), {}
+    start = None  # the refit (scored on the test split only) starts from the last fold's solution
+    if np.array_equal(last[0], np.unique(y)):
+        start = (last[1][0][best][None], last[1][1][best][None])
     return CVResult(rows=held, proba=proba, score=float(score), fold_scores=fold_scores,
                     refit_params=refit, fit_seconds=0.0, chosen=chosen,
                     fit_kwargs={"basis": basis, "init": start})

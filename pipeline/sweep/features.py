@@ -8,10 +8,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.latency import LATENCY_BATCH_SIZES
 from pipeline.sweep.latency_cache import LatencyCache
 from pipeline.sweep.plan import FeatureSetRef
 
-LATENCY_BATCH_SIZES = (1, 32)
 #: seconds of timed calls per batch size after which a backbone's measurement may stop
 LATENCY_BUDGET_S = 1.0
 

@@ -26,12 +26,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.latency import measure_latency
+from pipeline.latency import LATENCY_BATCH_SIZES, measure_latency
 from pipeline.multilabel.base import indicator
 from pipeline.multilabel.crossval import cross_validate_multilabel, fold_matrix, predicted_sets
 from pipeline.multilabel.heads import MULTILABEL_HEADS, make_multilabel_head
 from pipeline.multilabel.metrics import MULTILABEL_METRICS, evaluate_multilabel
-from pipeline.sweep.candidate import LATENCY_BATCH_SIZES, fitted_scalars, stored_numbers
+from pipeline.sweep.candidate import fitted_scalars, stored_numbers
 from pipeline.sweep.folds import CV_MAX_ROWS, DEFAULT_K, SelectionPlan, plan_from_counts
 
 #: the selection metric of a multi-label sweep unless another of MULTILABEL_METRICS is asked for

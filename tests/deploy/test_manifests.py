@@ -47,23 +47,81 @@ def check_serve_config(cfg: dict, where: str) -> None:
         assert "admin_token" not in args.settings, f"{where}: secrets belong in the environment"
         built = builder(args)
         assert isinstance(built, Application)
+        settings = ServeSettings(**args.settings)
+        # the deployment that runs the backbone: it holds the GPU on cuda
+        runs_backbone = INGRESS_DEPLOYMENT if args.colocate_backbone else BACKBONE_DEPLOYMENT
+        if settings.device == "cuda":
+            assert serve_built(built)[runs_backbone].ray_actor_options["num_gpus"] == settings.gpus_per_replica
         names = set()
         for dep in app["deployments"]:
             assert set(dep) <= set(DeploymentSchema.model_fields), f"{where}: unknown keys in {dep['name']}"
             names.add(dep["name"])
             # the user_config must be accepted by the deployment's reconfigure() schema
             user_configs[dep["name"]].model_validate(dep.get("user_config") or {})
-            if dep["name"] == BACKBONE_DEPLOYMENT:
+            if dep["name"] == BACKBONE_DEPLOYMENT and "user_config" in dep:
                 assert dep["max_ongoing_requests"] >= dep["user_config"]["max_batch_size"]
+            if dep["name"] == runs_backbone and "ray_actor_options" in dep:
+                # Serve replaces the builder's ray_actor_options with these: they must keep the GPU
+                gpus = dep["ray_actor_options"].get("num_gpus", 0)
+                want_gpus = settings.gpus_per_replica if settings.device == "cuda" else 0
+                assert gpus == want_gpus, f"{where}: {dep['name']} num_gpus {gpus} != {want_gpus} ({settings.device})"
+            if dep["name"] == runs_backbone and settings.device == "cuda" and "user_config" in dep:
+                assert dep["user_config"]["max_batch_size"] == settings.gpu_max_batch_size, where
+                assert dep["user_config"]["batch_wait_timeout_s"] == settings.gpu_batch_wait_timeout_s, where
         # a colocated backbone runs in the ingress replicas: no Backbone deployment to configure
         want = {INGRESS_DEPLOYMENT} if args.colocate_backbone else set(user_configs)
         assert names == want, f"{where}: deployments {names} != {want}"
+
+
+def serve_built(app) -> dict:
+    """name -> Deployment as Serve builds them for `serve.run` / a config deploy (options,
+    user_config, init arguments)."""
+    from ray.serve._private.build_app import build_app as serve_build
+
+    return {d.name: d for d in serve_build(app, name="t").deployments}
 
 
 def test_serve_yaml():
     cfg = _load(DEPLOY / "serve.yaml")
     check_serve_config(cfg, "deploy/serve.yaml")
     assert cfg["applications"][0]["import_path"] == "deploy.app:app_builder"
+
+
+def test_serve_gpu_yaml():
+    """The GPU layout: the Backbone deployment reserves a GPU and batches for it, the ingress none."""
+    cfg = _load(DEPLOY / "serve-gpu.yaml")
+    check_serve_config(cfg, "deploy/serve-gpu.yaml")
+    app = cfg["applications"][0]
+    assert app["args"]["settings"]["device"] == "cuda" and not app["args"]["colocate_backbone"]
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert "num_gpus" not in deps["Ingress"]["ray_actor_options"]
+
+
+@pytest.mark.parametrize("manifest", ["serve.yaml", "serve-gpu.yaml", "kuberay/rayservice.yaml"])
+def test_manifests_serve_several_models(manifest, tmp_path):
+    """Each manifest's application, with two models under `models:` (what `tlpipe serve --model A
+    --model B` does): Serve builds one app serving both, whose backbone has room for both."""
+    from deploy.app import app_builder
+    from deploy.backbone import DEFAULT_CAPACITY
+
+    doc = _load(DEPLOY / manifest)
+    cfg = yaml.safe_load(doc["spec"]["serveConfigV2"]) if doc.get("kind") == "RayService" else doc
+    app = cfg["applications"][0]
+    assert isinstance(app["args"]["models"], list), f"{manifest}: declare models as a list"
+    args = {**app["args"], "models": ["clothing-small@champion", "clothing-small-int8@champion"],
+            "state_root": str(tmp_path)}
+    cfg["applications"][0]["args"] = args
+    check_serve_config(cfg, manifest)
+    deps = serve_built(app_builder(args))
+    ingress = deps["Ingress"].init_kwargs
+    assert ingress["models"] == args["models"] and ingress.get("model") is None
+    if args.get("colocate_backbone"):
+        assert set(deps) == {"Ingress"} and ingress["colocated"]["engine"] == args.get("engine")
+    else:  # one Backbone deployment for both (the builder does not reach the registry)
+        assert set(deps) == {"Ingress", "Backbone"}
+        assert deps["Backbone"].init_kwargs["capacity"] == 2 * DEFAULT_CAPACITY
+    with pytest.raises(ValueError, match="given twice"):
+        app_builder({**args, "models": ["clothing-small@champion", "clothing-small/3"]})
 
 
 def test_app_import_path_is_an_application():
@@ -170,22 +228,22 @@ def test_dockerfile():
     if cmd[:2] == ["serve", "run"]:
         assert (REPO / cmd[2]).is_file()
         port = _load(REPO / cmd[2])["http_options"]["port"]
-    else:  # sh -c "exec tlpipe serve --model ... --port P": a real command of the CLI
-        import shlex
-
-        from typer.testing import CliRunner
+    else:  # tlpipe serve --port P, models from TLPIPE_SERVE_MODEL: a real command of the CLI
+        import typer.main
 
         from cli.app import app
 
-        assert cmd[:2] == ["sh", "-c"]
-        argv = shlex.split(cmd[2].replace('"$TLPIPE_SERVE_MODEL"', "m@champion"))
-        assert argv[:3] == ["exec", "tlpipe", "serve"]
+        assert cmd[:2] == ["tlpipe", "serve"]
+        command = typer.main.get_command(app).commands["serve"]
+        options = {opt for p in command.params for opt in getattr(p, "opts", [])}
+        used = {a for a in cmd[2:] if a.startswith("--")}
+        assert used <= options, f"tlpipe serve has no options {used - options}"
         env = {k: v for i, v in steps if i == "ENV" for k in [v.split("=")[0]]}
         assert "TLPIPE_SERVE_MODEL" in env
-        help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
-        for opt in (a for a in argv[3:] if a.startswith("--")):
-            assert opt in help_text, f"tlpipe serve has no option {opt}"
-        port = argv[argv.index("--port") + 1]
+        if "--model" not in cmd:  # the image's models come from the environment
+            (model_opt,) = [p for p in command.params if "--model" in getattr(p, "opts", [])]
+            assert model_opt.envvar == "TLPIPE_SERVE_MODEL"
+        port = cmd[cmd.index("--port") + 1]
     assert str(port) in dict(steps)["EXPOSE"].split()
     assert "/healthz" in dict(steps)["HEALTHCHECK"]
 
@@ -212,4 +270,18 @@ def test_backbone_reconfigure_sets_the_batch_parameters():
     replica = Backbone.func_or_class(engine="torch")
     asyncio.run(replica.reconfigure({"max_batch_size": 3, "batch_wait_timeout_s": 0.02}))
     assert replica.batching() == {"max_batch_size": 3, "batch_wait_timeout_s": 0.02, "forward_ms": 0.0,
-                                  "loaded": []}
+                                  "loaded": [], "device": "cpu", "dtype": "float32"}
+
+
+def test_serve_reads_several_models_from_the_environment(tmp_path):
+    """The image's spelling, TLPIPE_SERVE_MODEL="A B": `tlpipe serve` gets two models (here the
+    same name twice, refused as such before anything starts; one reference would be malformed)."""
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    res = CliRunner().invoke(app, ["serve", "--root", str(tmp_path)],
+                             env={"TLPIPE_SERVE_MODEL": "m@champion m/2"})
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1, res.output
+    assert "'m' is given twice (m@champion, m/2)" in errors[0], errors[0]
