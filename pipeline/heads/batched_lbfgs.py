@@ -75,7 +75,7 @@ class Rotation:
 
 
 class _Objective:
-    def __init__(self, X, targets, weights, lambdas, V, e, n_classes, tol=0.0):
+    def __init__(self, X, targets, weights, lambdas, V, e, n_classes, tol=0.0, Xr=None):
         self.T = targets  # (N, C) float32 soft targets, rows sum to 1
         self.w = weights  # (N, 1, 1) float32, sums to 1
         self.Tt = targets.T.contiguous()  # (C, N): the evaluation works class-major, see __call__
@@ -90,7 +90,7 @@ class _Objective:
         self.db = 1.0 / np.sqrt(kappa)
         # the rows in V's basis, once: then X W = Xr U with U = V^T W = diag(d) Wh, and no
         # evaluation pays a (D, D) rotation of the weights
-        self.Xr = self.rot.rows(X)  # (N, D) = X V
+        self.Xr = self.rot.rows(X) if Xr is None else Xr  # (N, D) = X V
         wT = self.T * self.w.view(-1, 1)  # (N, C)
         self.XrtwT = (self.Xr.T @ wT).double()  # (D, C): V^T sum_i w_i t_i x_i, linear CE term
         self.wT_sum = wT.sum(0).double()  # (C,)
@@ -169,6 +169,7 @@ def fit_sweep(
     basis: tuple[np.ndarray, np.ndarray] | None = None,
     monitor: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
     check_every: int = 5,
+    rotated: np.ndarray | None = None,
 ) -> SweepFit:
     """Fit one multinomial logistic regression per weight decay in ``lambdas``.
 
@@ -180,6 +181,8 @@ def fit_sweep(
     monitor: optional ``monitor(iteration, coef (S,D,C), intercept (S,C), active (S,) bool) ->
     (S,) bool`` called every ``check_every`` iterations with every member's current weights;
     members it flags (among the active ones) stop where they are (``SweepFit.stopped``).
+    rotated: optional ``X`` already in the basis (``rotate_rows(X, basis)``), e.g. sliced per
+    fold from the rows of a whole cross-validation, so no fit pays that (N, D) x (D, D) product.
     """
     Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     N, D = Xt.shape
@@ -199,7 +202,12 @@ def fit_sweep(
     if basis is None:
         basis = second_moment_basis(X)
     e, V = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in basis)
-    obj = _Objective(Xt, T, w.view(N, 1, 1), lam, V, e, C, tol=tol)
+    Xr = None
+    if rotated is not None:
+        if np.shape(rotated) != (N, D):
+            raise ValueError(f"rotated rows have shape {np.shape(rotated)}; expected {(N, D)}")
+        Xr = torch.from_numpy(np.ascontiguousarray(rotated, dtype=np.float32))
+    obj = _Objective(Xt, T, w.view(N, 1, 1), lam, V, e, C, tol=tol, Xr=Xr)
 
     P = D * C + C
     theta = np.zeros((S, P), dtype=np.float32)
@@ -332,6 +340,14 @@ def fit_sweep(
         n_evals=obj.n_evals,
         stopped=stopped,
     )
+
+
+def rotate_rows(X: np.ndarray, basis: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """X @ V for the eigenvectors V of `basis` (block by block where V is block-diagonal): the
+    rows as `fit_sweep` works on them, to compute once and slice (its `rotated`)."""
+    V = torch.from_numpy(np.asarray(basis[1], dtype=np.float32))
+    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    return Rotation(V).rows(Xt).numpy()
 
 
 #: widest feature block whose second-moment matrix is eigendecomposed whole; wider inputs (e.g.

@@ -186,12 +186,15 @@ class LinearProbe(Head):
             raise ValueError(f"weight_decays must be non-empty, finite and >= 0, got {lams}")
         return lams
 
-    def fit(self, X, y, X_val=None, y_val=None, *, basis=None, init=None) -> "LinearProbe":
+    def fit(self, X, y, X_val=None, y_val=None, *, basis=None, init=None, scaler=None,
+            rotated=None) -> "LinearProbe":
         """`basis`: a precomputed preconditioner ``second_moment_basis(standardised X)``, e.g.
         one computed on every row and shared by the folds of a cross-validation. `init`: a warm
         start (coef (S, D, C), intercept (S, C)) per weight decay, in the standardised space,
         e.g. the previous fold's solutions (`members`). Both change how fast the solver
-        converges, never what it converges to."""
+        converges, never what it converges to. `scaler`: a fitted `Standardizer` to use instead
+        of fitting one on X (label-free statistics shared by the folds of a cross-validation);
+        `rotated`: ``rotate_rows(scaler.transform(X), basis)``, sliced from the whole set's."""
         from pipeline.heads.batched_lbfgs import fit_sweep, second_moment_basis
 
         if self.scoring not in ("accuracy", "log_loss"):
@@ -203,11 +206,14 @@ class LinearProbe(Head):
         val = self._validate_val(X_val, y_val)
         C = len(self.classes_)
 
-        scaler = (
-            Standardizer.fit(X)
-            if self.standardize
-            else Standardizer(np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32))
-        )
+        if scaler is None:
+            scaler = (
+                Standardizer.fit(X)
+                if self.standardize
+                else Standardizer(np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32))
+            )
+        if rotated is not None and (basis is None or np.shape(rotated) != np.shape(X)):
+            raise ValueError(f"rotated rows {np.shape(rotated)} need a basis and the shape of X {np.shape(X)}")
         Xs = scaler.transform(X)
         sw = class_weights(codes, C, self.class_weight, self.classes_)
         kw = dict(
@@ -243,6 +249,7 @@ class LinearProbe(Head):
             whole = len(fit_idx) == len(codes)  # no copy of X when every row is used
             X_fit = Xs if whole else Xs[fit_idx]
             c_fit = codes if whole else codes[fit_idx]
+            r_fit = rotated if (rotated is None or whole) else rotated[fit_idx]
             n_sub = int(self.subsample) if self.subsample else 0
             halving = Xv is not None and n_sub > 0 and len(c_fit) > 2 * n_sub and len(lams) > int(self.finalists) >= 1
             if halving:
@@ -252,13 +259,13 @@ class LinearProbe(Head):
                 scale = (len(c_fit) / len(sub)) if sw_fit is None else float(sw_fit.sum() / sw_sub.sum())
                 coef, intercept, results = self._sweep(
                     X_fit[sub], c_fit[sub], C, lams * scale, sw_sub, Xv, cv, basis, kw, init=init,
-                    lams_reported=lams)
+                    lams_reported=lams, rotated=None if r_fit is None else r_fit[sub])
                 for r in results:
                     r["rows"] = int(len(sub))
                 fin = self._ranking(results)[: int(self.finalists)]
                 coef_f, intercept_f, res_f = self._sweep(
                     X_fit, c_fit, C, lams[fin], sw_fit, Xv, cv, basis, kw,
-                    init=(coef[fin], intercept[fin]))
+                    init=(coef[fin], intercept[fin]), rotated=r_fit)
                 for j, s_ in enumerate(fin):
                     sub_scores = {f"subsample_{k}": results[s_][k] for k in ("val_accuracy", "val_log_loss", "n_iter")}
                     results[s_] = {**res_f[j], **sub_scores, "rows": int(len(c_fit)), "finalist": True}
@@ -266,7 +273,7 @@ class LinearProbe(Head):
                 best = int(fin[self._ranking(res_f)[0]])
             else:
                 coef, intercept, results = self._sweep(X_fit, c_fit, C, lams, sw_fit, Xv, cv, basis,
-                                                       kw, init=init)
+                                                       kw, init=init, rotated=r_fit)
                 best = self._ranking(results)[0] if Xv is not None else 0
 
             # every member's solution, for cross-validation over the weight decays
@@ -277,7 +284,7 @@ class LinearProbe(Head):
             if val is None and len(lams) > 1 and self.refit:
                 final = fit_sweep(
                     Xs, codes, C, lams[best : best + 1], sample_weight=sw, basis=basis,
-                    init=(coef[None], intercept[None]), **kw,
+                    init=(coef[None], intercept[None]), rotated=rotated, **kw,
                 )
                 coef, intercept = final.coef[0], final.intercept[0]
                 refitted = True
@@ -308,7 +315,8 @@ class LinearProbe(Head):
             key = lambda s: results[s]["val_log_loss"]  # noqa: E731
         return sorted(range(len(results)), key=key)
 
-    def _sweep(self, X, codes, n_classes, lams, sw, Xv, cv, basis, kw, *, init=None, lams_reported=None):
+    def _sweep(self, X, codes, n_classes, lams, sw, Xv, cv, basis, kw, *, init=None, lams_reported=None,
+               rotated=None):
         """One batched fit of every value in `lams`: (coef (S,D,C), intercept (S,C), result rows)."""
         from pipeline.heads.batched_lbfgs import fit_sweep
 
@@ -319,7 +327,7 @@ class LinearProbe(Head):
                 margin = 0.02 if self.scoring == "accuracy" else 0.05
             monitor = ValidationPruner(Xv, cv, self.scoring, margin)
         sweep = fit_sweep(X, codes, n_classes, lams, sample_weight=sw, basis=basis, monitor=monitor,
-                          init=init, **kw)
+                          init=init, rotated=rotated, **kw)
         n_fit = float(len(codes) if sw is None else sw.sum())
         shown = lams if lams_reported is None else lams_reported
         results = []

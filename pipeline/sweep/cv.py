@@ -7,6 +7,9 @@ its weight decays per fold, scored on the held-out fold, and the weight decay wi
 out-of-fold selection metric is kept (what GridSearchCV does with `C`); its refit keeps the
 chosen C, i.e. the weight decay rescaled to the larger row count. Other heads tune themselves on
 their own inner hold-out of each fold's training rows, so their out-of-fold scores are nested.
+The LinearProbe's folds share one standardisation and preconditioner computed on every row:
+label-free statistics (means, variances, the features' second moments), like a feature
+extractor's, never the held-out labels.
 """
 
 from __future__ import annotations
@@ -139,18 +142,23 @@ def _cv_plain(head_name, params, X, y, folds, classes, metric, held) -> CVResult
                     fold_scores=fold_scores, refit_params=dict(params), fit_seconds=0.0)
 
 
-def shared_basis(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The linear probe's preconditioner from every row (no labels), shared by all folds and the
-    refit: one eigendecomposition instead of one per fit (see `LinearProbe.fit`)."""
-    from pipeline.heads.batched_lbfgs import second_moment_basis
+def shared_preparation(X: np.ndarray) -> dict[str, Any]:
+    """What the linear probe's folds and refit share, all label-free statistics of every row:
+    the standardisation, the preconditioner (one eigendecomposition instead of one per fit) and
+    the rows rotated into its basis, which each fit slices instead of recomputing (see
+    `LinearProbe.fit`)."""
+    from pipeline.heads.batched_lbfgs import rotate_rows, second_moment_basis
     from pipeline.heads.extmath import Standardizer
 
-    return second_moment_basis(Standardizer.fit(X).transform(X))
+    scaler = Standardizer.fit(X)
+    Xs = scaler.transform(X)
+    basis = second_moment_basis(Xs)
+    return {"scaler": scaler, "basis": basis, "rotated": rotate_rows(Xs, basis)}
 
 
 def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
     C = len(classes)
-    basis = shared_basis(X)
+    shared = shared_preparation(X)
     totals = None       # (S, N, C) summed member probabilities
     count = np.zeros(X.shape[0], dtype=np.int64)
     per_fold: list[tuple[np.ndarray, int]] = []  # (test mask, n_fit) of the first repeat
@@ -163,8 +171,8 @@ def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
             test = folds[r] == f
             # every fold starts cold: a start from another fold's solution would carry what
             # that fold learnt from these held-out rows into their out-of-fold scores
-            probe = _fit("LinearProbe", fit_params, X[~test], y[~test], X_val=X[test],
-                         y_val=y[test], basis=basis)
+            probe = _fit("LinearProbe", fit_params, X[~test], y[~test], X_val=X[test], y_val=y[test],
+                         basis=shared["basis"], scaler=shared["scaler"], rotated=shared["rotated"][~test])
             last = (np.unique(y[~test]), probe.members)
             lams, member = probe.member_proba(X[test])
             if totals is None:
@@ -200,7 +208,7 @@ def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
         start = (last[1][0][best][None], last[1][1][best][None])
     return CVResult(rows=held, proba=proba, score=float(score), fold_scores=fold_scores,
                     refit_params=refit, fit_seconds=0.0, chosen=chosen,
-                    fit_kwargs={"basis": basis, "init": start})
+                    fit_kwargs={**shared, "init": start})
 
 
 def _ranking(probas: np.ndarray, y: np.ndarray, classes: Sequence[str], metric: str) -> list[int]:

@@ -132,3 +132,46 @@ def test_registered_model_answers_label_lists_through_pyfunc(ml_run):
 
     assert promote(MODEL).promoted  # no champion yet
     assert MlflowClient().get_model_version(MODEL, "1").tags["promotion_metric"] == "accuracy"
+
+
+def test_the_run_registered_model_answers_label_lists_over_http(ml_run, ray_local):
+    """The chain a user runs: `tlpipe run` registered it, `tlpipe serve` serves @challenger from
+    the same store (real Ray Serve, real HTTP): each mosaic's `labels` are the pyfunc model's."""
+    import socket
+
+    import httpx
+    import mlflow
+    import pandas as pd
+    from ray import serve
+
+    from deploy.app import build_app
+    from jobs.tracking import tracking_uri_for
+
+    res = ml_run["first"]
+    test = ml_run["dataset"].split("test")[12:18]
+    expected = mlflow.pyfunc.load_model(f"models:/{MODEL}/{res.version}").predict(
+        pd.DataFrame({"image": [Path(r.path).read_bytes() for r in test]}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(f"{MODEL}/{res.version}", tracking_uri=tracking_uri_for(ml_run["root"]),
+                    state_root=str(ml_run["root"]), poll_interval_s=0,
+                    decode_threads=1, max_batch_size=8, batch_wait_timeout_s=0.005,
+                    ingress_options={"ray_actor_options": {"num_cpus": 0.1}}, colocate_backbone=True)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app, name="ml-run-http", route_prefix="/", blocking=False)
+        with httpx.Client(timeout=120.0) as client:
+            r = client.post(f"http://127.0.0.1:{port}/v1/predict",
+                            files=[("file", (Path(t.path).name, Path(t.path).read_bytes(), "image/jpeg"))
+                                   for t in test])
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["task"] == "multilabel" and len(body["predictions"]) == len(test)
+        same = [[d["label"] for d in pred["labels"]] == row["labels"] and pred["decision"] == row["decision"]
+                for pred, (_, row) in zip(body["predictions"], expected.iterrows())]
+        # one batch of six against the pyfunc's own: a score on a threshold may land either side
+        assert sum(same) >= len(test) - 1, (body["predictions"], expected)
+    finally:
+        serve.delete("ml-run-http")
+        serve.shutdown()

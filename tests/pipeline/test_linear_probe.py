@@ -251,6 +251,30 @@ def test_block_diagonal_and_shared_preconditioners_reach_the_same_optimum(proble
                 _objective(full.coef[s], full.intercept[s], Xs, ytr, lam), abs=1e-6)
 
 
+def test_rows_rotated_once_and_sliced_give_the_same_fit(problem):
+    """A cross-validation rotates every row once and hands each fold its slice (`rotated`), with
+    the standardisation of all rows (`scaler`): the same iterates as rotating inside the fit."""
+    from pipeline.heads.batched_lbfgs import rotate_rows, second_moment_basis
+
+    Xtr, ytr, Xte, _ = problem
+    scaler = Standardizer.fit(Xtr)
+    Xs = scaler.transform(Xtr)
+    basis = second_moment_basis(Xs)
+    rows = np.arange(len(Xs)) % 4 != 0  # one fold's training rows
+    sliced = rotate_rows(Xs, basis)[rows]
+    a = fit_sweep(Xs[rows], ytr[rows], 4, [1e-3, 1e-2], basis=basis)
+    b = fit_sweep(Xs[rows], ytr[rows], 4, [1e-3, 1e-2], basis=basis, rotated=sliced)
+    np.testing.assert_allclose(a.coef, b.coef, atol=1e-5)
+    assert list(a.n_iter) == list(b.n_iter)
+    kw = dict(basis=basis, scaler=scaler)
+    p = LinearProbe(weight_decays=[1e-2]).fit(Xtr[rows], ytr[rows], **kw, rotated=sliced)
+    q = LinearProbe(weight_decays=[1e-2]).fit(Xtr[rows], ytr[rows], **kw)
+    np.testing.assert_allclose(p.predict_proba(Xte), q.predict_proba(Xte), atol=1e-5)
+    assert p.scaler_ is scaler  # the shared standardisation is the head's own
+    with pytest.raises(ValueError, match="need a basis and the shape of X"):
+        LinearProbe(weight_decays=[1e-2]).fit(Xtr[rows], ytr[rows], scaler=scaler, rotated=sliced[:5], basis=basis)
+
+
 def test_a_basis_of_the_wrong_width_is_refused(problem):
     from pipeline.heads.batched_lbfgs import second_moment_basis
 
