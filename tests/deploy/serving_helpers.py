@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 LITE0 = "efficientnet/tf_efficientnet_lite0.in1k"
@@ -44,3 +45,41 @@ def register_in_tmp_store(root: Path, experiment: str, predictor_dir: Path, name
         if env is not None:
             os.environ["MLFLOW_TRACKING_URI"] = env
         mlflow.set_tracking_uri(previous)
+
+
+@dataclass
+class ServedApp:
+    """An app under test: its base URL and an httpx client."""
+
+    url: str
+    client: object
+
+    def get(self, path, **kw):
+        return self.client.get(self.url + path, **kw)
+
+    def post(self, path, **kw):
+        return self.client.post(self.url + path, **kw)
+
+
+def lite0_embedder(input_size: int):
+    """(spec, embed(paths) -> embeddings) of the real EfficientNet-Lite0 weights at `input_size`
+    (full crop, ONNX Runtime); skips the calling test where the weights are missing."""
+    import dataclasses
+
+    import numpy as np
+    import pytest
+
+    from pipeline.backbones import get_spec, load_backbone, weights_available
+    from pipeline.preprocess import load_pixels
+
+    spec = dataclasses.replace(get_spec(LITE0), input_size=input_size, crop_pct=1.0)
+    ok, why = weights_available(spec)
+    if not ok:
+        pytest.skip(why)
+    backbone = load_backbone(spec, engine="onnx")
+
+    def embed(paths):
+        return np.concatenate([backbone.embed(np.stack([load_pixels(p, spec) for p in paths[i:i + 32]]))
+                               for i in range(0, len(paths), 32)])
+
+    return spec, embed

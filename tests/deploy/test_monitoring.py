@@ -8,7 +8,6 @@ finds the frogs as a cluster, and accepting it makes the running server answer "
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import HEAD_CLASSES, LITE0, free_port  # noqa: E402
+from serving_helpers import HEAD_CLASSES, free_port, lite0_embedder  # noqa: E402
 
 UNSEEN = "frog"
 APP = "tlpipe-monitor-test"
@@ -33,20 +32,10 @@ def _files(root: Path, split: str, cls: str, start: int, stop: int) -> list[Path
 def monitored_model(cifar10_dir, tmp_path_factory):
     """A predictor on 3 CIFAR classes at 128 px with a drift reference, saved to a folder."""
     from feature_store.index import SupportIndex
-    from pipeline.backbones import get_spec, load_backbone, weights_available
     from pipeline.heads import LinearProbe
     from pipeline.predictor import Predictor
-    from pipeline.preprocess import load_pixels
 
-    spec = dataclasses.replace(get_spec(LITE0), input_size=128, crop_pct=1.0)
-    ok, why = weights_available(spec)
-    if not ok:
-        pytest.skip(why)
-    backbone = load_backbone(spec, engine="onnx")
-
-    def embed(paths):
-        return np.concatenate([backbone.embed(np.stack([load_pixels(p, spec) for p in paths[i:i + 32]]))
-                               for i in range(0, len(paths), 32)])
+    spec, embed = lite0_embedder(128)
 
     train = [(p, c) for c in HEAD_CLASSES for p in _files(cifar10_dir, "train", c, 0, 60)]
     val = [(p, c) for c in HEAD_CLASSES for p in _files(cifar10_dir, "test", c, 0, 20)]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import HEAD_CLASSES, LITE0, NEW_CLASS, free_port, register_in_tmp_store  # noqa: E402
+from serving_helpers import HEAD_CLASSES, LITE0, NEW_CLASS, ServedApp, free_port, register_in_tmp_store  # noqa: E402
 
 APP, TOKEN = "tlpipe-multi", "multi-token"
 # model name -> its head's classes; "cifar-a" is the conftest's predictor
@@ -76,18 +76,10 @@ def multi(serving_model, lite0_64, cifar10_dir, tmp_path_factory) -> Multi:
 
 
 @dataclass
-class Served:
-    url: str
-    client: object
+class Served(ServedApp):
     root: Path
     tracking_uri: str
     versions: dict
-
-    def get(self, path, **kw):
-        return self.client.get(self.url + path, **kw)
-
-    def post(self, path, **kw):
-        return self.client.post(self.url + path, **kw)
 
 
 @pytest.fixture(scope="module")

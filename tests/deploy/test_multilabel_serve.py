@@ -17,7 +17,6 @@ tests/deploy/conftest.py does), so engine noise cannot flip them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import LITE0, free_port, register_in_tmp_store  # noqa: E402
+from serving_helpers import ServedApp, free_port, lite0_embedder, register_in_tmp_store  # noqa: E402
 
 from tests.multilabel_mosaics import build_mosaics, read_manifest  # noqa: E402
 
@@ -69,21 +68,11 @@ def _vote_clear(vote: dict) -> bool:
 @pytest.fixture(scope="module")
 def ml_model(cifar10_dir, tmp_path_factory) -> MLModel:
     from feature_store.index import SupportIndex
-    from pipeline.backbones import get_spec, load_backbone, weights_available
     from pipeline.multilabel.labelsets import label_key
     from pipeline.multilabel.predictor import MultiLabelPredictor
     from pipeline.multilabel.probe import OneVsRestProbe
-    from pipeline.preprocess import load_pixels
 
-    spec = dataclasses.replace(get_spec(LITE0), input_size=96, crop_pct=1.0)
-    ok, why = weights_available(spec)
-    if not ok:
-        pytest.skip(why)
-    backbone = load_backbone(spec, engine="onnx")
-
-    def embed(paths):
-        return np.concatenate([backbone.embed(np.stack([load_pixels(p, spec) for p in paths[i:i + 32]]))
-                               for i in range(0, len(paths), 32)])
+    spec, embed = lite0_embedder(96)
 
     root = tmp_path_factory.mktemp("ml-serve")
     mosaics = dict(classes=list(CLASSES), min_tiles=1, max_tiles=3)
@@ -142,18 +131,10 @@ def ml_model(cifar10_dir, tmp_path_factory) -> MLModel:
 
 
 @dataclass
-class Served:
-    url: str
-    client: object
+class Served(ServedApp):
     root: Path
     tracking_uri: str
     capture: Path
-
-    def get(self, path, **kw):
-        return self.client.get(self.url + path, **kw)
-
-    def post(self, path, **kw):
-        return self.client.post(self.url + path, **kw)
 
 
 @pytest.fixture(scope="module")
