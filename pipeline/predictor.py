@@ -119,6 +119,16 @@ class Predictor:
             return []
         return sorted(set(map(str, self.support.labels)) - set(self.classes))
 
+    def vote_threshold(self, label: str, known: set[str] | None = None) -> float:
+        """The agreement a fallback vote for `label` needs. `knn_threshold` was calibrated on
+        images of the head's classes that the classifier passed on; a class added to the support
+        set after training (`support_only_classes`) has no such data, so its vote needs the
+        majority default at most — otherwise a calibrated near-unanimity would keep an accepted
+        class from ever being answered."""
+        if label in (known if known is not None else set(self.classes)):
+            return self.knn_threshold
+        return min(self.knn_threshold, DEFAULT_KNN_THRESHOLD)
+
     def support_class_sizes(self) -> dict[str, int]:
         """{label: examples in the support index}, for the fallback's vote (see `knn_vote`)."""
         if self.support is None or not len(self.support):
@@ -181,6 +191,7 @@ class Predictor:
             scores, labels, _ = self.support.search(X[low], self.knn_k)
             vote, agreement = knn_vote(scores, labels, self.support_class_sizes())
             votes = {i: (vote[j], float(agreement[j])) for j, i in enumerate(low)}
+        known = set(classes)
         for i in range(len(X)):
             tops = [{"label": classes[c], "score": float(proba[i, c])} for c in order[i]]
             p = tops[0]["score"]
@@ -188,7 +199,7 @@ class Predictor:
                 out.append(Prediction(tops[0]["label"], p, "classifier", tops))
                 continue
             label, agreement = votes.get(i, (None, 0.0))
-            if label is not None and agreement >= self.knn_threshold:
+            if label is not None and agreement >= self.vote_threshold(str(label), known):
                 out.append(Prediction(str(label), agreement, "fallback", tops))
             else:
                 out.append(Prediction(tops[0]["label"], p, "abstain", tops))

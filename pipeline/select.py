@@ -4,7 +4,8 @@ Rule (`select_winner`):
 1. Drop candidates that break a budget (latency, parameter count) or lack a selection metric,
    each with a reason.
 2. `best` is the eligible candidate with the highest selection metric (cross-validation mean or
-   validation score; never the test split). Ties: cheaper, then name.
+   validation score; never the test split). Ties: cheaper beyond noise and `min_cost_gap`,
+   else fewer parameters, then name (repeated timings cannot flip the choice).
 3. A candidate is dominated when another eligible candidate has a strictly higher metric at no
    higher cost (latency within noise or lower, parameters not higher). Dominated candidates never
    win.
@@ -257,6 +258,21 @@ def _pick_cheapest(pool: list[Candidate], key: str, min_cost_gap: float) -> Cand
     return min(near, key=lambda c: (-_num(c.metric), _inf(_num(c.params_m)), c.name))
 
 
+def _break_tie(tied: list[Candidate], key: str, min_cost_gap: float) -> Candidate:
+    """Among candidates with the same selection score: the fastest, unless others are within its
+    latency noise or `min_cost_gap` of it — then the fewest parameters, then the name (a choice
+    that repeated timings cannot flip)."""
+    fastest = min(tied, key=lambda c: _cost_key(c, key))
+    lf = _lat(fastest, key)
+
+    def close(c: Candidate) -> bool:
+        lc = _lat(c, key)
+        return (_latency_relation(c, fastest, key) == "equal"
+                or (lc is not None and lf is not None and lc - lf <= min_cost_gap * lf))
+
+    return min([c for c in tied if close(c)], key=lambda c: (_inf(_num(c.params_m)), c.name))
+
+
 # ----------------------------------------------------------------------------- paired tests
 
 def _paired_vs_best(best: Candidate, others: Sequence[Candidate],
@@ -414,6 +430,10 @@ def select_winner(candidates: Iterable[Candidate], *,
                                                             latency_key))
 
     ranked = sorted(eligible, key=lambda c: (-_num(c.metric),) + _cost_key(c, latency_key))
+    tied = [c for c in ranked if _num(c.metric) == _num(ranked[0].metric)]
+    if len(tied) > 1:  # equal scores: a latency gap inside noise or the minimum gap decides nothing
+        first = _break_tie(tied, latency_key, min_cost_gap)
+        ranked = [first] + [c for c in ranked if c is not first]
     best = ranked[0]
     others = ranked[1:]
     # `ranked` is best metric first, so this names the strongest dominating candidate.

@@ -164,6 +164,80 @@ def test_drift_capture_suggest_accept(served, monitored_model, cifar10_dir, tmp_
     assert said_frog and all(p["decision"] == "fallback" for p in said_frog), answers
 
 
+def test_a_killed_replica_keeps_every_answered_capture_and_serves_again(served, cifar10_dir):
+    """The serving replica (it holds the capture writer) is killed outright (`ray.kill`: no
+    shutdown hook runs) while requests are in flight. Every uncertain request answered before
+    is on disk as a whole record; no half-written record is ever read; Serve starts a new
+    replica, which indexes the records already there and answers again."""
+    import threading
+
+    import httpx
+    import ray
+
+    from deploy.capture import TMP_PREFIX, read_captures
+
+    def on_disk() -> dict:
+        records, _ = read_captures(str(served["capture"]))
+        return {r.meta.get("filename"): r for r in records}
+
+    photos = [(UNSEEN, p) for p in _files(cifar10_dir, "test", UNSEEN, 248, 280)]
+    answered = _predict(served, photos)
+    sent = [f"{UNSEEN}-{p.name}" for _, p in photos]
+    uncertain = {name for name, a in zip(sent, answered) if a["decision"] != "classifier"}
+    assert uncertain
+    deadline = time.time() + 30
+    while time.time() < deadline and not uncertain <= on_disk().keys():  # the writer is asynchronous
+        time.sleep(0.2)
+    assert uncertain <= on_disk().keys()
+
+    # traffic in flight while the replica dies: some requests fail, none may corrupt the store
+    stop, statuses = threading.Event(), []
+
+    def traffic():
+        more = _files(cifar10_dir, "test", UNSEEN, 280, 300)
+        with httpx.Client(timeout=30.0) as client:
+            while not stop.is_set():
+                for p in more:
+                    try:
+                        r = client.post(served["url"] + "/v1/predict",
+                                        files=[("file", (f"late-{p.name}", p.read_bytes(), "image/jpeg"))])
+                        statuses.append(r.status_code)
+                    except httpx.HTTPError:
+                        statuses.append(None)
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    time.sleep(1.0)
+    (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if APP in a["name"] and "Ingress" in a["name"]]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    time.sleep(1.0)
+    stop.set()
+    sender.join(60)
+    assert 200 in statuses  # the traffic was really in flight around the kill
+
+    deadline = time.time() + 120
+    while time.time() < deadline:  # Serve replaces the dead replica
+        try:
+            if served["client"].get(served["url"] + "/readyz").json().get("status") == "ready":
+                break
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    alive = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if APP in a["name"] and "Ingress" in a["name"]]
+    assert alive and replica["name"] not in alive  # a new replica, not the killed one, answers
+    again = _predict(served, photos[:8])  # answered again (asserts 200s)
+    assert [a["label"] for a in again] == [a["label"] for a in answered[:8]]
+    # record files are named by their id (time first); suggestions*.json are `tlpipe suggest`'s
+    committed = [p for p in served["capture"].glob("*.json")
+                 if not p.name.startswith(TMP_PREFIX) and p.name[0].isdigit()]
+    records, _ = read_captures(str(served["capture"]))
+    assert len(records) == len(committed)  # every committed record is whole
+    assert uncertain <= {r.meta.get("filename") for r in records}  # none answered before the kill lost
+    cap = served["client"].get(served["url"] + "/v1/monitor").json()["capture"]
+    assert cap["records"] >= len(records)  # the new replica's writer indexed what was there
+
+
 def test_old_predictor_serves_and_a_full_disk_fails_no_request(serving_model, tmp_path):
     """A predictor saved without a drift reference (as before monitoring existed) loads and
     serves, the monitor says drift is unavailable; and with the capture on a disk that is full,

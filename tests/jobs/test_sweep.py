@@ -312,7 +312,7 @@ def test_the_test_split_never_chooses(world, ray_local):
     a = run_sweep(world["ds"], refs, ["linear", "knn", "centroid"], experiment="shuffle-a", **kw)
     b = run_sweep(_relabel_test(world["ds"], 7), refs, ["linear", "knn", "centroid"],
                   experiment="shuffle-b", **kw)
-    assert a.selection["winner"]["name"] == b.selection["winner"]["name"]
+    assert a.selection["winner"]["name"] == b.selection["winner"]["name"], (a.selection["why"], b.selection["why"])
     sa = {r["name"]: r["selection_score"] for r in a.rows}
     sb = {r["name"]: r["selection_score"] for r in b.rows}
     assert sa == pytest.approx(sb)

@@ -71,3 +71,38 @@ def test_predictor_keeps_the_default_vote_threshold_on_too_few_uncertain_rows():
     Xv = Xv + rng.normal(size=Xv.shape).astype(np.float32) * 3
     many.calibrate(Xv, yv, target_precision=0.99, knn_target_precision=0.9)
     assert many.info["calibration"]["knn_threshold_calibrated"] is True
+
+
+def test_an_added_class_needs_the_majority_not_the_calibrated_near_unanimity():
+    from feature_store.index import SupportIndex
+    from pipeline.heads import LinearProbe
+    from pipeline.predictor import Predictor
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 16)) * 4
+    X = np.concatenate([centres[c] + rng.normal(size=(30, 16)) for c in range(3)]).astype(np.float32)
+    y = [f"c{c}" for c in range(3) for _ in range(30)]
+    head = LinearProbe(weight_decays=[0.1], max_iter=200, n_threads=1).fit(X, y)
+    new = (centres[3] + rng.normal(size=(12, 16))).astype(np.float32)
+    support = SupportIndex(16)
+    support.add(np.concatenate([X, new]), y + ["added"] * 12)
+    # a calibrated near-unanimity, and a classifier threshold nothing reaches: every image votes
+    pred = Predictor(None, head, support=support, knn_k=10, knn_threshold=0.95, threshold=1.01)
+    assert pred.support_only_classes == ["added"]
+    assert pred.vote_threshold("added") == DEFAULT_KNN_THRESHOLD and pred.vote_threshold("c0") == 0.95
+    # a query amid the added examples with 3 of its 10 neighbours from c0: agreement ~0.7
+    scores = np.array([[0.9] * 7 + [0.85] * 3])
+    labels = np.array([["added"] * 7 + ["c0"] * 3])
+    vote, agreement = knn_vote(scores, labels, pred.support_class_sizes())
+    assert vote[0] == "added" and DEFAULT_KNN_THRESHOLD <= agreement[0] < 0.95
+    q = (centres[3] + rng.normal(size=(5, 16)) * 0.5).astype(np.float32)
+    answers = pred.predict_embeddings(q)
+    assert all(a.decision == "fallback" and a.label == "added" for a in answers)
+    # images of a known class whose vote is not near-unanimous still abstain
+    mixed = (0.6 * centres[0] + 0.4 * centres[1] + rng.normal(size=(40, 16))).astype(np.float32)
+    scores, labels, _ = support.search(mixed, 10)
+    vote, agreement = knn_vote(scores, labels, pred.support_class_sizes())
+    between = [i for i in range(len(mixed)) if vote[i] != "added" and 0.6 <= agreement[i] < 0.95]
+    assert between  # votes a majority default would have answered
+    answers = pred.predict_embeddings(mixed)
+    assert all(answers[i].decision == "abstain" for i in between)

@@ -495,3 +495,21 @@ def test_forced_promotion_records_the_difference():
     assert d.promote and "no current champion" in d.reason
     d = promotion_decision(ch, cp, y, force=True, champion_metric_name="accuracy")
     assert d.promote and d.diff is None
+
+
+def test_equal_scores_are_not_decided_by_a_timing_jitter():
+    """Two candidates with the same selection score whose latencies differ by less than the
+    minimum cost gap (a re-measurement could reverse them): the same winner either way."""
+    from pipeline.select import Candidate, select_winner
+
+    def pair(lat_linear, lat_centroid):
+        return [Candidate(name="b+linear", backbone="b", head="linear", family="f", metric=0.86,
+                          latency_ms_b1=lat_linear, params_m=5.0),
+                Candidate(name="b+centroid", backbone="b", head="centroid", family="f", metric=0.86,
+                          latency_ms_b1=lat_centroid, params_m=5.0)]
+
+    a = select_winner(pair(1.044, 1.058)).winner.name
+    b = select_winner(pair(1.058, 1.044)).winner.name
+    assert a == b == "b+centroid"  # equal cost within 5 %: fewer parameters, then the name
+    # a real cost gap still decides
+    assert select_winner(pair(1.0, 2.0)).winner.name == "b+linear"
