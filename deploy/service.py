@@ -44,7 +44,7 @@ from deploy.model_source import ModelSource, ModelSourceError, ResolvedModel
 from deploy.settings import ServeSettings
 from deploy.support_store import CombinedSupport, Example, SupportStore, check_class_name
 from pipeline.images import ImageValidationError
-from pipeline.multilabel.labelsets import split_key
+from pipeline.multilabel.labelsets import per_label
 from pipeline.multilabel.predictor import MULTILABEL_TASK, task_of
 
 log = logging.getLogger("tlpipe.serve")
@@ -126,13 +126,7 @@ def support_counts(predictor) -> dict[str, int]:
     """Support vectors per class of the predictor's own index; a multi-label index's label-set
     keys (``"cat|dog"``) count once for each label they hold."""
     by_key = predictor.support_class_sizes()
-    if task_of(predictor) != MULTILABEL_TASK:
-        return by_key
-    out: Counter = Counter()
-    for key, count in by_key.items():
-        for lab in split_key(key):
-            out[lab] += int(count)
-    return dict(out)
+    return by_key if task_of(predictor) != MULTILABEL_TASK else per_label(by_key)
 
 
 def backbones_fingerprint(backbones: Backbones) -> str:

@@ -241,7 +241,8 @@ class SupportStore:
 class CombinedSupport:
     """Read-only view searching a base SupportIndex and an added-examples index as one.
 
-    Implements what `Predictor` uses of a support index: ``len``, ``labels``, ``search``.
+    Implements what `Predictor` uses of a support index: ``len``, ``labels``, ``label_counts``,
+    ``search``.
     """
 
     def __init__(self, base=None, added=None):
@@ -259,6 +260,13 @@ class CombinedSupport:
     def labels(self) -> np.ndarray:
         parts = [p.labels for p in self.parts]
         return np.concatenate(parts) if parts else np.empty(0, dtype=str)
+
+    def label_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for part in self.parts:
+            for label, n in part.label_counts().items():
+                out[label] = out.get(label, 0) + n
+        return out
 
     def search(self, vectors, k: int):
         parts = self.parts

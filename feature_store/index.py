@@ -36,6 +36,7 @@ class SupportIndex:
         self._index = self._new_index(0)
         self._labels = np.empty(0, dtype=str)
         self._ids = np.empty(0, dtype=np.int64)
+        self._counts: dict[str, int] | None = None  # label_counts, until the rows change
 
     # ---------------------------------------------------------------------------- properties
 
@@ -52,6 +53,13 @@ class SupportIndex:
     @property
     def labels(self) -> np.ndarray:
         return self._labels.copy()
+
+    def label_counts(self) -> dict[str, int]:
+        """{label: rows}, counted once per change of the index (the fallback reads it per batch)."""
+        if self._counts is None:
+            names, counts = np.unique(self._labels, return_counts=True)
+            self._counts = dict(zip(names.tolist(), counts.tolist()))
+        return dict(self._counts)
 
     @property
     def ids(self) -> np.ndarray:
@@ -99,6 +107,7 @@ class SupportIndex:
             self._index.add(x)
         self._labels = np.concatenate([self._labels, np.asarray(labels, dtype=str)])
         self._ids = np.concatenate([self._ids, new_ids])
+        self._counts = None
 
     def remove(self, ids: Iterable[int]) -> int:
         """Drop the rows with these ids (unknown ids are ignored); returns how many were removed."""
@@ -109,6 +118,7 @@ class SupportIndex:
         self._rebuild(self.vectors[keep])
         self._labels = self._labels[keep]
         self._ids = self._ids[keep]
+        self._counts = None
         return int(drop.sum())
 
     def copy(self) -> "SupportIndex":
@@ -184,6 +194,7 @@ class SupportIndex:
         new._index = faiss.read_index(str(d / "index.faiss"))
         new._ids = np.load(d / "ids.npy", allow_pickle=False).astype(np.int64)
         new._labels = np.asarray([str(x) for x in json.loads((d / "labels.json").read_text())], dtype=str)
+        new._counts = None
         counts = {"index": len(new), "ids": len(new._ids), "labels": len(new._labels),
                   "config": cfg["count"]}
         if len(set(counts.values())) != 1 or new._index.d != new.dim:

@@ -74,16 +74,15 @@ def knn_vote(scores: np.ndarray, labels: np.ndarray,
     agreement = np.zeros(len(scores), dtype=np.float64)
     for i in range(len(scores)):
         w = np.where(np.isfinite(scores[i]) & (labels[i] != ""), np.maximum(scores[i], 0.0), 0.0)
-        labs = [str(v) for v in labels[i]]
+        labs = labels[i].astype(str)
         k = len(labs)
-        total = float(w.sum())
-        if total <= 0:
+        if w.sum() <= 0:
             out_label[i] = None
             continue
         cum = np.cumsum(w)
         best, best_key = None, None
-        for lab in dict.fromkeys(l for l, wi in zip(labs, w) if wi > 0):
-            mine = np.cumsum([wi if l == lab else 0.0 for l, wi in zip(labs, w)])
+        for lab in dict.fromkeys(labs[w > 0].tolist()):
+            mine = np.cumsum(np.where(labs == lab, w, 0.0))
             n = k
             if class_sizes is not None:
                 n = max(min(k, int(class_sizes.get(lab, k))), min(MIN_VOTE_NEIGHBOURS, k))

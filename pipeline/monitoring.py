@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.drift import prior_distance
-from pipeline.multilabel.labelsets import split_key
+from pipeline.multilabel.labelsets import per_label
 from pipeline.predictor import DECISIONS
 
 DEFAULT_WINDOWS_S = (300.0, 3600.0)  # five minutes and an hour
@@ -104,11 +104,7 @@ class DecisionWindows:
 def label_prior(key_prior: dict) -> dict[str, float]:
     """Per label, the share of training images carrying it, from a prior over label-set keys
     ({"cat|dog": 0.2, "cat": 0.1} -> {"cat": 0.3, "dog": 0.2})."""
-    out: Counter = Counter()
-    for key, share in key_prior.items():
-        for lab in split_key(key):
-            out[lab] += float(share)
-    return dict(sorted(out.items()))
+    return per_label({k: float(v) for k, v in key_prior.items()})
 
 
 def window_name(window_s: float | None, last: int | None) -> str:

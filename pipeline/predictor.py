@@ -133,8 +133,7 @@ class Predictor:
         """{label: examples in the support index}, for the fallback's vote (see `knn_vote`)."""
         if self.support is None or not len(self.support):
             return {}
-        names, counts = np.unique(np.asarray(self.support.labels).astype(str), return_counts=True)
-        return dict(zip(names.tolist(), counts.tolist()))
+        return self.support.label_counts()
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, X_val, y_val, *, target_precision: float = 0.9,

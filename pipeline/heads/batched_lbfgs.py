@@ -76,10 +76,10 @@ class Rotation:
 
 class _Objective:
     def __init__(self, X, targets, weights, lambdas, V, e, n_classes, tol=0.0, Xr=None):
-        self.T = targets  # (N, C) float32 soft targets, rows sum to 1
-        self.w = weights  # (N, 1, 1) float32, sums to 1
-        self.Tt = targets.T.contiguous()  # (C, N): the evaluation works class-major, see __call__
-        self.wt = weights.reshape(-1).contiguous()  # (N,)
+        # class-major, as the evaluation works (see __call__): soft targets (C, N), rows of
+        # targets summing to 1; row weights (N,), summing to 1
+        self.Tt = targets.T.contiguous()
+        self.wt = weights
         self.tol = float(tol)
         self.lam = lambdas  # (S,) float32
         self.rot = Rotation(V)  # V (D, D) orthogonal; block-diagonal for wide inputs
@@ -91,7 +91,7 @@ class _Objective:
         # the rows in V's basis, once: then X W = Xr U with U = V^T W = diag(d) Wh, and no
         # evaluation pays a (D, D) rotation of the weights
         self.Xr = self.rot.rows(X) if Xr is None else Xr  # (N, D) = X V
-        wT = self.T * self.w.view(-1, 1)  # (N, C)
+        wT = targets * weights[:, None]  # (N, C)
         self.XrtwT = (self.Xr.T @ wT).double()  # (D, C): V^T sum_i w_i t_i x_i, linear CE term
         self.wT_sum = wT.sum(0).double()  # (C,)
         self.n_evals = 0
@@ -207,7 +207,7 @@ def fit_sweep(
         if np.shape(rotated) != (N, D):
             raise ValueError(f"rotated rows have shape {np.shape(rotated)}; expected {(N, D)}")
         Xr = torch.from_numpy(np.ascontiguousarray(rotated, dtype=np.float32))
-    obj = _Objective(Xt, T, w.view(N, 1, 1), lam, V, e, C, tol=tol, Xr=Xr)
+    obj = _Objective(Xt, T, w, lam, V, e, C, tol=tol, Xr=Xr)
 
     P = D * C + C
     theta = np.zeros((S, P), dtype=np.float32)

@@ -9,7 +9,7 @@ index (one string per vector) store; ``split_key`` turns it back into the set.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -25,6 +25,16 @@ def label_key(labels: Iterable[str]) -> str:
 def split_key(key: str) -> tuple[str, ...]:
     """The label set of a key written by ``label_key`` (``""`` -> no label)."""
     return tuple(k for k in str(key).split(KEY_SEPARATOR) if k)
+
+
+def per_label(by_key: Mapping[str, float]) -> dict[str, float]:
+    """Totals by label-set key → totals by label, sorted ({"cat|dog": 2, "cat": 1} →
+    {"cat": 3, "dog": 2}): each label of a key gets the key's whole amount."""
+    out: dict[str, float] = {}
+    for key, amount in by_key.items():
+        for lab in split_key(key):
+            out[lab] = out.get(lab, 0) + amount
+    return dict(sorted(out.items()))
 
 
 def parse_labels(value: Any, separator: str = KEY_SEPARATOR) -> tuple[str, ...]:

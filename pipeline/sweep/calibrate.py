@@ -26,6 +26,11 @@ def cross_fitted_knn(X: np.ndarray, y: np.ndarray, folds: np.ndarray, rows: np.n
     Xn = _unit(X)
     y = np.asarray(y, dtype=str)
     folds = np.asarray(folds)
+    # a query's neighbours come from the other folds only: the class sizes its vote sees
+    sizes = {}
+    for f in np.unique(folds[rows]):
+        names, counts = np.unique(y[folds != f], return_counts=True)
+        sizes[f] = dict(zip(names.tolist(), counts.tolist()))
     labels = np.empty(len(rows), dtype=object)
     agreement = np.zeros(len(rows))
     for s in range(0, len(rows), chunk):
@@ -38,11 +43,9 @@ def cross_fitted_knn(X: np.ndarray, y: np.ndarray, folds: np.ndarray, rows: np.n
         order = np.argsort(-sc, axis=1, kind="stable")  # best first, as an index answers
         top, sc = np.take_along_axis(top, order, axis=1), np.take_along_axis(sc, order, axis=1)
         lab = np.where(np.isfinite(sc), y[top], "")
-        for f in np.unique(folds[q]):  # each query's neighbours come from the other folds only
+        for f in np.unique(folds[q]):
             at = np.flatnonzero(folds[q] == f)
-            names, counts = np.unique(y[folds != f], return_counts=True)
-            v, a = knn_vote(sc[at], lab[at], dict(zip(names.tolist(), counts.tolist())))
-            labels[s + at], agreement[s + at] = v, a
+            labels[s + at], agreement[s + at] = knn_vote(sc[at], lab[at], sizes[f])
     return labels, agreement
 
 

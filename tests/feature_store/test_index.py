@@ -155,3 +155,16 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / "idx" / "labels.json").write_text('["only-one"]')
     with pytest.raises(ValueError, match="inconsistent"):
         SupportIndex.load(tmp_path / "idx")
+
+
+def test_label_counts_follow_every_change(tmp_path):
+    rng = np.random.default_rng(0)
+    idx = SupportIndex(8)
+    idx.add(rng.normal(size=(5, 8)), ["a", "a", "b", "c", "c"])
+    assert idx.label_counts() == {"a": 2, "b": 1, "c": 2}
+    idx.add(rng.normal(size=(1, 8)), ["b"])
+    assert idx.label_counts() == {"a": 2, "b": 2, "c": 2}
+    idx.remove(idx.ids[:2])
+    assert idx.label_counts() == {"b": 2, "c": 2}
+    idx.save(tmp_path / "s")
+    assert SupportIndex.load(tmp_path / "s").label_counts() == {"b": 2, "c": 2}
