@@ -2,7 +2,8 @@
 features against the practitioner script's cross-validation on the same features, side by side,
 in one run, in alternating rounds.
 
-    python -m bench.selection_speed [--dataset clothing|cifar|both] [--rounds 2] [--write]
+    python -m bench.selection_speed [--dataset clothing|cifar|both] [--rounds 2]
+                                    [--cifar-subset TRAIN/VAL/TEST ...] [--write]
 
 Per dataset (the same data as `bench.accuracy`): a state root holds tlpipe's feature store — the
 one `bench.accuracy --keep-root` kept, else one under the bench cache that an untimed first
@@ -36,6 +37,10 @@ import numpy as np
 from bench.accuracy import (BACKBONES, MLFLOW_URI_VARS, BenchData, bench_cache, cifar_data,
                             clothing_data, cpu_facts, describe_cpu, display_path, load_average, log,
                             practitioner_cv, tlpipe_command)
+
+
+#: the CIFAR-10 subset `bench.accuracy` uses too (photos a class: train/val/test)
+DEFAULT_CIFAR_SUBSET = "300/50/100"
 
 
 def state_root(data: BenchData) -> Path:
@@ -140,6 +145,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=("clothing", "cifar", "both"), default="both")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cifar-subset", action="append", default=None, metavar="TRAIN/VAL/TEST",
+                        help="photos a class of a CIFAR-10 subset (repeatable; default 300/50/100)")
     parser.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     args = parser.parse_args(argv)
     backbones = list(BACKBONES)
@@ -148,8 +155,14 @@ def main(argv=None) -> None:
     datasets = []
     if args.dataset in ("clothing", "both"):
         datasets.append(clothing_data(False, 0))
+    subsets = args.cifar_subset or [DEFAULT_CIFAR_SUBSET]
     if args.dataset in ("cifar", "both"):
-        datasets.append(cifar_data(300, 50, 100, 0, False))
+        for spec in subsets:
+            try:
+                n_train, n_val, n_test = (int(v) for v in spec.split("/"))
+            except ValueError:
+                parser.error(f"--cifar-subset {spec!r}: expected TRAIN/VAL/TEST photos a class, e.g. 300/50/100")
+            datasets.append(cifar_data(n_train, n_val, n_test, 0, False))
     results = {d.key: (d, measure(d, backbones, args.rounds)) for d in datasets}
     body = render(results, cpu, backbones)
     print(body)
@@ -157,7 +170,8 @@ def main(argv=None) -> None:
         from bench.report import write_section
 
         cmd = "python -m bench.selection_speed" + ("" if args.dataset == "both" else f" --dataset {args.dataset}") \
-            + ("" if args.rounds == 2 else f" --rounds {args.rounds}")
+            + ("" if args.rounds == 2 else f" --rounds {args.rounds}") \
+            + "".join(f" --cifar-subset {v}" for v in subsets if subsets != [DEFAULT_CIFAR_SUBSET])
         write_section("selection-speed", "Honest selection: tlpipe's whole run vs the script's CV, same features",
                       cmd, body)
         log("wrote section selection-speed of BENCHMARKS.md")

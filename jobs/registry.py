@@ -68,6 +68,22 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
+def prepare_registration() -> None:
+    """Build now what MLflow's requirement check reads at this process's first registration (a
+    map of every installed distribution's modules: about a second of CPU), so that `tlpipe run`
+    can do it on a thread while the sweep's tasks run instead of after them. Mismatch warnings,
+    if any, are left to the registration itself."""
+    from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+    log = logging.getLogger("mlflow.utils.requirements_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        warn_dependency_requirement_mismatches(_pip_requirements())
+    finally:
+        log.setLevel(level)
+
+
 def register_predictor(predictor_dir: str | Path, model_name: str, *, run_id: str | None = None,
                        alias: str = "challenger", tags: dict | None = None) -> str:
     """Log `predictor_dir` as a pyfunc model (from code) and register it; returns the version.

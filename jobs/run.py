@@ -147,7 +147,7 @@ def run(
     from feature_store import FeatureStore
     from jobs.extract import extract_features
     from jobs.ray_runtime import ensure_ray, warm_workers
-    from jobs.registry import TEST_PREDICTIONS, register_predictor
+    from jobs.registry import TEST_PREDICTIONS, prepare_registration, register_predictor
     from jobs.sweep import feature_sets_from_stats, run_sweep
     from jobs.tracking import check_tracking_server, log_bytes, setup_mlflow, tracking_uri_for
 
@@ -195,11 +195,14 @@ def run(
             max_latency_ms=max_latency_ms, max_params_m=max_params_m, register=register,
             model_name=model_name or model_name_for(dataset), seed=seed, default_heads=DEFAULT_HEADS,
             test_split_hash=split_hash(dataset.split("test")), on_sweep_progress=on_sweep_progress))
-    sweep = run_sweep(dataset, feature_sets_from_stats(stats), heads, root=root, store=store,
-                      head_params=head_params, selection_metric=selection_metric,
-                      tolerance=tolerance, selection=selection, ensembles=ensembles,
-                      max_latency_ms=max_latency_ms, max_params_m=max_params_m, seed=seed,
-                      on_progress=on_sweep_progress)
+    with ThreadPoolExecutor(1, thread_name_prefix="tlpipe-register") as pool:
+        if register:  # a failure here shows again, where it matters, at the registration
+            pool.submit(prepare_registration)
+        sweep = run_sweep(dataset, feature_sets_from_stats(stats), heads, root=root, store=store,
+                          head_params=head_params, selection_metric=selection_metric,
+                          tolerance=tolerance, selection=selection, ensembles=ensembles,
+                          max_latency_ms=max_latency_ms, max_params_m=max_params_m, seed=seed,
+                          on_progress=on_sweep_progress)
     result = RunResult(dataset, stats, sweep, skipped)
     setup_mlflow(root, DEFAULT_EXPERIMENT)
     if skipped:

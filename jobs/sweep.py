@@ -43,6 +43,9 @@ from pipeline.sweep.report import hardest_png_bytes, write_report
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 0.005
+#: heads submitted before the others of the feature sets in flight: the linear probes (the
+#: concatenation starts from their choices) and then the MLPs, the longest tasks
+SUBMIT_FIRST = ("LinearProbe", "MLP")
 SWEEP_TAG = "tlpipe.sweep_run_id"
 
 
@@ -300,29 +303,43 @@ def run_sweep(
             if on_progress:
                 on_progress(len(done), max(expected, len(done)))
 
-        def run_tasks(jobs: list[tuple[FeatureSetRef | list, Callable[[], tuple]]]) -> None:
-            """Submit head tasks a few feature sets at a time; log each result as it arrives."""
-            pending: dict[Any, tuple] = {}
-            queue = list(jobs)
+        pending: dict[Any, tuple] = {}  # head task -> what it is, while it runs
+        queue: list[Callable[[], list]] = []  # feature sets whose head tasks are not yet submitted
 
-            def in_flight() -> int:
-                return len({id(v[-1]) for v in pending.values()})
+        def run_tasks(jobs: list[Callable[[], list]], later: Callable[[], list] | None = None) -> None:
+            """Open a few feature sets at a time and submit their head tasks, the costly heads
+            first (`SUBMIT_FIRST`); log each result as it arrives. `later()` is asked after each
+            result for jobs that just became ready: they open at once, beyond the limit."""
+            queue[:], open_groups = list(jobs), set()
+
+            def submit(opened: list) -> None:
+                for _rank, send, (name, rs, hc, kind, info, lat, group) in sorted(
+                        opened, key=lambda o: o[0]):
+                    fut, params = send()
+                    pending[fut] = (name, rs, hc, params, kind, info, lat, group)
 
             try:
                 while queue or pending:
-                    while queue and in_flight() < max(1, max_backbones_in_flight):
-                        for fut, meta in queue.pop(0)[1]():
-                            pending[fut] = meta
+                    opened: list = []
+                    while queue and len(open_groups) < max(1, max_backbones_in_flight):
+                        got = queue.pop(0)()
+                        opened += got
+                        open_groups.update(id(meta[-1]) for _, _, meta in got)
+                    submit(opened)
                     if not pending:
                         continue
                     (fut,), _ = ray.wait(list(pending), num_returns=1)
-                    name, rs, hc, params, kind, info, lat, _group = pending.pop(fut)
+                    name, rs, hc, params, kind, info, lat, group = pending.pop(fut)
+                    if not any(m[-1] is group for m in pending.values()):
+                        open_groups.discard(id(group))
                     try:
                         result = ray.get(fut)
                     except Exception as exc:  # the worker died (OOM kill, node lost, ...)
                         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                                   "traceback": traceback.format_exc()}
                     finish(Outcome(name, rs, hc.head, hc.label, params, kind, info, lat, result))
+                    for job in (later() if later else []):
+                        submit(job())
             except BaseException:
                 for fut in pending:
                     ray.cancel(fut)
@@ -330,8 +347,8 @@ def run_sweep(
 
         def submit_for(rs: list[FeatureSetRef], data_info: Callable[[], tuple], kind: str,
                        cfgs: Sequence[HeadConfig], name_of: Callable[[HeadConfig], str],
-                       threads: int | None = None):
-            def go():
+                       threads: Callable[[], int] | None = None):
+            def go() -> list:
                 data, info = data_info()
                 obj = ray.put(data)  # one copy in the object store, shared by these heads
                 group = object()
@@ -342,33 +359,52 @@ def run_sweep(
                     if why:
                         skipped.append({"backbone": rs[0].backbone, "head": hc.label, "reason": why})
                         continue
-                    params = task_params(hc, rs[0], text_embedders,
-                                         threads or int(max(1, cpus_per_task)))
-                    fut = task.remote(obj, hc.head, params, classes,
-                                      selection_metric=selection_metric, n_bootstrap=n_bootstrap,
-                                      seed=seed, hardest_k=hardest_k, latency_repeats=latency_repeats)
-                    out.append((fut, (name_of(hc), rs, hc, params, kind, info, lat, group)))
+
+                    def send(hc=hc):
+                        params = task_params(hc, rs[0], text_embedders,
+                                             threads() if threads else int(max(1, cpus_per_task)))
+                        return task.remote(obj, hc.head, params, classes,
+                                           selection_metric=selection_metric,
+                                           n_bootstrap=n_bootstrap, seed=seed, hardest_k=hardest_k,
+                                           latency_repeats=latency_repeats), params
+                    rank = SUBMIT_FIRST.index(hc.head) if hc.head in SUBMIT_FIRST else len(SUBMIT_FIRST)
+                    out.append((rank, send, (name_of(hc), rs, hc, kind, info, lat, group)))
                 return out
             return go
 
-        run_tasks([(ref, submit_for(
-            [ref], lambda ref=ref, kept=kept: read_features(store, ref, kept, splits, folds), "probe",
-            head_cfgs, lambda hc, ref=ref: candidate_name(ref.backbone, hc.label)))
-            for ref, kept in plans])
+        # ---- a linear probe on the concatenated backbones, started as soon as every backbone's
+        # linear probe has chosen its weight decay (its grid is centred there), while the other
+        # single-backbone heads still run
+        linear_cfgs = [h for h in head_cfgs if h.head == "LinearProbe"][:1]
+        concat_state = {"started": not (ensembles and linear_cfgs and len(plans) >= 2)}
 
-        # ---- candidates across backbones: a linear probe on the concatenation, then Caruana
-        frozen = [ref for ref, _ in plans
-                  if any(d.ok and d.kind == "probe" and d.refs[0] is ref for d in done)]
-        linear = [ens.concat_head_config(h, done) for h in head_cfgs if h.head == "LinearProbe"][:1]
-        if ensembles and len(frozen) >= 2 and linear:
+        def concat_job() -> list:
+            label = linear_cfgs[0].label if linear_cfgs else None
+            if concat_state["started"] or queue or any(
+                    m[2].label == label and m[4] == "probe" for m in pending.values()):
+                return []
+            concat_state["started"] = True
+            ok = {d.refs[0].backbone for d in done if d.ok and d.kind == "probe" and d.label == label}
+            frozen = [ref for ref, _ in plans if ref.backbone in ok]
+            if len(frozen) < 2:
+                return []
+            linear = [ens.concat_head_config(linear_cfgs[0], done)]
+
             def concat() -> tuple:
-                data, _ = ens.concat_data([read(r) for r in frozen])
-                first = read_features(store, frozen[0], kept_by[frozen[0].backbone], splits)[1]
-                return data, subset_info(first, data["ids_test"], len(data["ids"]))
+                parts = [read_features(store, r, kept_by[r.backbone], splits, folds) for r in frozen]
+                data, _ = ens.concat_data([p for p, _ in parts])
+                return data, subset_info(parts[0][1], data["ids_test"], len(data["ids"]))
             tag = "concat(" + ",".join(short_backbones([r.backbone for r in frozen])) + ")"
-            # alone now: threads for a whole node, 1 CPU asked of Ray (no actor can block it)
-            run_tasks([(frozen, submit_for(frozen, concat, "concat", linear,
-                                           lambda hc: f"{tag}+{hc.label}", node_cpus()))])
+            # the whole node's threads when nothing else runs, one beside other heads (Ray is
+            # asked for one CPU either way: no actor can block it)
+            return [submit_for(frozen, concat, "concat", linear, lambda hc: f"{tag}+{hc.label}",
+                               lambda: 1 if pending or queue else node_cpus())]
+
+        run_tasks([submit_for(
+            [ref], lambda ref=ref, kept=kept: read_features(store, ref, kept, splits, folds), "probe",
+            head_cfgs, lambda hc, ref=ref: candidate_name(ref.backbone, hc.label))
+            for ref, kept in plans], later=concat_job)
+
         if ensembles:
             made = ens.ensemble_candidate(done, [r for r, _ in plans], head_dirs, read,
                                        lat_by_backbone, classes, folds, metric=selection_metric,

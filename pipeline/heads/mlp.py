@@ -101,11 +101,20 @@ def train_mlp(Xt, yt, Xvt, n_out: int, *, loss_fn, val_metrics, hidden: int, dro
     return weights, history, best_epoch
 
 
+def auto_hidden(n_classes: int) -> int:
+    """Hidden units when none are given: the power of two at or above twice the classes, within
+    [128, 512]. Narrower than about twice the classes bottlenecks the output layer; wider costs
+    compute (the first layer is most of an epoch) without a better cross-validated score on
+    ten-class sets (BENCHMARKS.md, MLP width)."""
+    return int(min(512, max(128, 2 ** int(np.ceil(np.log2(max(1, 2 * int(n_classes))))))))
+
+
 @register
 class MLP(Head):
     """Parameters
     ----------
-    hidden: hidden units; dropout: drop probability on the hidden layer (and none on input).
+    hidden: hidden units (None: `auto_hidden` of the number of classes); dropout: drop
+    probability on the hidden layer (and none on input).
     lr, weight_decay: AdamW settings; batch_size, max_epochs, patience: training schedule.
     val_fraction: held-out share of (X, y) for early stopping when no X_val is given.
     label_smoothing, class_weight (None | 'balanced' | {label: w}): loss options.
@@ -114,7 +123,7 @@ class MLP(Head):
 
     def __init__(
         self,
-        hidden: int = 256,
+        hidden: int | None = None,
         dropout: float = 0.2,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -169,10 +178,11 @@ class MLP(Head):
             return {"val_loss": float(val_loss_fn(logits, yvt)),
                     "val_accuracy": float((logits.argmax(1) == yvt).float().mean())}
 
+        self.hidden_ = auto_hidden(C) if self.hidden is None else int(self.hidden)
         weights, self.history_, self.best_epoch_ = train_mlp(
             torch.from_numpy(scaler.transform(Xf)), torch.from_numpy(cf),
             torch.from_numpy(scaler.transform(Xv)), C, loss_fn=loss_fn, val_metrics=val_metrics,
-            hidden=self.hidden, dropout=self.dropout, lr=self.lr, weight_decay=self.weight_decay,
+            hidden=self.hidden_, dropout=self.dropout, lr=self.lr, weight_decay=self.weight_decay,
             batch_size=self.batch_size, max_epochs=self.max_epochs, patience=self.patience,
             seed=self.seed, n_threads=self.n_threads)
         self.scaler_ = scaler
@@ -192,11 +202,13 @@ class MLP(Head):
             "W2": self.W2_,
             "b2": self.b2_,
         }
-        return arrays, {"best_epoch": self.best_epoch_, "history": self.history_}
+        return arrays, {"best_epoch": self.best_epoch_, "history": self.history_,
+                        "hidden": self.hidden_}
 
     def _set_state(self, arrays, state, path):
         self.scaler_ = Standardizer(arrays["mean"], arrays["std"])
         self.W1_, self.b1_ = arrays["W1"], arrays["b1"]
         self.W2_, self.b2_ = arrays["W2"], arrays["b2"]
         self.best_epoch_ = int(state.get("best_epoch", 0))
+        self.hidden_ = int(state.get("hidden", self.W1_.shape[1]))
         self.history_ = state.get("history", [])

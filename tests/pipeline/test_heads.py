@@ -392,6 +392,23 @@ def test_mlp_early_stopping_and_validation_set(data):
         MLP().fit(Xtr, ytr, X_val=Xte)
 
 
+def test_mlp_width_follows_the_number_of_classes(data, tmp_path):
+    """No width given: the power of two at or above twice the classes, within [128, 512]; the
+    width used is a fitted attribute, saved and loaded with the weights."""
+    from pipeline.heads.mlp import auto_hidden
+
+    assert [auto_hidden(c) for c in (2, 10, 64, 65, 101, 256, 1000)] == [128, 128, 128, 256, 256,
+                                                                        512, 512]
+    Xtr, ytr, Xte, _ = data
+    mlp = MLP(max_epochs=3).fit(Xtr, ytr)
+    assert mlp.hidden_ == 128 and mlp.W1_.shape == (DIM, 128)
+    assert MLP(hidden=48, max_epochs=3).fit(Xtr, ytr).W1_.shape == (DIM, 48)
+    mlp.save(tmp_path / "mlp")
+    back = load_head(tmp_path / "mlp")
+    assert back.hidden_ == 128
+    np.testing.assert_allclose(back.predict_proba(Xte), mlp.predict_proba(Xte), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- Ensemble
 
 

@@ -214,6 +214,7 @@ def test_pyfunc_model_of_a_registered_two_backbone_predictor(two_backbone, tmp_p
     import mlflow
     import pandas as pd
 
+    from jobs.mlflow_setup import use_tracking_uri
     from jobs.registry import predictor_path, register_predictor
     from pipeline.predictor import Predictor
 
@@ -223,7 +224,8 @@ def test_pyfunc_model_of_a_registered_two_backbone_predictor(two_backbone, tmp_p
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         previous = mlflow.get_tracking_uri()
         try:
-            mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+            # not mlflow.set_tracking_uri: it would export MLFLOW_TRACKING_URI to every later test
+            use_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
             mlflow.set_experiment(experiment_id=mlflow.create_experiment(
                 "multi", artifact_location=(tmp_path / "artifacts").as_uri()))
             version = register_predictor(path, "two-backbone")
@@ -232,7 +234,7 @@ def test_pyfunc_model_of_a_registered_two_backbone_predictor(two_backbone, tmp_p
             local = Predictor.load(predictor_path("two-backbone", version, tmp_path / "dl"))
             want = local.predict_images(images)
         finally:
-            mlflow.set_tracking_uri(previous)
+            use_tracking_uri(previous)
     assert len(local.specs) == 2
     assert list(served["label"]) == [p.label for p in want]  # abstain too: the best guess
     assert list(served["decision"]) == [p.decision for p in want]
