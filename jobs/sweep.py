@@ -37,15 +37,12 @@ from pipeline.sweep.outcome import (Outcome, combined_latency, paired_inputs, sa
                                     subset_info)
 from pipeline.sweep.plan import (DEFAULT_HEADS, FeatureSetRef, HeadConfig, candidate_name,
                                  expected_candidates, loggable_params, short_backbones, skip_reason,
-                                 slug, sweep_inputs, task_params)
+                                 slug, submit_rank, sweep_inputs, task_params)
 from pipeline.sweep.report import hardest_png_bytes, write_report
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 0.005
-#: heads submitted before the others of the feature sets in flight: the linear probes (the
-#: concatenation starts from their choices) and then the MLPs, the longest tasks
-SUBMIT_FIRST = ("LinearProbe", "MLP")
 SWEEP_TAG = "tlpipe.sweep_run_id"
 
 
@@ -286,8 +283,9 @@ def run_sweep(
                                                  latency_repeats, cache_dir=root / "latency")
             lat_by_backbone[ref.backbone] = {**lat, **({"error": why} if why else {})}
 
-        def read(ref: FeatureSetRef) -> dict[str, Any]:
-            return read_features(store, ref, kept_by[ref.backbone], splits, folds)[0]
+        def read(ref: FeatureSetRef, info: bool = False):
+            data = read_features(store, ref, kept_by[ref.backbone], splits, folds)
+            return data if info else data[0]
 
         def finish(d: Outcome) -> None:
             if d.ok:
@@ -307,9 +305,8 @@ def run_sweep(
         queue: list[Callable[[], list]] = []  # feature sets whose head tasks are not yet submitted
 
         def run_tasks(jobs: list[Callable[[], list]], later: Callable[[], list] | None = None) -> None:
-            """Open a few feature sets at a time and submit their head tasks, the costly heads
-            first (`SUBMIT_FIRST`); log each result as it arrives. `later()` is asked after each
-            result for jobs that just became ready: they open at once, beyond the limit."""
+            """Open a few feature sets at a time, submit their heads (`submit_rank` order), log each
+            result as it arrives; jobs `later()` returns after a result open at once."""
             queue[:], open_groups = list(jobs), set()
 
             def submit(opened: list) -> None:
@@ -367,31 +364,28 @@ def run_sweep(
                                            selection_metric=selection_metric,
                                            n_bootstrap=n_bootstrap, seed=seed, hardest_k=hardest_k,
                                            latency_repeats=latency_repeats), params
-                    rank = SUBMIT_FIRST.index(hc.head) if hc.head in SUBMIT_FIRST else len(SUBMIT_FIRST)
-                    out.append((rank, send, (name_of(hc), rs, hc, kind, info, lat, group)))
+                    out.append((submit_rank(hc.head), send, (name_of(hc), rs, hc, kind, info, lat, group)))
                 return out
             return go
 
-        # ---- a linear probe on the concatenated backbones, started as soon as every backbone's
-        # linear probe has chosen its weight decay (its grid is centred there), while the other
-        # single-backbone heads still run
-        linear_cfgs = [h for h in head_cfgs if h.head == "LinearProbe"][:1]
-        concat_state = {"started": not (ensembles and linear_cfgs and len(plans) >= 2)}
+        # ---- a linear probe on the concatenated backbones, as soon as every backbone's linear
+        # probe has chosen its weight decay (its grid is centred there), beside the other heads
+        lin = next((h for h in head_cfgs if h.head == "LinearProbe"), None)
+        concat_state = {"started": not (ensembles and lin and len(plans) >= 2)}
 
         def concat_job() -> list:
-            label = linear_cfgs[0].label if linear_cfgs else None
             if concat_state["started"] or queue or any(
-                    m[2].label == label and m[4] == "probe" for m in pending.values()):
+                    m[2].label == lin.label and m[4] == "probe" for m in pending.values()):
                 return []
             concat_state["started"] = True
-            ok = {d.refs[0].backbone for d in done if d.ok and d.kind == "probe" and d.label == label}
+            ok = {d.refs[0].backbone for d in done if d.ok and d.kind == "probe" and d.label == lin.label}
             frozen = [ref for ref, _ in plans if ref.backbone in ok]
             if len(frozen) < 2:
                 return []
-            linear = [ens.concat_head_config(linear_cfgs[0], done)]
+            linear = [ens.concat_head_config(lin, done)]
 
             def concat() -> tuple:
-                parts = [read_features(store, r, kept_by[r.backbone], splits, folds) for r in frozen]
+                parts = [read(r, info=True) for r in frozen]
                 data, _ = ens.concat_data([p for p, _ in parts])
                 return data, subset_info(parts[0][1], data["ids_test"], len(data["ids"]))
             tag = "concat(" + ",".join(short_backbones([r.backbone for r in frozen])) + ")"

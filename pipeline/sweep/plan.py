@@ -62,6 +62,16 @@ class HeadConfig:
         return self.name or self.head
 
 
+#: heads submitted before the others of the feature sets in flight: the linear probes (the
+#: concatenation starts from their choices), then the MLPs, the longest tasks
+SUBMIT_FIRST = ("LinearProbe", "MLP")
+
+
+def submit_rank(head: str) -> int:
+    """Submission order of a head's task among those of the feature sets in flight (lower first)."""
+    return SUBMIT_FIRST.index(head) if head in SUBMIT_FIRST else len(SUBMIT_FIRST)
+
+
 def slug(text: str) -> str:
     """A name as one safe path component."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
