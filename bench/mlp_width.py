@@ -6,7 +6,7 @@ fixed widths, on the same cached features and the same folds `tlpipe run` uses, 
 
 Per dataset (the data and feature stores of `bench.selection_speed`, filled by its first run) and
 per backbone, each width runs `pipeline.sweep.candidate.fit_evaluate` (5-fold CV, refit, test
-scoring) with one thread, one after the other in this process.
+scoring) with one thread, one after the other in this process (after one untimed warm-up fit).
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ def measure(data, backbones, widths) -> list[dict]:
     from pipeline.sweep.candidate import fit_evaluate
 
     classes, sets = feature_sets(data, backbones)
+    # untimed: the first fit of a process pays for importing torch and warming its kernels
+    first = next(iter(sets.values()))
+    fit_evaluate(first, "MLP", {"n_threads": 1, "max_epochs": 1}, classes,
+                 selection_metric="balanced_accuracy", n_bootstrap=0, seed=0, hardest_k=1,
+                 latency_repeats=1)
     rows = []
     for b, fs in sets.items():
         for w in widths:
