@@ -44,7 +44,7 @@ bench: venv
 	$(PY) -m bench.soak --minutes 10 --write
 	$(PY) -m bench.multilabel --train 1200 --val 300 --test 500 --size 128 --values 20 --write
 	$(PY) -m bench.accuracy --dataset both --write --keep-root
-	$(PY) -m bench.selection_speed --write
+	$(PY) -m bench.selection_speed --cifar-subset 300/50/100 --cifar-subset 600/100/100 --write
 	$(PY) -m bench.mlp_width --write
 
 clean:
