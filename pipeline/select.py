@@ -198,9 +198,19 @@ def _latency_relation(c: Candidate, ref: Candidate, key: str) -> str | None:
     return "lower" if gap > 0 else "higher"
 
 
+#: scores closer than this are the same score: a mean of per-class rates summed in another order
+#: differs in its last bits, and such a difference must not rank two candidates
+SCORE_EPS = 1e-9
+
+
+def _same_score(a: Any, b: Any) -> bool:
+    x, y = _num(a), _num(b)
+    return x is not None and y is not None and abs(x - y) <= SCORE_EPS * max(1.0, abs(x), abs(y))
+
+
 def _dominates(d: Candidate, c: Candidate, key: str) -> bool:
     """d has a strictly higher metric at no higher cost than c."""
-    if not _num(d.metric) > _num(c.metric):
+    if not _num(d.metric) > _num(c.metric) or _same_score(d.metric, c.metric):
         return False
     if _latency_relation(d, c, key) not in ("lower", "equal"):
         return False
@@ -430,7 +440,7 @@ def select_winner(candidates: Iterable[Candidate], *,
                                                             latency_key))
 
     ranked = sorted(eligible, key=lambda c: (-_num(c.metric),) + _cost_key(c, latency_key))
-    tied = [c for c in ranked if _num(c.metric) == _num(ranked[0].metric)]
+    tied = [c for c in ranked if _same_score(c.metric, ranked[0].metric)]
     if len(tied) > 1:  # equal scores: a latency gap inside noise or the minimum gap decides nothing
         first = _break_tie(tied, latency_key, min_cost_gap)
         ranked = [first] + [c for c in ranked if c is not first]

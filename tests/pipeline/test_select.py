@@ -513,3 +513,25 @@ def test_equal_scores_are_not_decided_by_a_timing_jitter():
     assert a == b == "b+centroid"  # equal cost within 5 %: fewer parameters, then the name
     # a real cost gap still decides
     assert select_winner(pair(1.0, 2.0)).winner.name == "b+linear"
+
+
+def test_scores_equal_but_for_summation_order_are_equal():
+    """A balanced accuracy is a mean of per-class recalls; the same recalls in another order sum
+    to a float a few ulps away. Such scores tie (the tie rule decides), whichever is larger."""
+    from pipeline.select import Candidate, select_winner
+
+    recalls = [0.95, 0.65, 0.975]
+    s1 = (recalls[0] + recalls[1] + recalls[2]) / 3
+    s2 = (recalls[2] + recalls[0] + recalls[1]) / 3
+    assert s1 != s2  # the float issue itself
+
+    def pair(m_linear, m_centroid):
+        return [Candidate(name="b+linear", backbone="b", head="linear", family="f",
+                          metric=m_linear, latency_ms_b1=1.0, params_m=5.000083),
+                Candidate(name="b+centroid", backbone="b", head="centroid", family="f",
+                          metric=m_centroid, latency_ms_b1=1.0, params_m=5.000064)]
+
+    assert select_winner(pair(s1, s2)).winner.name == select_winner(pair(s2, s1)).winner.name \
+        == "b+centroid"
+    # a real difference in score still wins
+    assert select_winner(pair(0.86, 0.855)).winner.name == "b+linear"
