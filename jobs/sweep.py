@@ -283,9 +283,8 @@ def run_sweep(
                                                  latency_repeats, cache_dir=root / "latency")
             lat_by_backbone[ref.backbone] = {**lat, **({"error": why} if why else {})}
 
-        def read(ref: FeatureSetRef, info: bool = False):
-            data = read_features(store, ref, kept_by[ref.backbone], splits, folds)
-            return data if info else data[0]
+        def features(ref: FeatureSetRef) -> tuple[dict[str, Any], dict[str, Any]]:
+            return read_features(store, ref, kept_by[ref.backbone], splits, folds)
 
         def finish(d: Outcome) -> None:
             if d.ok:
@@ -301,40 +300,36 @@ def run_sweep(
             if on_progress:
                 on_progress(len(done), max(expected, len(done)))
 
-        pending: dict[Any, tuple] = {}  # head task -> what it is, while it runs
+        pending: dict[Any, tuple[Outcome, object]] = {}  # task -> (its outcome to be, feature set)
         queue: list[Callable[[], list]] = []  # feature sets whose head tasks are not yet submitted
 
         def run_tasks(jobs: list[Callable[[], list]], later: Callable[[], list] | None = None) -> None:
             """Open a few feature sets at a time, submit their heads (`submit_rank` order), log each
             result as it arrives; jobs `later()` returns after a result open at once."""
-            queue[:], open_groups = list(jobs), set()
+            queue[:] = jobs
 
             def submit(opened: list) -> None:
-                for _rank, send, (name, rs, hc, kind, info, lat, group) in sorted(
-                        opened, key=lambda o: o[0]):
-                    fut, params = send()
-                    pending[fut] = (name, rs, hc, params, kind, info, lat, group)
+                for _rank, send in sorted(opened, key=lambda o: o[0]):
+                    fut, outcome, group = send()
+                    pending[fut] = (outcome, group)
 
             try:
                 while queue or pending:
                     opened: list = []
-                    while queue and len(open_groups) < max(1, max_backbones_in_flight):
-                        got = queue.pop(0)()
-                        opened += got
-                        open_groups.update(id(meta[-1]) for _, _, meta in got)
+                    in_flight = len({id(g) for _, g in pending.values()})
+                    for _ in range(max(0, max(1, max_backbones_in_flight) - in_flight)):
+                        opened += queue.pop(0)() if queue else []
                     submit(opened)
                     if not pending:
                         continue
                     (fut,), _ = ray.wait(list(pending), num_returns=1)
-                    name, rs, hc, params, kind, info, lat, group = pending.pop(fut)
-                    if not any(m[-1] is group for m in pending.values()):
-                        open_groups.discard(id(group))
+                    outcome, _group = pending.pop(fut)
                     try:
-                        result = ray.get(fut)
+                        outcome.result = ray.get(fut)
                     except Exception as exc:  # the worker died (OOM kill, node lost, ...)
-                        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                  "traceback": traceback.format_exc()}
-                    finish(Outcome(name, rs, hc.head, hc.label, params, kind, info, lat, result))
+                        outcome.result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                          "traceback": traceback.format_exc()}
+                    finish(outcome)
                     for job in (later() if later else []):
                         submit(job())
             except BaseException:
@@ -360,11 +355,12 @@ def run_sweep(
                     def send(hc=hc):
                         params = task_params(hc, rs[0], text_embedders,
                                              threads() if threads else int(max(1, cpus_per_task)))
-                        return task.remote(obj, hc.head, params, classes,
-                                           selection_metric=selection_metric,
-                                           n_bootstrap=n_bootstrap, seed=seed, hardest_k=hardest_k,
-                                           latency_repeats=latency_repeats), params
-                    out.append((submit_rank(hc.head), send, (name_of(hc), rs, hc, kind, info, lat, group)))
+                        fut = task.remote(obj, hc.head, params, classes,
+                                          selection_metric=selection_metric, n_bootstrap=n_bootstrap,
+                                          seed=seed, hardest_k=hardest_k, latency_repeats=latency_repeats)
+                        return fut, Outcome(name_of(hc), rs, hc.head, hc.label, params, kind, info,
+                                            lat, {}), group
+                    out.append((submit_rank(hc.head), send))
                 return out
             return go
 
@@ -375,7 +371,7 @@ def run_sweep(
 
         def concat_job() -> list:
             if concat_state["started"] or queue or any(
-                    m[2].label == lin.label and m[4] == "probe" for m in pending.values()):
+                    o.label == lin.label and o.kind == "probe" for o, _ in pending.values()):
                 return []
             concat_state["started"] = True
             ok = {d.refs[0].backbone for d in done if d.ok and d.kind == "probe" and d.label == lin.label}
@@ -385,7 +381,7 @@ def run_sweep(
             linear = [ens.concat_head_config(lin, done)]
 
             def concat() -> tuple:
-                parts = [read(r, info=True) for r in frozen]
+                parts = [features(r) for r in frozen]
                 data, _ = ens.concat_data([p for p, _ in parts])
                 return data, subset_info(parts[0][1], data["ids_test"], len(data["ids"]))
             tag = "concat(" + ",".join(short_backbones([r.backbone for r in frozen])) + ")"
@@ -395,15 +391,15 @@ def run_sweep(
                                lambda: 1 if pending or queue else node_cpus())]
 
         run_tasks([submit_for(
-            [ref], lambda ref=ref, kept=kept: read_features(store, ref, kept, splits, folds), "probe",
+            [ref], lambda ref=ref: features(ref), "probe",
             head_cfgs, lambda hc, ref=ref: candidate_name(ref.backbone, hc.label))
-            for ref, kept in plans], later=concat_job)
+            for ref, _ in plans], later=concat_job)
 
         if ensembles:
-            made = ens.ensemble_candidate(done, [r for r, _ in plans], head_dirs, read,
-                                       lat_by_backbone, classes, folds, metric=selection_metric,
-                                       n_bootstrap=n_bootstrap, seed=seed, hardest_k=hardest_k,
-                                       latency_repeats=latency_repeats)
+            made = ens.ensemble_candidate(done, [r for r, _ in plans], head_dirs,
+                                       lambda r: features(r)[0], lat_by_backbone, classes, folds,
+                                       metric=selection_metric, n_bootstrap=n_bootstrap, seed=seed,
+                                       hardest_k=hardest_k, latency_repeats=latency_repeats)
             if isinstance(made, Outcome):
                 finish(made)
             else:

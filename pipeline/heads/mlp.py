@@ -202,13 +202,12 @@ class MLP(Head):
             "W2": self.W2_,
             "b2": self.b2_,
         }
-        return arrays, {"best_epoch": self.best_epoch_, "history": self.history_,
-                        "hidden": self.hidden_}
+        return arrays, {"best_epoch": self.best_epoch_, "history": self.history_}
 
     def _set_state(self, arrays, state, path):
         self.scaler_ = Standardizer(arrays["mean"], arrays["std"])
         self.W1_, self.b1_ = arrays["W1"], arrays["b1"]
         self.W2_, self.b2_ = arrays["W2"], arrays["b2"]
         self.best_epoch_ = int(state.get("best_epoch", 0))
-        self.hidden_ = int(state.get("hidden", self.W1_.shape[1]))
+        self.hidden_ = int(self.W1_.shape[1])
         self.history_ = state.get("history", [])
