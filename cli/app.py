@@ -23,6 +23,7 @@ from cli.console import (
     stats_table,
 )
 from cli.next_steps import threshold_lines
+from cli.quick_exit import run_and_exit
 from cli.suggest import suggest as suggest_command
 from pipeline import settings
 from pipeline.sweep.plan import DEFAULT_HEADS
@@ -203,15 +204,6 @@ def run(
     except ValueError as e:
         fail(str(e))
     use_root(root)  # registered backbone names live in the state root
-    if multi_label is None and label_separator == "|":
-        ds = load_dataset_arg(data, seed, None)
-    else:  # label sets forced on/off or split on another separator
-        from pipeline.archives import is_archive, unpack
-        from pipeline.data import load_dataset
-
-        ds = load_dataset(str(unpack(data)) if is_archive(data) else data, seed=seed,
-                          multi_label=multi_label, label_separator=label_separator)
-    console.print(ds.card.render())
     from jobs.progress import StageProgress
 
     with StageProgress(console) as progress:  # bars on a terminal, plain lines in a log
@@ -221,8 +213,10 @@ def run(
                          selection_metric=metric, tolerance=tolerance, selection=selection,
                          ensembles=ensembles, target_precision=target_precision,
                          model_name=model_name, seed=seed, on_progress=progress.extract,
-                         on_sweep_progress=progress.sweep, dataset=ds,
-                         precisions=precisions, sizes=input_sizes)
+                         on_sweep_progress=progress.sweep, precisions=precisions,
+                         sizes=input_sizes, multi_label=multi_label,
+                         label_separator=label_separator,
+                         on_dataset=lambda ds: console.print(ds.card.render()))
     console.print(stats_table(result.extract_stats))
     for s in result.skipped_backbones:
         console.print(f"[yellow]skipped[/] {s['backbone']}: {s['reason']}")
@@ -436,5 +430,10 @@ def demo(data: Path = typer.Option(Path("../shared/data/clothing-small.tar.gz"),
     demo_main(str(data))
 
 
+def main() -> None:
+    """The `tlpipe` command (see `cli.quick_exit`)."""
+    run_and_exit(app)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -25,22 +25,20 @@ def main(data: str, root: str = ".tlpipe", backbones: tuple[str, ...] = DEMO_BAC
     from cli.console import (
         console,
         leaderboard_table,
-        load_dataset_arg,
         print_promotion,
         stats_table,
     )
     from jobs.run import run
 
     t0 = time.perf_counter()
-    console.rule("[bold]tlpipe demo: validate")
-    ds = load_dataset_arg(data, 0, None)
-    console.print(ds.card.render())
-    console.rule("[bold]extract → sweep → select → register")
+    console.rule("[bold]tlpipe demo: validate → extract → sweep → select → register")
     from jobs.progress import StageProgress
 
     with StageProgress(console) as progress:  # bars on a terminal, plain lines in a log
-        result = run(data, root=root, backbones=list(backbones), dataset=ds,
-                     on_progress=progress.extract, on_sweep_progress=progress.sweep)
+        result = run(data, root=root, backbones=list(backbones), on_progress=progress.extract,
+                     on_sweep_progress=progress.sweep,
+                     on_dataset=lambda ds: console.print(ds.card.render()))
+    ds = result.dataset
     console.print(stats_table(result.extract_stats))
     console.print(leaderboard_table(result.sweep.rows, "leaderboard"))
     knn = [r for r in result.sweep.rows if r.get("head") == "knn" and r.get("accuracy") is not None]
@@ -69,4 +67,6 @@ if __name__ == "__main__":
     parser.add_argument("--backbones", default=",".join(DEMO_BACKBONES),
                         help="comma-separated backbone names")
     args = parser.parse_args()
-    main(args.data, args.root, tuple(b for b in args.backbones.split(",") if b))
+    from cli.quick_exit import run_and_exit
+
+    run_and_exit(lambda: main(args.data, args.root, tuple(b for b in args.backbones.split(",") if b)))

@@ -7,6 +7,10 @@ import os
 import sys
 from typing import Sequence
 
+#: the GCS address of the local Ray that `ensure_ray` started in this process (None: it joined a
+#: cluster, or Ray was started elsewhere)
+_embedded = {"gcs_address": None}
+
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict:
     """Initialise Ray once per process and return its cluster resources.
@@ -36,6 +40,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> di
                 include_dashboard=False,
                 **common,
             )
+            _embedded["gcs_address"] = ray.get_runtime_context().gcs_address
         if "ray.data" in sys.modules:  # else `quiet_ray_data` runs where Ray Data is first used
             quiet_ray_data()
     return ray.cluster_resources()
@@ -128,6 +133,18 @@ def warm_workers(modules: Sequence[str], *, cap: int = MAX_TASK_CPUS) -> list:
     task = ray.remote(import_modules).options(num_cpus=1, max_retries=0)
     n = int(max(1, min(cap, ray.cluster_resources().get("CPU", 1))))
     return [task.remote(list(modules)) for _ in range(n)]
+
+
+def task_slots(cpus_per_task: float) -> int | None:
+    """How many tasks of `cpus_per_task` CPUs the embedded local Ray runs at once; None on a
+    joined cluster, whose size may change (an autoscaler adds nodes for queued tasks, so a driver
+    there submits everything at once)."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().gcs_address != _embedded["gcs_address"]:
+        return None
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return int(max(1, cpus // max(cpus_per_task, 1e-9)))
 
 
 def cluster_has_gpu() -> bool:

@@ -19,6 +19,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from jobs.tracking import check_tracking_server, log_bytes, setup_mlflow, tracking_uri_for
+from pipeline.archives import is_archive, unpack
+from pipeline.data import load_dataset
+from pipeline.data.sources import discover
 from pipeline.settings import DEFAULT_EXPERIMENT, DEFAULT_STATE_ROOT, features_root, state_root
 from pipeline.sweep.candidate import TASK_MODULES
 from pipeline.sweep.plan import DEFAULT_HEADS
@@ -119,6 +123,23 @@ def build_predictor(dataset, store, winner: dict, head_dir: str, *, target_preci
     return predictor
 
 
+def listing(data: str, *, multi_label: bool | None = None, label_separator: str = "|"):
+    """What `data` (a folder, manifest, HF folder or archive, unpacked first) lists: quick, and
+    raises at once for a missing path or an unknown layout (`load_dataset` then checks every file)."""
+    return discover(str(unpack(data)) if is_archive(data) else data, multi_label=multi_label,
+                    separator=label_separator)
+
+
+def _setup_tracking_once_loaded(loading, root: Path) -> str | None:
+    """`setup_mlflow` (the state root's store) once `loading` (None: nothing to wait for) has
+    loaded the dataset; MLflow's import meanwhile. None when the dataset failed."""
+    import mlflow  # noqa: F401  (seconds of import, overlapping Ray's start)
+
+    if loading is not None and loading.exception() is not None:
+        return None
+    return setup_mlflow(root, DEFAULT_EXPERIMENT)
+
+
 def run(
     data: str,
     *,
@@ -143,21 +164,15 @@ def run(
     sizes: Sequence[int] = (),
     multi_label: bool | None = None,
     label_separator: str = "|",
+    on_dataset: Callable[[Any], None] | None = None,
 ) -> RunResult:
     from feature_store import FeatureStore
     from jobs.extract import extract_features
     from jobs.ray_runtime import ensure_ray, warm_workers
     from jobs.registry import TEST_PREDICTIONS, prepare_registration, register_predictor
     from jobs.sweep import feature_sets_from_stats, run_sweep
-    from jobs.tracking import check_tracking_server, log_bytes, setup_mlflow, tracking_uri_for
 
     root = state_root(root)  # a local dir (file:// accepted); URLs are refused with the fix
-    if dataset is None:
-        from pipeline.archives import is_archive, unpack
-        from pipeline.data import load_dataset
-
-        dataset = load_dataset(str(unpack(data)) if is_archive(data) else data, seed=seed,
-                               multi_label=multi_label, label_separator=label_separator)
     skipped: list[dict] = []
     if not backbones:
         backbones, skipped = default_backbones()
@@ -172,12 +187,21 @@ def run(
 
         backbones = [v.name for v in expand([get_spec(b) for b in backbones], sizes, precisions)]
     check_tracking_server(tracking_uri_for(root))  # a server that is down: one line, before Ray or extraction
-    with ThreadPoolExecutor(1, thread_name_prefix="tlpipe-mlflow") as pool:
-        # MLflow's import and store setup (CPU) overlap Ray's start (mostly waiting for its
-        # processes); Ray stays on the main thread, where it must be initialised
-        tracking = pool.submit(setup_mlflow, root, DEFAULT_EXPERIMENT)
+    with ThreadPoolExecutor(2, thread_name_prefix="tlpipe-start") as pool:
+        # the intake's file checks (decoding every image) and MLflow's import (CPU) overlap Ray's
+        # start (mostly waiting for its processes); Ray stays on the main thread, where it must
+        # be initialised. A listing that fails stops here, before Ray starts; a dataset whose
+        # files leave nothing usable stops once Ray is up, with nothing written under the root.
+        loading = None if dataset is not None else pool.submit(
+            load_dataset, listing(data, multi_label=multi_label, label_separator=label_separator),
+            seed=seed)
+        tracking = pool.submit(_setup_tracking_once_loaded, loading, root)
         ensure_ray()
         warm_workers(TASK_MODULES)  # the sweep's workers import torch & co. meanwhile
+        if loading is not None:
+            dataset = loading.result()
+            if on_dataset:
+                on_dataset(dataset)
         tracking.result()
     store = FeatureStore(features_root(root))  # $TLPIPE_FEATURES (a shared fsspec URL) or <root>/features
     stats = extract_features([(r.sha256, r.path) for r in dataset.records], backbones, store=store,

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from jobs.leaderboard import CANDIDATE_KIND, SWEEP_KIND, leaderboard, log_selection
+from jobs.task_queue import Job, TaskQueue
 from pipeline.settings import DEFAULT_EXPERIMENT, features_root
 from pipeline.sweep import ensemble as ens
 from pipeline.sweep.candidate import fit_evaluate
@@ -216,7 +217,7 @@ def run_sweep(
 
     from feature_store import FeatureStore
     from jobs.finetune import sweep_finetunes
-    from jobs.ray_runtime import ensure_ray, node_cpus
+    from jobs.ray_runtime import ensure_ray, node_cpus, task_slots
     from jobs.tracking import (KIND_TAG, log_bytes, log_dataset_card, log_json, log_params,
                                log_tags, setup_mlflow, tracked_run)
     from pipeline.variant_pairs import pair_notes
@@ -300,50 +301,24 @@ def run_sweep(
             if on_progress:
                 on_progress(len(done), max(expected, len(done)))
 
-        pending: dict[Any, tuple[Outcome, object]] = {}  # task -> (its outcome to be, feature set)
-        queue: list[Callable[[], list]] = []  # feature sets whose head tasks are not yet submitted
+        tasks = TaskQueue(task_slots(cpus_per_task), max_backbones_in_flight)
 
-        def run_tasks(jobs: list[Callable[[], list]], later: Callable[[], list] | None = None) -> None:
-            """Open a few feature sets at a time, submit their heads (`submit_rank` order), log each
-            result as it arrives; jobs `later()` returns after a result open at once."""
-            queue[:] = jobs
+        received: list[Outcome] = []  # results in, perhaps not yet logged
 
-            def submit(opened: list) -> None:
-                for _rank, send in sorted(opened, key=lambda o: o[0]):
-                    fut, outcome, group = send()
-                    pending[fut] = (outcome, group)
-
+        def receive(outcome: Outcome, ref: Any) -> None:
             try:
-                while queue or pending:
-                    opened: list = []
-                    in_flight = len({id(g) for _, g in pending.values()})
-                    for _ in range(max(0, max(1, max_backbones_in_flight) - in_flight)):
-                        opened += queue.pop(0)() if queue else []
-                    submit(opened)
-                    if not pending:
-                        continue
-                    (fut,), _ = ray.wait(list(pending), num_returns=1)
-                    outcome, _group = pending.pop(fut)
-                    try:
-                        outcome.result = ray.get(fut)
-                    except Exception as exc:  # the worker died (OOM kill, node lost, ...)
-                        outcome.result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                          "traceback": traceback.format_exc()}
-                    finish(outcome)
-                    for job in (later() if later else []):
-                        submit(job())
-            except BaseException:
-                for fut in pending:
-                    ray.cancel(fut)
-                raise
+                outcome.result = ray.get(ref)
+            except Exception as exc:  # the worker died (OOM kill, node lost, ...)
+                outcome.result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                  "traceback": traceback.format_exc()}
+            received.append(outcome)
 
         def submit_for(rs: list[FeatureSetRef], data_info: Callable[[], tuple], kind: str,
                        cfgs: Sequence[HeadConfig], name_of: Callable[[HeadConfig], str],
                        threads: Callable[[], int] | None = None):
-            def go() -> list:
+            def go() -> list[Job]:
                 data, info = data_info()
                 obj = ray.put(data)  # one copy in the object store, shared by these heads
-                group = object()
                 lat = combined_latency([lat_by_backbone[r.backbone] for r in rs])
                 out = []
                 for hc in cfgs:
@@ -359,8 +334,8 @@ def run_sweep(
                                           selection_metric=selection_metric, n_bootstrap=n_bootstrap,
                                           seed=seed, hardest_k=hardest_k, latency_repeats=latency_repeats)
                         return fut, Outcome(name_of(hc), rs, hc.head, hc.label, params, kind, info,
-                                            lat, {}), group
-                    out.append((submit_rank(hc.head), send))
+                                            lat, {})
+                    out.append(Job(submit_rank(hc.head), send, (kind, hc.label)))
                 return out
             return go
 
@@ -370,15 +345,15 @@ def run_sweep(
         concat_state = {"started": not (ensembles and lin and len(plans) >= 2)}
 
         def concat_job() -> list:
-            if concat_state["started"] or queue or any(
-                    o.label == lin.label and o.kind == "probe" for o, _ in pending.values()):
+            if concat_state["started"] or tasks.waiting(lambda tag: tag == ("probe", lin.label)):
                 return []
             concat_state["started"] = True
-            ok = {d.refs[0].backbone for d in done if d.ok and d.kind == "probe" and d.label == lin.label}
+            ok = {d.refs[0].backbone for d in received
+                  if d.ok and d.kind == "probe" and d.label == lin.label}
             frozen = [ref for ref, _ in plans if ref.backbone in ok]
             if len(frozen) < 2:
                 return []
-            linear = [ens.concat_head_config(lin, done)]
+            linear = [ens.concat_head_config(lin, received)]
 
             def concat() -> tuple:
                 parts = [features(r) for r in frozen]
@@ -388,12 +363,12 @@ def run_sweep(
             # the whole node's threads when nothing else runs, one beside other heads (Ray is
             # asked for one CPU either way: no actor can block it)
             return [submit_for(frozen, concat, "concat", linear, lambda hc: f"{tag}+{hc.label}",
-                               lambda: 1 if pending or queue else node_cpus())]
+                               lambda: 1 if tasks.busy else node_cpus())]
 
-        run_tasks([submit_for(
+        tasks.run([submit_for(
             [ref], lambda ref=ref: features(ref), "probe",
             head_cfgs, lambda hc, ref=ref: candidate_name(ref.backbone, hc.label))
-            for ref, _ in plans], later=concat_job)
+            for ref, _ in plans], receive, finish, later=concat_job)
 
         if ensembles:
             made = ens.ensemble_candidate(done, [r for r, _ in plans], head_dirs,

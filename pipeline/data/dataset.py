@@ -116,7 +116,9 @@ def load_dataset(
 
     `source`: an ImageFolder tree (`<class>/…` or `<split>/<class>/…`), a CSV/TSV/JSONL manifest
     (`path,label[,split]`, paths relative to the manifest), a folder written by datasets'
-    `save_to_disk`, a Hugging Face hub id (needs hub access), or a `datasets` object.
+    `save_to_disk`, a Hugging Face hub id (needs hub access), a `datasets` object, or the
+    `SourceListing` that `pipeline.data.sources.discover` made of one of these (listing is quick
+    and fails on a missing path or an unknown layout; checking every file is the slow part).
     Every file is fully decoded; bad ones are excluded with a code and listed in the card.
     Without source splits, a seeded stratified train/val/test split is made.
     `cache_dir` holds images extracted from HF datasets (default `$TLPIPE_CACHE_DIR/hf-images`).
@@ -128,8 +130,8 @@ def load_dataset(
     check_fractions(val_fraction, test_fraction)
     if max_pixels <= 0:
         raise DatasetError(f"max_pixels must be positive, got {max_pixels}")
-    listing: SourceListing = discover(source, cache_dir=cache_dir, multi_label=multi_label,
-                                      separator=label_separator)
+    listing: SourceListing = source if isinstance(source, SourceListing) else discover(
+        source, cache_dir=cache_dir, multi_label=multi_label, separator=label_separator)
     multi = listing.multi_label
     results = check_files(listing.candidates, max_pixels=max_pixels, workers=workers, progress=progress)
     checked = [r for r in results if isinstance(r, CheckedFile)]

@@ -35,8 +35,10 @@ def test_check_accepts_known_and_rejects_unknown_params():
 
 
 def test_run_fails_before_any_work_on_a_bad_set(tmp_path, monkeypatch):
+    import jobs.run
+
     called = []
-    monkeypatch.setattr(cli, "load_dataset_arg", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(jobs.run, "run", lambda *a, **k: called.append(a))
     res = CliRunner().invoke(cli.app, ["run", str(tmp_path), "--heads", "linear,lora", "--set", "lora.epoch=2"])
     assert res.exit_code == 2 and not called
     assert "lora takes no parameter" in res.output
@@ -54,7 +56,6 @@ def test_run_hands_head_params_to_the_job(tmp_path, monkeypatch):
         seen.update(kw)
         raise Stop
 
-    monkeypatch.setattr(cli, "load_dataset_arg", lambda *a, **k: type("DS", (), {"card": type("C", (), {"render": lambda s: ""})()})())
     monkeypatch.setattr(jobs.run, "run", fake_run)
     res = CliRunner().invoke(cli.app, ["run", str(tmp_path), "--heads", "linear,lora", "--set", "lora.epochs=2",
                                        "--set", "lora.num_workers=2", "--set", "linear.class_weight=balanced"])
