@@ -51,6 +51,11 @@ class TaskQueue:
         self._groups = itertools.count()
 
     @property
+    def running(self) -> int:
+        """Tasks submitted and not yet received."""
+        return len(self._running)
+
+    @property
     def busy(self) -> bool:
         """Whether any job is unopened, queued or running."""
         return bool(self._unopened or self._ready or self._running)
@@ -83,8 +88,10 @@ class TaskQueue:
                 self._fill()
                 handle(kept)
         except BaseException:
+            # force: a head's fit runs in native code that a polite cancel does not interrupt,
+            # and nothing of a task is wanted once the run is failing
             for ref in self._running:
-                ray.cancel(ref)
+                ray.cancel(ref, force=True)
             raise
 
     def _add(self, jobs: list[Job]) -> None:
