@@ -169,7 +169,9 @@ def run(
     from feature_store import FeatureStore
     from jobs.extract import extract_features
     from jobs.ray_runtime import ensure_ray, warm_workers
-    from jobs.registry import TEST_PREDICTIONS, prepare_registration, register_predictor
+    import ray
+
+    from jobs.registry import prepare_registration
     from jobs.sweep import feature_sets_from_stats, run_sweep
 
     root = state_root(root)  # a local dir (file:// accepted); URLs are refused with the fix
@@ -196,6 +198,7 @@ def run(
             load_dataset, listing(data, multi_label=multi_label, label_separator=label_separator),
             seed=seed)
         tracking = pool.submit(_setup_tracking_once_loaded, loading, root)
+        started_ray = not ray.is_initialized()  # then it is stopped again once it is not needed
         ensure_ray()
         warm_workers(TASK_MODULES)  # the sweep's workers import torch & co. meanwhile
         if loading is not None:
@@ -228,6 +231,23 @@ def run(
                           max_latency_ms=max_latency_ms, max_params_m=max_params_m, seed=seed,
                           on_progress=on_sweep_progress)
     result = RunResult(dataset, stats, sweep, skipped)
+    with ThreadPoolExecutor(1, thread_name_prefix="tlpipe-package") as pool:
+        packaging = pool.submit(_package_winner, result, store, root=root, register=register,
+                                model_name=model_name, target_precision=target_precision,
+                                selection_metric=selection_metric)
+        if started_ray:  # nothing after the sweep needs Ray: it stops while the winner is packaged
+            ray.shutdown()
+        packaging.result()
+    return result
+
+
+def _package_winner(result: RunResult, store, *, root: Path, register: bool,
+                    model_name: str | None, target_precision: float, selection_metric: str) -> None:
+    """The winner's predictor (refit head, support set, calibrated thresholds), its report
+    section and its registration as a new model version; sets `result`'s registry fields."""
+    from jobs.registry import TEST_PREDICTIONS, register_predictor
+
+    dataset, sweep, skipped = result.dataset, result.sweep, result.skipped_backbones
     setup_mlflow(root, DEFAULT_EXPERIMENT)
     if skipped:
         import mlflow
@@ -236,7 +256,7 @@ def run(
             mlflow.log_dict({"skipped_backbones": skipped}, "skipped_backbones.json")
     winner = sweep.winner
     if not register or winner is None:
-        return result
+        return
     head_dir = sweep.head_dirs[winner["name"]]
     predictor = build_predictor(dataset, store, winner, head_dir, target_precision=target_precision)
     pdir = Path(sweep.sweep_dir) / "predictor"
@@ -264,4 +284,3 @@ def run(
                                         tags={k: v for k, v in tags.items() if v is not None})
     result.model_name, result.predictor_dir = name, str(pdir)
     result.calibration = dict(predictor.info["calibration"])
-    return result
