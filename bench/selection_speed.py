@@ -123,9 +123,17 @@ def measure(data: BenchData, backbones, rounds: int) -> dict:
     return out
 
 
+def verdict(tlpipe_s: list[float], script_s: list[float]) -> str:
+    """✓ when tlpipe was faster in every round, ✗ when slower in every round, ≈ when the rounds
+    disagree (the gap is inside run-to-run noise: parity, not a win)."""
+    faster = [t < s for t, s in zip(tlpipe_s, script_s)]
+    return "✓" if all(faster) else "✗" if not any(faster) else "≈ parity (rounds disagree)"
+
+
 def render(results: dict[str, tuple[BenchData, dict]], cpu: dict, backbones) -> str:
     lines = [describe_cpu(cpu) + ". Each round runs tlpipe's whole command, then the script's CV "
-             "on the same cached features; median over rounds (every round listed).", "",
+             "on the same cached features; median over rounds (every round listed); the target holds "
+             "where tlpipe was faster in every round.", "",
              "| dataset | train+val images | tlpipe run, whole command (s) | script CV only (s) | "
              "tlpipe / script | target (tlpipe faster) | rounds: tlpipe / script (s) | load (1/5/15 min) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -133,7 +141,7 @@ def render(results: dict[str, tuple[BenchData, dict]], cpu: dict, backbones) -> 
         t, s = statistics.median(m["tlpipe_s"]), statistics.median(m["script_s"])
         rounds = ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(m["tlpipe_s"], m["script_s"]))
         lines.append(f"| {data.title} | {m['n_rows']} | {t:.1f} | {s:.1f} | {t / s:.2f} | "
-                     f"{'✓' if t < s else '✗'} | {rounds} | {'; '.join(m['load'])} |")
+                     f"{verdict(m['tlpipe_s'], m['script_s'])} | {rounds} | {'; '.join(m['load'])} |")
     lines += ["", "Backbones: " + ", ".join(f"`{b}`" for b in backbones) + ". DATA: "
               + "; ".join(f"`{display_path(d.root)}`" for d, _ in results.values())
               + ". tlpipe's command: `tlpipe run DATA --root ROOT --model-name speed-KEY -b ...` "
