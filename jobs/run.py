@@ -166,11 +166,11 @@ def run(
     label_separator: str = "|",
     on_dataset: Callable[[Any], None] | None = None,
 ) -> RunResult:
+    import ray
+
     from feature_store import FeatureStore
     from jobs.extract import extract_features
     from jobs.ray_runtime import ensure_ray, warm_workers
-    import ray
-
     from jobs.registry import prepare_registration
     from jobs.sweep import feature_sets_from_stats, run_sweep
 
