@@ -183,11 +183,13 @@ def run(
 
             raise WeightsUnavailableError("*", "no backbone has weights on this machine: " +
                                           "; ".join(f"{s['backbone']}: {s['reason']}" for s in skipped))
+    from pipeline.backbones import get_spec
+
+    specs = [get_spec(b) for b in backbones]  # an unknown name fails before Ray starts, with the list
     if precisions or sizes:  # each (backbone, size, precision) is a backbone of its own
-        from pipeline.backbones import get_spec
         from pipeline.backbones.variants import expand
 
-        backbones = [v.name for v in expand([get_spec(b) for b in backbones], sizes, precisions)]
+        backbones = [v.name for v in expand(specs, sizes, precisions)]
     check_tracking_server(tracking_uri_for(root))  # a server that is down: one line, before Ray or extraction
     with ThreadPoolExecutor(2, thread_name_prefix="tlpipe-start") as pool:
         # the intake's file checks (decoding every image) and MLflow's import (CPU) overlap Ray's

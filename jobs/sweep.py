@@ -80,6 +80,14 @@ def feature_sets_from_stats(stats: Iterable[Any]) -> list[FeatureSetRef]:
                                     fingerprint=s.fingerprint) for s in stats]
 
 
+def head_task(data: Mapping[str, Any], head_name: str, params: Mapping[str, Any],
+              classes: Sequence[str], **kw: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`fit_evaluate` as a Ray task of two returns: the result, and a linear probe's preparation
+    of the features (else None), kept in the object store for the concatenation to start from."""
+    result = fit_evaluate(data, head_name, params, classes, **kw)
+    return result, result.pop("preparation", None)
+
+
 # ----------------------------------------------------------------------------- logging
 
 class CandidateFailed(RuntimeError):
@@ -89,6 +97,16 @@ class CandidateFailed(RuntimeError):
         super().__init__(message)  # "ValueError: ..." as the task reported it
         self.remote_traceback = remote_traceback
         self.error_type = message.split(":", 1)[0] if ":" in message else "Error"
+
+
+def fetch_or_none(ref: Any) -> Any:
+    """The object behind `ref`; None when there is none or it was lost (then made again)."""
+    import ray
+    try:
+        return None if ref is None else ray.get(ref)
+    except Exception as exc:  # e.g. the node that held it is gone
+        logger.warning("a linear probe's preparation of the features is lost (%s)", exc)
+        return None
 
 
 def _log_candidate(d: Outcome, *, parent_id: str, experiment_id: str, sweep_dir: Path,
@@ -259,7 +277,7 @@ def run_sweep(
         log_json(plan.to_dict(), "selection_plan.json", run_id=parent_id)
 
         ensure_ray()
-        task = ray.remote(fit_evaluate).options(num_cpus=cpus_per_task, max_retries=1)
+        task = ray.remote(head_task).options(num_cpus=cpus_per_task, max_retries=1, num_returns=2)
         skipped: list[dict[str, str]] = []
         head_dirs: dict[str, str] = {}
         figures_by_name: dict[str, dict[str, bytes]] = {}
@@ -313,6 +331,13 @@ def run_sweep(
                                   "traceback": traceback.format_exc()}
             received.append(outcome)
 
+        # ---- a linear probe on the concatenated backbones, as soon as every backbone's linear
+        # probe has chosen its weight decay (its grid is centred there), beside the other heads;
+        # it starts from their preparations of the features (`preparations`: backbone -> ref)
+        lin = next((h for h in head_cfgs if h.head == "LinearProbe"), None)
+        concat_state = {"started": not (ensembles and lin and len(plans) >= 2)}
+        preparations: dict[str, Any] = {}
+
         def submit_for(rs: list[FeatureSetRef], data_info: Callable[[], tuple], kind: str,
                        cfgs: Sequence[HeadConfig], name_of: Callable[[HeadConfig], str],
                        threads: Callable[[], int] | None = None):
@@ -330,19 +355,18 @@ def run_sweep(
                     def send(hc=hc):
                         params = task_params(hc, rs[0], text_embedders,
                                              threads() if threads else int(max(1, cpus_per_task)))
-                        fut = task.remote(obj, hc.head, params, classes,
-                                          selection_metric=selection_metric, n_bootstrap=n_bootstrap,
-                                          seed=seed, hardest_k=hardest_k, latency_repeats=latency_repeats)
+                        share = kind == "probe" and hc is lin and not concat_state["started"]
+                        fut, prep = task.remote(
+                            obj, hc.head, params, classes, selection_metric=selection_metric,
+                            n_bootstrap=n_bootstrap, seed=seed, hardest_k=hardest_k,
+                            latency_repeats=latency_repeats, share_preparation=share)
+                        if share:
+                            preparations[rs[0].backbone] = prep
                         return fut, Outcome(name_of(hc), rs, hc.head, hc.label, params, kind, info,
                                             lat, {})
                     out.append(Job(submit_rank(hc.head), send, (kind, hc.label)))
                 return out
             return go
-
-        # ---- a linear probe on the concatenated backbones, as soon as every backbone's linear
-        # probe has chosen its weight decay (its grid is centred there), beside the other heads
-        lin = next((h for h in head_cfgs if h.head == "LinearProbe"), None)
-        concat_state = {"started": not (ensembles and lin and len(plans) >= 2)}
 
         def concat_job() -> list:
             if concat_state["started"] or tasks.waiting(lambda tag: tag == ("probe", lin.label)):
@@ -351,12 +375,17 @@ def run_sweep(
             ok = {d.refs[0].backbone for d in received
                   if d.ok and d.kind == "probe" and d.label == lin.label}
             frozen = [ref for ref, _ in plans if ref.backbone in ok]
+            prep_refs = [preparations.get(r.backbone) for r in frozen]
+            preparations.clear()
             if len(frozen) < 2:
                 return []
             linear = [ens.concat_head_config(lin, received)]
 
             def concat() -> tuple:
                 parts = [features(r) for r in frozen]
+                for (part, _), ref in zip(parts, prep_refs):
+                    part["preparation"] = fetch_or_none(ref)
+                prep_refs.clear()  # the object store may drop them once the data is put
                 data, _ = ens.concat_data([p for p, _ in parts])
                 return data, subset_info(parts[0][1], data["ids_test"], len(data["ids"]))
             tag = "concat(" + ",".join(short_backbones([r.backbone for r in frozen])) + ")"

@@ -44,18 +44,14 @@ class SweepFit:
 
 
 class Rotation:
-    """Products with an orthogonal basis V (D, D), block by block when V is block-diagonal
-    with `second_moment_basis`'s blocks (a wide concatenation of backbones): a quarter or less
-    of the dense product's work, and the same result."""
+    """Products with an orthogonal basis V (D, D), block by block where V is block-diagonal (a
+    wide concatenation of backbones: `second_moment_basis`'s blocks, or one basis per backbone
+    set side by side by `pipeline.sweep.cv.joined_preparation`): a quarter or less of the dense
+    product's work, and the same result."""
 
     def __init__(self, V: torch.Tensor):
         self.V = V
-        D = V.shape[0]
-        n = max(1, -(-D // MAX_BLOCK))
-        edges = np.linspace(0, D, n + 1).astype(np.int64)
-        self.blocks = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-        if any(bool(V[a:b, :a].any()) or bool(V[a:b, b:].any()) for a, b in self.blocks):
-            self.blocks = [(0, D)]  # not block-diagonal: one dense block
+        self.blocks = diagonal_blocks(V, MAX_BLOCK)
 
     def apply(self, M: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
         """V @ M (or V^T @ M) for M (D, m)."""
@@ -72,6 +68,32 @@ class Rotation:
         if len(self.blocks) == 1:
             return X @ self.V
         return torch.cat([X[:, a:b] @ self.V[a:b, a:b] for a, b in self.blocks], dim=1)
+
+
+def diagonal_blocks(V: torch.Tensor | np.ndarray, max_width: int) -> list[tuple[int, int]]:
+    """Contiguous column ranges [a, b) such that V is zero outside the diagonal blocks
+    V[a:b, a:b]: the finest such split, then neighbours merged while the merged block stays at
+    most `max_width` wide (fewer, larger products; a dense V is one block)."""
+    nz = (V != 0).numpy() if isinstance(V, torch.Tensor) else np.asarray(V) != 0
+    D = nz.shape[0]
+    if D == 0:
+        return []
+    has = nz.any(axis=1)
+    # per row: the last and first non-zero column (rows of zeros constrain nothing)
+    last = np.where(has, D - 1 - nz[:, ::-1].argmax(axis=1), -1)
+    first = np.where(has, nz.argmax(axis=1), D)
+    reach = np.maximum.accumulate(last)  # furthest column of rows 0..k-1
+    start = np.minimum.accumulate(first[::-1])[::-1]  # nearest column of rows k..D-1
+    ks = np.arange(1, D)
+    cuts = ks[(reach[:-1] < ks) & (ks <= start[1:])].tolist()
+    edges = [0, *cuts, D]
+    merged: list[tuple[int, int]] = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        if merged and b - merged[-1][0] <= max_width:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
 
 
 class _Objective:

@@ -3,7 +3,8 @@ labelled rows, one scoring of the test split for the report, head latency and sa
 
 `data` (one feature set, i.e. one backbone or a concatenation) holds:
 ``X, y, ids`` (train+val rows), ``folds`` (R, N) (see `pipeline.sweep.folds`), and
-``X_test, y_test, ids_test``.
+``X_test, y_test, ids_test``; optionally ``preparation``, the linear probe's label-free
+`pipeline.sweep.cv.shared_preparation` of ``X`` when it was already made.
 """
 
 from __future__ import annotations
@@ -58,12 +59,15 @@ def selection_result(cv, ids: Sequence[str], y: np.ndarray) -> dict[str, Any]:
 def fit_evaluate(data: Mapping[str, Any], head_name: str, params: Mapping[str, Any],
                  classes: Sequence[str], *, selection_metric: str, n_bootstrap: int, seed: int,
                  hardest_k: int, latency_batch_sizes: Sequence[int] = LATENCY_BATCH_SIZES,
-                 latency_repeats: int = 5) -> dict[str, Any]:
+                 latency_repeats: int = 5, share_preparation: bool = False) -> dict[str, Any]:
     """Cross-validate, refit on train+val, score the test split once. Never raises: a failure
-    comes back as ``{"status": "failed", "error", "traceback"}``."""
+    comes back as ``{"status": "failed", "error", "traceback"}``. `share_preparation`: a linear
+    probe's result also carries its ``preparation`` of ``X`` (see `data`), for a concatenation
+    of this feature set with others to start from."""
     try:
         X, y = data["X"], np.asarray(data["y"], dtype=str)
-        cv = cross_validate(head_name, params, X, y, data["folds"], classes, metric=selection_metric)
+        cv = cross_validate(head_name, params, X, y, data["folds"], classes, metric=selection_metric,
+                            preparation=data.get("preparation"))
         t0 = time.perf_counter()
         head = refit(head_name, cv.refit_params, X, y, **cv.fit_kwargs)
         fit_s = cv.fit_seconds + time.perf_counter() - t0
@@ -74,6 +78,8 @@ def fit_evaluate(data: Mapping[str, Any], head_name: str, params: Mapping[str, A
                                latency_repeats=latency_repeats)
         result["selection"] = selection_result(cv, data["ids"], y)
         result["fitted"] = {**result["fitted"], **{f"cv_{k}": v for k, v in cv.chosen.items()}}
+        if share_preparation and "rotated" in cv.fit_kwargs:
+            result["preparation"] = {k: cv.fit_kwargs[k] for k in ("scaler", "basis", "rotated")}
         return result
     except Exception as exc:
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",

@@ -100,14 +100,17 @@ def _fit(head_name: str, params: Mapping[str, Any], X, y, **kw):
 
 
 def cross_validate(head_name: str, params: Mapping[str, Any], X: np.ndarray, y: np.ndarray,
-                   folds: np.ndarray, classes: Sequence[str], *, metric: str) -> CVResult:
-    """Out-of-fold predictions of `head_name(**params)` on the rows that `folds` holds out."""
+                   folds: np.ndarray, classes: Sequence[str], *, metric: str,
+                   preparation: Mapping[str, Any] | None = None) -> CVResult:
+    """Out-of-fold predictions of `head_name(**params)` on the rows that `folds` holds out.
+    `preparation`: the linear probe's `shared_preparation` of these rows when already made
+    (e.g. `joined_preparation` of a concatenation's parts); other heads ignore it."""
     folds = np.atleast_2d(np.asarray(folds))
     y = np.asarray(y, dtype=str)
     t0 = time.perf_counter()
     held = np.flatnonzero((folds >= 0).any(axis=0))
     if head_name == "LinearProbe":  # one shared preconditioner, a tuned or a fixed weight decay
-        res = _cv_linear(params, X, y, folds, classes, metric, held)
+        res = _cv_linear(params, X, y, folds, classes, metric, held, preparation)
     else:
         res = _cv_plain(head_name, params, X, y, folds, classes, metric, held)
     res.fit_seconds = time.perf_counter() - t0
@@ -156,9 +159,39 @@ def shared_preparation(X: np.ndarray) -> dict[str, Any]:
     return {"scaler": scaler, "basis": basis, "rotated": rotate_rows(Xs, basis)}
 
 
-def _cv_linear(params, X, y, folds, classes, metric, held) -> CVResult:
+def joined_preparation(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The `shared_preparation` of feature matrices set side by side, from each one's own (same
+    rows, same order): the standardisations and rotated rows side by side, the bases as one
+    block-diagonal basis. The standardisation is exactly the concatenation's; the basis is
+    `second_moment_basis`'s wherever its blocks are the parts' (equal widths up to its block
+    width), otherwise another preconditioner of the same minimiser."""
+    from pipeline.heads.extmath import Standardizer
+
+    if not parts:
+        raise ValueError("joined_preparation needs at least one part")
+    rows = {len(p["rotated"]) for p in parts}
+    if len(rows) != 1:
+        raise ValueError(f"the parts' preparations cover different row counts {sorted(rows)}")
+    widths = [len(p["basis"][0]) for p in parts]
+    D = sum(widths)
+    e = np.concatenate([np.asarray(p["basis"][0], dtype=np.float32) for p in parts])
+    V = np.zeros((D, D), dtype=np.float32)
+    a = 0
+    for p, w in zip(parts, widths):
+        V[a:a + w, a:a + w] = p["basis"][1]
+        a += w
+    scaler = Standardizer(np.concatenate([p["scaler"].mean for p in parts]),
+                          np.concatenate([p["scaler"].std for p in parts]))
+    rotated = np.ascontiguousarray(np.concatenate([p["rotated"] for p in parts], axis=1),
+                                   dtype=np.float32)
+    return {"scaler": scaler, "basis": (e, V), "rotated": rotated}
+
+
+def _cv_linear(params, X, y, folds, classes, metric, held, preparation=None) -> CVResult:
     C = len(classes)
-    shared = shared_preparation(X)
+    if preparation is not None and np.shape(preparation["rotated"]) != np.shape(X):
+        raise ValueError(f"preparation rows {np.shape(preparation['rotated'])} do not match X {np.shape(X)}")
+    shared = dict(preparation) if preparation is not None else shared_preparation(X)
     totals = None       # (S, N, C) summed member probabilities
     count = np.zeros(X.shape[0], dtype=np.int64)
     per_fold: list[tuple[np.ndarray, int]] = []  # (test mask, n_fit) of the first repeat

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.sweep.cv import label_codes, metric_from_codes, metric_from_proba
+from pipeline.sweep.cv import joined_preparation, label_codes, metric_from_codes, metric_from_proba
 
 if TYPE_CHECKING:
     from pipeline.sweep.outcome import Outcome
@@ -56,7 +56,9 @@ def concat_head_config(hc: Any, done: Sequence["Outcome"]) -> Any:
 
 def concat_data(parts: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[tuple[int, int]]]:
     """Feature sets (see `pipeline.sweep.candidate`) of one or more backbones → one whose X holds
-    their embeddings side by side on the images all of them have; plus each part's column slice."""
+    their embeddings side by side on the images all of them have; plus each part's column slice.
+    When every part carries its linear probe's ``preparation`` and all have the same train+val
+    rows in the same order, the result carries their `joined_preparation`."""
     if not parts:
         raise ValueError("a concatenation needs at least one feature set")
     out: dict[str, Any] = {}
@@ -77,6 +79,9 @@ def concat_data(parts: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], lis
         out[ik] = order
         if split == "trval":
             out["folds"] = np.asarray(parts[0]["folds"])[:, rows]
+    same_rows = all([str(i) for i in p["ids"]] == out["ids"] for p in parts)
+    if same_rows and all(p.get("preparation") is not None for p in parts):
+        out["preparation"] = joined_preparation([p["preparation"] for p in parts])
     slices, start = [], 0
     for p in parts:
         d = int(np.asarray(p["X"]).shape[1])

@@ -326,11 +326,18 @@ def test_the_test_split_never_chooses(world, ray_local):
     assert ta[f"{SHARP}+linear"] == 1.0 and tb[f"{SHARP}+linear"] < 0.7
 
 
-def test_ensembles_across_backbones_are_candidates(tmp_path_factory, ray_local):
+def test_ensembles_across_backbones_are_candidates(tmp_path_factory, ray_local, monkeypatch):
     """Two noisy, independent views of the classes: the concatenation and the Caruana ensemble
-    beat either backbone alone out of fold, and both are registered-ready candidates."""
+    beat either backbone alone out of fold, and both are registered-ready candidates. The
+    concatenation starts from each backbone's linear-probe preparation, fetched from Ray's
+    object store."""
+    import jobs.sweep
     from jobs.sweep import run_sweep
     from pipeline.heads import Ensemble, load_head
+
+    fetched = []
+    real_fetch = jobs.sweep.fetch_or_none
+    monkeypatch.setattr(jobs.sweep, "fetch_or_none", lambda r: fetched.append(real_fetch(r)) or fetched[-1])
 
     root = tmp_path_factory.mktemp("ens")
     ds = make_dataset(tmp_path_factory.mktemp("ens-images"))
@@ -362,6 +369,7 @@ def test_ensembles_across_backbones_are_candidates(tmp_path_factory, ray_local):
     assert set(res.head_dirs) == {n for n, r in rows.items() if r["status"] == "FINISHED"}
     meta = json.loads((Path(res.head_dirs[concat[0]["name"]]).parent / "candidate.json").read_text())
     assert meta["backbones"] == [a, b] and meta["fingerprints"] == [fps[a], fps[b]]
+    assert [np.shape(p["rotated"]) for p in fetched] == [(len(ds.split("train") + ds.split("val")), DIM)] * 2
 
 
 def test_an_ensemble_of_heads_on_one_backbone(world, ray_local):

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.sweep.calibrate import calibrate_from_oof, cross_fitted_knn
-from pipeline.sweep.cv import cross_validate, metric_from_proba, predicted_labels
+from pipeline.sweep.candidate import fit_evaluate
+from pipeline.sweep.cv import (cross_validate, joined_preparation, metric_from_proba, predicted_labels,
+                              shared_preparation)
 from pipeline.sweep.ensemble import concat_data, cross_validated_ensemble, ensemble_selection
 from pipeline.sweep.folds import CV_MAX_ROWS, assign_folds, plan_selection
 
@@ -141,6 +143,63 @@ def test_concat_data_keeps_the_rows_every_backbone_has():
     assert out["ids"] == ["i1", "i3"] and out["X"].shape == (2, 5)
     assert (out["X"][:, 2:] == 2.0).all() and list(out["folds"][0]) == [0, 2]
     assert slices == [(0, 2), (2, 5)]
+
+
+def test_a_concatenation_starts_from_its_parts_preparations_and_reaches_the_same_fit():
+    """The concatenation's linear probe reuses each backbone's label-free preparation (the
+    standardisation, basis and rotated rows its own probe made): the standardisation is exactly
+    the concatenation's, the basis is block-diagonal by part (parts of unequal widths too), and
+    the cross-validation chooses the same weight decay with the same out-of-fold predictions."""
+    from pipeline.heads.batched_lbfgs import MAX_BLOCK, diagonal_blocks
+
+    classes = ["a", "b", "c"]
+    X, y = _blobs(60, classes, dim=30, sep=0.8, seed=3)
+    widths = [12, 18]
+    parts = [X[:, :12] * 3.0 + 1.0, X[:, 12:]]
+    Xc = np.concatenate(parts, axis=1)
+    joined = joined_preparation([shared_preparation(P) for P in parts])
+    whole = shared_preparation(Xc)
+    np.testing.assert_allclose(joined["scaler"].mean, whole["scaler"].mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(joined["scaler"].std, whole["scaler"].std, rtol=1e-5)
+    e, V = joined["basis"]
+    assert e.shape == (30,) and not V[:12, 12:].any() and not V[12:, :12].any()
+    assert diagonal_blocks(V, 12) == [(0, 12), (12, 30)] and diagonal_blocks(V, MAX_BLOCK) == [(0, 30)]
+    np.testing.assert_allclose(V.T @ V, np.eye(30), atol=1e-5)
+    np.testing.assert_allclose(joined["rotated"], joined["scaler"].transform(Xc) @ V, atol=1e-4)
+    folds = assign_folds(_ids(len(y)), y, ["train"] * len(y), plan_selection(y, ["train"] * len(y)))
+    params = {"weight_decays": [1e-3, 1e-2, 1e-1], "tol": 1e-6}
+    a = cross_validate("LinearProbe", params, Xc, y, folds, classes, metric="accuracy")
+    b = cross_validate("LinearProbe", params, Xc, y, folds, classes, metric="accuracy",
+                       preparation=joined)
+    assert a.chosen == b.chosen and a.score == b.score
+    np.testing.assert_allclose(a.proba, b.proba, atol=5e-3)  # the same optimum, to solver tolerance
+    with pytest.raises(ValueError, match="do not match X"):
+        cross_validate("LinearProbe", params, Xc[:-1], y[:-1], folds[:, :-1], classes,
+                       metric="accuracy", preparation=joined)
+    with pytest.raises(ValueError, match="different row counts"):
+        joined_preparation([shared_preparation(parts[0]), shared_preparation(parts[1][:-1])])
+    assert sum(widths) == Xc.shape[1]
+
+
+def test_a_linear_probe_shares_its_preparation_and_concat_data_joins_it_on_the_same_rows():
+    classes = ["a", "b"]
+    X, y = _blobs(40, classes, dim=6, seed=1)
+    n = len(y)
+    folds = assign_folds(_ids(n), y, ["train"] * n, plan_selection(y, ["train"] * n))
+    data = {"X": X, "y": y, "ids": _ids(n), "folds": folds, "X_test": X[:10], "y_test": y[:10],
+            "ids_test": _ids(10, "t")}
+    kw = dict(selection_metric="accuracy", n_bootstrap=20, seed=0, hardest_k=2, latency_repeats=1)
+    shared = fit_evaluate(data, "LinearProbe", {"weight_decays": [1e-2]}, classes, share_preparation=True, **kw)
+    assert shared["status"] == "ok" and shared["preparation"]["rotated"].shape == X.shape
+    assert "preparation" not in fit_evaluate(data, "LinearProbe", {"weight_decays": [1e-2]}, classes, **kw)
+    assert "preparation" not in fit_evaluate(data, "NearestCentroid", {}, classes, share_preparation=True, **kw)
+    part = {**data, "preparation": shared["preparation"]}
+    out, _ = concat_data([part, {**part, "X": X[:, ::-1].copy()}])
+    assert out["preparation"]["rotated"].shape == (n, 12) and out["X"].shape == (n, 12)
+    # a part missing a row (or a preparation): the concatenation makes its own
+    fewer = {**data, "X": X[1:], "y": y[1:], "ids": data["ids"][1:], "folds": folds[:, 1:]}
+    assert "preparation" not in concat_data([part, fewer])[0]
+    assert "preparation" not in concat_data([part, data])[0]
 
 
 def test_calibration_from_oof_reaches_the_target_and_knn_never_finds_itself():
