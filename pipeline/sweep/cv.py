@@ -162,8 +162,9 @@ def shared_preparation(X: np.ndarray) -> dict[str, Any]:
 def joined_preparation(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The `shared_preparation` of feature matrices set side by side, from each one's own (same
     rows, same order): the standardisations and rotated rows side by side, the bases as one
-    block-diagonal basis. The standardisation is exactly the concatenation's; the basis is
-    `second_moment_basis`'s wherever its blocks are the parts' (equal widths up to its block
+    block-diagonal basis. The standardisation has the concatenation's per-column means and
+    standard deviations (each part floors its near-constant columns by its own scale); the basis
+    is `second_moment_basis`'s wherever its blocks are the parts' (equal widths up to its block
     width), otherwise another preconditioner of the same minimiser."""
     from pipeline.heads.extmath import Standardizer
 
