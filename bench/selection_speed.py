@@ -19,7 +19,8 @@ one `bench.accuracy --keep-root` kept, else one under the bench cache that an un
 
 `bench.accuracy` measures the same two things once, with both arms' first runs (extraction) and
 their accuracy; this one repeats only the comparison the target is about, so it can be rerun
-alone on a quiet machine.
+alone on a quiet machine. Both arms are CPU-bound and gain unequally from wider vector units, so
+each instruction-set class (AVX2 only, AVX-512 VNNI, AMX) keeps its own section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -180,9 +181,11 @@ def main(argv=None) -> None:
         cmd = "python -m bench.selection_speed" + ("" if args.dataset == "both" else f" --dataset {args.dataset}") \
             + ("" if args.rounds == 2 else f" --rounds {args.rounds}") \
             + "".join(f" --cifar-subset {v}" for v in subsets if subsets != [DEFAULT_CIFAR_SUBSET])
-        write_section("selection-speed", "Honest selection: tlpipe's whole run vs the script's CV, same features",
-                      cmd, body)
-        log("wrote section selection-speed of BENCHMARKS.md")
+        isa = "amx" if cpu["amx"] else "avx512" if cpu["avx512_vnni"] else "avx2"
+        title = {"amx": "AMX", "avx512": "AVX-512 VNNI", "avx2": "AVX2 only"}[isa]
+        write_section(f"selection-speed-{isa}", "Honest selection: tlpipe's whole run vs the script's "
+                      f"CV, same features ({title})", cmd, body)
+        log(f"wrote section selection-speed-{isa} of BENCHMARKS.md")
 
 
 if __name__ == "__main__":
