@@ -256,7 +256,7 @@ def run_sweep(
                           mode=selection)
     folds = fold_lookup([r.sha256 for r in trval], [r.label for r in trval],
                         [r.split for r in trval], plan, seed=seed)
-    selection_on = plan.describe()
+    selection_on, cv_mode = plan.describe(), plan.mode == "cv"
 
     experiment_id = setup_mlflow(root, experiment)
     run_name = run_name or time.strftime("sweep-%Y%m%d-%H%M%S")
@@ -332,11 +332,11 @@ def run_sweep(
             received.append(outcome)
 
         # ---- a linear probe on the concatenated backbones, as soon as every backbone's linear
-        # probe has chosen its weight decay (its grid is centred there), beside the other heads;
-        # it starts from their preparations of the features (`preparations`: backbone -> ref)
+        # probe has chosen its weight decay (its grid is centred there), beside the other heads,
+        # from their preparations of the features (under k-fold CV: its row limit keeps them small)
         lin = next((h for h in head_cfgs if h.head == "LinearProbe"), None)
         concat_state = {"started": not (ensembles and lin and len(plans) >= 2)}
-        preparations: dict[str, Any] = {}
+        preparations: dict[str, Any] = {}  # backbone -> its linear probe's preparation (a ref)
 
         def submit_for(rs: list[FeatureSetRef], data_info: Callable[[], tuple], kind: str,
                        cfgs: Sequence[HeadConfig], name_of: Callable[[HeadConfig], str],
@@ -355,7 +355,7 @@ def run_sweep(
                     def send(hc=hc):
                         params = task_params(hc, rs[0], text_embedders,
                                              threads() if threads else int(max(1, cpus_per_task)))
-                        share = kind == "probe" and hc is lin and not concat_state["started"]
+                        share = kind == "probe" and hc is lin and cv_mode and not concat_state["started"]
                         fut, prep = task.remote(
                             obj, hc.head, params, classes, selection_metric=selection_metric,
                             n_bootstrap=n_bootstrap, seed=seed, hardest_k=hardest_k,
