@@ -147,14 +147,21 @@ def parse_head_params(items: List[str]) -> dict[str, dict]:
 
 
 def check_head_params(heads: list[str], head_params: dict[str, dict]) -> None:
-    """Fail before any work when a --set names a head not in --heads or a parameter that head
-    does not take (fine-tunes: `pipeline.finetune.FinetuneConfig` fields + the Ray Train job keys)."""
+    """Fail before any work when --heads names an unknown head, or a --set names a head not in
+    --heads or a parameter that head does not take (fine-tunes: `pipeline.finetune.FinetuneConfig`
+    fields + the Ray Train job keys)."""
     from jobs.finetune import JOB_PARAMS
     from pipeline.fields import field_names
     from pipeline.finetune import FinetuneConfig
     from pipeline.heads import HEADS
     from pipeline.sweep.plan import FINETUNE_HEADS, init_params, resolve_head
 
+    for name in heads:
+        if name.lower() not in FINETUNE_HEADS:
+            try:
+                resolve_head(name)
+            except ValueError as e:
+                raise typer.BadParameter(f"{e}; or lora / full to fine-tune", param_hint="--heads")
     for label, params in head_params.items():
         if label not in heads:
             raise typer.BadParameter(f"--set {label}.…: {label!r} is not among --heads {heads}", param_hint="--set")
@@ -197,8 +204,7 @@ def run(
     from pipeline.backbones.variants import parse_precisions, parse_sizes
 
     head_params = parse_head_params(set_params)
-    if head_params:
-        check_head_params(_csv_list(heads), head_params)
+    check_head_params(_csv_list(heads), head_params)
     try:
         precisions, input_sizes = parse_precisions(precision), parse_sizes(sizes)
     except ValueError as e:

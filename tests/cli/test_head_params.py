@@ -32,6 +32,19 @@ def test_check_accepts_known_and_rejects_unknown_params():
         cli.check_head_params(["linear"], {"linear": {"lr": 0.1}})
     with pytest.raises(typer.BadParameter, match="not among --heads"):
         cli.check_head_params(["linear"], {"lora": {"epochs": 2}})
+    cli.check_head_params(["linear", "KNN", "zero-shot", "LoRA", "full"], {})
+    with pytest.raises(typer.BadParameter, match=r"unknown head 'lineer'; choose from .*'linear'.*lora / full"):
+        cli.check_head_params(["lineer", "knn"], {})
+
+
+def test_run_fails_before_any_work_on_an_unknown_head(tmp_path, monkeypatch):
+    import jobs.run
+
+    called = []
+    monkeypatch.setattr(jobs.run, "run", lambda *a, **k: called.append(a))
+    res = CliRunner().invoke(cli.app, ["run", str(tmp_path), "--heads", "linear,mpl"])
+    assert res.exit_code == 2 and not called
+    assert "unknown head 'mpl'" in res.output
 
 
 def test_run_fails_before_any_work_on_a_bad_set(tmp_path, monkeypatch):

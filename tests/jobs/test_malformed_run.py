@@ -324,9 +324,9 @@ def test_label_separator_reaches_intake_and_bad_sets_fail_with_one_line(cifar10_
     assert not list((tmp_path / "state").rglob("*.db"))  # no tracking store was set up
 
 
-def test_an_unknown_backbone_fails_before_ray_starts(cifar10_dir, tmp_path, monkeypatch):
-    """A misspelt backbone is refused with the list of known names before Ray starts or the
-    dataset's files are read, and nothing is written under the state root."""
+def test_an_unknown_backbone_or_head_fails_before_ray_starts(cifar10_dir, tmp_path, monkeypatch):
+    """A misspelt backbone or head is refused with the list of known names before Ray starts or
+    the dataset's files are read, and nothing is written under the state root."""
     import jobs.ray_runtime
     from jobs.run import run
 
@@ -336,4 +336,6 @@ def test_an_unknown_backbone_fails_before_ray_starts(cifar10_dir, tmp_path, monk
     monkeypatch.setattr(jobs.ray_runtime, "ensure_ray", no_ray)
     with pytest.raises(KeyError, match=rf"unknown backbone 'lite0'.*Known backbones: .*{re.escape(LITE0)}"):
         run(str(cifar10_dir), root=tmp_path / "state", backbones=[LITE0, "lite0"])
+    with pytest.raises(ValueError, match=r"unknown head 'mpl'; choose from .*'mlp'"):
+        run(str(cifar10_dir), root=tmp_path / "state", backbones=[LITE0], heads=["linear", "mpl"])
     assert not [p for p in (tmp_path / "state").rglob("*") if p.is_file()]
