@@ -154,14 +154,12 @@ def check_head_params(heads: list[str], head_params: dict[str, dict]) -> None:
     from pipeline.fields import field_names
     from pipeline.finetune import FinetuneConfig
     from pipeline.heads import HEADS
-    from pipeline.sweep.plan import FINETUNE_HEADS, init_params, resolve_head
+    from pipeline.sweep.plan import FINETUNE_HEADS, init_params, resolve_head, resolve_heads
 
-    for name in heads:
-        if name.lower() not in FINETUNE_HEADS:
-            try:
-                resolve_head(name)
-            except ValueError as e:
-                raise typer.BadParameter(f"{e}; or lora / full to fine-tune", param_hint="--heads")
+    try:
+        resolve_heads(heads, None)
+    except ValueError as e:
+        raise typer.BadParameter(f"{e}; or lora / full to fine-tune", param_hint="--heads")
     for label, params in head_params.items():
         if label not in heads:
             raise typer.BadParameter(f"--set {label}.…: {label!r} is not among --heads {heads}", param_hint="--set")

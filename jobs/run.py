@@ -25,7 +25,7 @@ from pipeline.data import load_dataset
 from pipeline.data.sources import discover
 from pipeline.settings import DEFAULT_EXPERIMENT, DEFAULT_STATE_ROOT, features_root, state_root
 from pipeline.sweep.candidate import TASK_MODULES
-from pipeline.sweep.plan import DEFAULT_HEADS, head_configs, split_finetune_heads
+from pipeline.sweep.plan import DEFAULT_HEADS, resolve_heads
 from pipeline.sweep.report import add_section, calibration_section
 
 logger = logging.getLogger(__name__)
@@ -186,9 +186,7 @@ def run(
     from pipeline.backbones import get_spec
 
     specs = [get_spec(b) for b in backbones]  # an unknown name fails before Ray starts, with the list
-    probe_heads, finetunes = split_finetune_heads(heads, head_params)
-    if probe_heads or not finetunes:
-        head_configs(probe_heads, head_params)  # so does an unknown head (or none)
+    resolve_heads(heads, head_params)  # so does an unknown head (or none)
     if precisions or sizes:  # each (backbone, size, precision) is a backbone of its own
         from pipeline.backbones.variants import expand
 

@@ -192,7 +192,7 @@ def _cv_linear(params, X, y, folds, classes, metric, held, preparation=None) -> 
     C = len(classes)
     if preparation is not None and np.shape(preparation["rotated"]) != np.shape(X):
         raise ValueError(f"preparation rows {np.shape(preparation['rotated'])} do not match X {np.shape(X)}")
-    shared = dict(preparation) if preparation is not None else shared_preparation(X)
+    shared = preparation if preparation is not None else shared_preparation(X)
     totals = None       # (S, N, C) summed member probabilities
     count = np.zeros(X.shape[0], dtype=np.int64)
     per_fold: list[tuple[np.ndarray, int]] = []  # (test mask, n_fit) of the first repeat

@@ -241,8 +241,7 @@ def sweep_inputs(feature_sets: Sequence[Any], heads: Any,
                          f"{SELECTION_METRICS}")
     if not 0.0 <= float(tolerance) < 1.0:
         raise ValueError(f"tolerance must be in [0, 1) (0.005 = half a point), got {tolerance}")
-    probes, ft_cfgs = split_finetune_heads(heads, head_params)
-    head_cfgs = head_configs(probes, head_params) if probes or not ft_cfgs else []
+    head_cfgs, ft_cfgs = resolve_heads(heads, head_params)
     zero_shot = next((h for h in head_cfgs if h.head == "ZeroShot" and "templates" in h.params), None)
     if zero_shot is not None:  # Tip-Adapter's zero-shot base prompts as the zero-shot head does
         head_cfgs = [HeadConfig(h.head, {**h.params, BASE_TEMPLATES: zero_shot.params["templates"]},
@@ -256,6 +255,14 @@ def sweep_inputs(feature_sets: Sequence[Any], heads: Any,
     if dup:
         raise ValueError(f"each backbone may appear once per sweep; duplicated: {dup}")
     return head_cfgs, ft_cfgs, refs
+
+
+def resolve_heads(heads: Any, head_params: Mapping[str, Mapping[str, Any]] | None
+                  ) -> tuple[list[HeadConfig], list[HeadConfig]]:
+    """(probe head configs, fine-tune head configs) of a sweep's `heads`: an unknown head name (or
+    none at all) fails with the choices (ValueError)."""
+    probes, ft_cfgs = split_finetune_heads(heads, head_params)
+    return (head_configs(probes, head_params) if probes or not ft_cfgs else []), ft_cfgs
 
 
 def split_finetune_heads(heads: Any, head_params: Mapping[str, Mapping[str, Any]] | None
