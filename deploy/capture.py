@@ -31,13 +31,12 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.images import sniff_format
+from pipeline.images import file_extension
 from pipeline.multilabel.predictor import answered_labels
 
 log = logging.getLogger("tlpipe.serve")
 
 CAPTURED_DECISIONS = ("fallback", "abstain")
-_EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
 TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 300.0  # a .tmp- file this old belongs to no live writer
 
@@ -163,7 +162,7 @@ class CaptureWriter:
     def _write(self, rec: CaptureRecord) -> None:
         now = self.clock()
         rid = f"{int(now * 1e6):017d}-{uuid.uuid4().hex[:10]}"
-        ext = _EXT.get(sniff_format(rec.image) or "", "bin")
+        ext = file_extension(rec.image).lstrip(".")
         buf = io.BytesIO()
         np.save(buf, rec.embedding.astype(np.float32), allow_pickle=False)
         meta = {**rec.meta, "id": rid, "time": now, "image": f"{rid}.{ext}", "embedding": f"{rid}.npy",

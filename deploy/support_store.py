@@ -37,10 +37,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from pipeline.images import sha256_bytes, sniff_format
+from pipeline.images import file_extension, sha256_bytes
 
 CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+\-]{0,99}$")
-_EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
 _KEEP_GENERATIONS = 2
 
 
@@ -180,7 +179,7 @@ class SupportStore:
                 if (label, digest) in existing:
                     out.append((existing[(label, digest)], True))
                     continue
-                ext = _EXT.get(sniff_format(data) or "", "bin")
+                ext = file_extension(data).lstrip(".")
                 rel = f"images/{label}/{next_id}-{digest[:12]}.{ext}"
                 dest = self.root / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)

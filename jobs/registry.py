@@ -60,7 +60,7 @@ def _pip_requirements() -> list[str]:
 
     reqs = []
     for dist in ("mlflow", "torch", "torchvision", "timm", "transformers", "open_clip_torch",
-                 "onnxruntime", "faiss-cpu", "safetensors", "pillow", "numpy", "pandas"):
+                 "onnxruntime", "faiss-cpu", "safetensors", "pillow", "pillow-heif", "numpy", "pandas"):
         try:
             reqs.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:

@@ -8,6 +8,7 @@ truncation is caught) and reports the full-resolution size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -19,8 +20,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own bomb limit; configurable everywhere
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
+     ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif", ".jp2", ".j2k"}
 )
+
+# The file extension images of each sniffed format are stored under (captures, support
+# examples, images materialised from a Hugging Face dataset), so a folder of them can be fed back to intake.
+FORMAT_EXTENSIONS: dict[str, str] = {
+    "JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp",
+    "PPM": ".ppm", "AVIF": ".avif", "HEIF": ".heic", "JPEG2000": ".jp2",
+}
 
 ERROR_CODES: tuple[str, ...] = (
     "empty",
@@ -41,7 +50,12 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"BM", "BMP"),
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+    (b"\xffO\xffQ", "JPEG2000"),  # a bare J2K codestream
 )
+# ISO base media `ftyp` brands (bytes 8..12) of still images
+_FTYP_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIF", b"heix": "HEIF", b"heim": "HEIF",
+                b"heis": "HEIF", b"hevc": "HEIF", b"hevx": "HEIF", b"mif1": "HEIF", b"msf1": "HEIF"}
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -75,13 +89,33 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sniff_format(data: bytes) -> str | None:
-    """Format name from the leading bytes (JPEG, PNG, GIF, BMP, TIFF, WEBP) or None."""
+    """Format name from the leading bytes (a key of `FORMAT_EXTENSIONS`) or None."""
     for magic, name in _MAGIC:
         if data.startswith(magic):
             return name
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if len(data) >= 12 and data[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(bytes(data[8:12]))
+    if len(data) >= 3 and data[:1] == b"P" and data[1:2] in b"123456" and data[2:3] in b" \t\r\n":
+        return "PPM"  # Netpbm: PBM / PGM / PPM, ASCII or binary
     return None
+
+
+def file_extension(data: bytes, default: str = ".bin") -> str:
+    """The extension (with its dot) to store these image bytes under: by sniffed format."""
+    return FORMAT_EXTENSIONS.get(sniff_format(data) or "", default)
+
+
+@functools.cache
+def _register_decoders() -> None:
+    """HEIC/HEIF (phone photos) decode through pillow-heif's PIL plugin; PIL reads the rest itself.
+    Registered on first use, not at import."""
+    try:
+        import pillow_heif
+    except ImportError:  # a declared dependency; without it HEIC files fail with the fix named
+        return
+    pillow_heif.register_heif_opener()
 
 
 def _read_source(source: str | os.PathLike | bytes | bytearray | memoryview) -> tuple[bytes, str]:
@@ -114,6 +148,7 @@ def _too_many(shown: str, pixels: int | None, max_pixels: int, detail: str = "")
 def _open_lazy(data: bytes, shown: str, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageValidationError("empty", f"{shown}: file is empty (0 bytes)")
+    _register_decoders()
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
@@ -129,6 +164,10 @@ def _open_lazy(data: bytes, shown: str, max_pixels: int) -> Image.Image:
             raise ImageValidationError(
                 "not_image", f"{shown}: not an image file (no known image signature)"
             ) from exc
+        if fmt == "HEIF" and "HEIF" not in Image.OPEN:
+            raise ImageValidationError(
+                "unreadable", f"{shown}: a HEIC/HEIF image, and the pillow-heif package that decodes "
+                "it is not installed (pip install pillow-heif), or convert it to JPEG") from exc
         raise ImageValidationError(
             "corrupt", f"{shown}: starts like a {fmt} file but its header cannot be parsed"
         ) from exc

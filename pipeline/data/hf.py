@@ -23,18 +23,8 @@ from pipeline.data.records import (
     display_path,
     normalise_split,
 )
-from pipeline.images import sha256_bytes, sniff_format
+from pipeline.images import file_extension, sha256_bytes
 from pipeline.multilabel.labelsets import KEY_SEPARATOR, label_key
-
-_EXT_FOR_FORMAT = {
-    "JPEG": ".jpg",
-    "PNG": ".png",
-    "GIF": ".gif",
-    "BMP": ".bmp",
-    "TIFF": ".tif",
-    "WEBP": ".webp",
-}
-
 
 def _import_datasets():
     try:
@@ -97,7 +87,7 @@ def _hf_columns(ds: Any, where: str) -> tuple[str, str]:
 
 def _write_cached(data: bytes, cache_dir: Path) -> str:
     sha = sha256_bytes(data)
-    ext = _EXT_FOR_FORMAT.get(sniff_format(data) or "", ".img")
+    ext = file_extension(data, ".img")
     target = cache_dir / sha[:2] / f"{sha}{ext}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

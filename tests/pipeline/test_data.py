@@ -447,3 +447,21 @@ def test_clothing_small_card(clothing_small_dir):
     assert card.split_total("test") == 372 - lost["test"]
     assert card.imbalance_ratio == pytest.approx(795 / 112, rel=0.05)
     assert all(r.width > 0 and r.height > 0 for r in ds.records)
+
+
+def test_a_folder_of_netpbm_heic_avif_and_jpeg2000_files_is_read_whole(tmp_path):
+    """Datasets ship .ppm / .pgm (GTSRB, face sets), phones .heic, newer sets .avif / .jp2: every
+    one is a record, none is skipped as a non-image file."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()  # to write the .heic files
+    formats = {".ppm": ("PPM", "RGB"), ".pgm": ("PPM", "L"), ".heic": ("HEIF", "RGB"),
+               ".avif": ("AVIF", "RGB"), ".jp2": ("JPEG2000", "RGB"), ".png": ("PNG", "RGB")}
+    for cls, tint in (("left", 0), ("right", 1)):
+        (tmp_path / cls).mkdir()
+        for i, (ext, (fmt, mode)) in enumerate(formats.items()):
+            arr = np.random.default_rng(10 * tint + i).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+            Image.fromarray(arr).convert(mode).save(tmp_path / cls / f"img{i}{ext.upper() if i % 2 else ext}", fmt)
+    ds = load_dataset(tmp_path, seed=0)
+    assert len(ds.records) == 12 and not ds.card.excluded and not ds.card.ignored
+    assert sorted({os.path.splitext(r.path)[1].lower() for r in ds.records}) == sorted(formats)

@@ -227,3 +227,83 @@ def test_decoder_failures_outside_pils_usual_errors_are_validation_errors():
     with pytest.raises(ImageValidationError) as err:
         open_image(bytes(dds))
     assert err.value.code in ERROR_CODES and "NotImplementedError" in str(err.value)
+
+
+def _smooth(size: tuple[int, int] = (48, 32)) -> Image.Image:
+    """A gradient photo stand-in: lossy codecs keep it close, so decoded pixels can be compared."""
+    x = np.linspace(0, 255, size[0])[None, :, None]
+    y = np.linspace(0, 255, size[1])[:, None, None]
+    arr = np.concatenate([np.broadcast_to(x, (size[1], size[0], 1)), np.broadcast_to(y, (size[1], size[0], 1)),
+                          np.full((size[1], size[0], 1), 90.0)], axis=2)
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+@pytest.mark.parametrize(("fmt", "save_as", "mode", "ext", "tolerance"), [
+    ("PPM", "PPM", "RGB", ".ppm", 0),  # Netpbm (GTSRB ships .ppm)
+    ("PPM", "PPM", "L", ".ppm", 0),  # a PGM
+    ("AVIF", "AVIF", "RGB", ".avif", 12),
+    ("HEIF", "HEIF", "RGB", ".heic", 12),  # phone photos, through pillow-heif
+    ("JPEG2000", "JPEG2000", "RGB", ".jp2", 6),
+])
+def test_dataset_and_phone_formats_decode_sniff_and_keep_their_extension(fmt, save_as, mode, ext, tolerance):
+    from pipeline.images import file_extension, sniff_format
+
+    if save_as == "HEIF":
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()  # to encode the test file; decoding registers it itself
+    src = _smooth().convert(mode)
+    buf = io.BytesIO()
+    src.save(buf, save_as)
+    data = buf.getvalue()
+    assert sniff_format(data) == fmt and file_extension(data) == ext and ext in IMAGE_EXTENSIONS
+    im = open_image(data)
+    assert im.mode == "RGB" and im.size == src.size
+    diff = np.abs(np.asarray(im, dtype=np.int16) - np.asarray(src.convert("RGB"), dtype=np.int16))
+    assert diff.mean() <= tolerance, diff.mean()
+    assert inspect_image(data).format == save_as
+    # a damaged file of the format is a coded error, never an exception from the codec
+    with pytest.raises(ImageValidationError) as err:
+        open_image(data[: len(data) // 2])
+    assert err.value.code in ("truncated", "corrupt")
+
+
+def test_unknown_bytes_keep_the_default_extension():
+    from pipeline.images import file_extension, sniff_format
+
+    assert sniff_format(b"Plain text, not P6 image") is None and file_extension(b"hello", ".img") == ".img"
+    assert file_extension(_jpeg((8, 8))) == ".jpg"
+
+
+_HEIC_IN_A_FRESH_PROCESS = """
+import io, sys
+import numpy as np, pillow_heif
+from PIL import Image
+if sys.argv[1] == "without-plugin":
+    sys.modules["pillow_heif"] = None  # as if the package were not installed
+buf = io.BytesIO()
+pillow_heif.from_pillow(Image.new("RGB", (40, 30), (200, 40, 30))).save(buf, quality=90)  # leaves PIL's openers alone
+from pipeline.images import ImageValidationError, open_image
+try:
+    print(open_image(buf.getvalue()).getpixel((5, 5)))
+except ImageValidationError as exc:
+    print(exc.code, exc)
+"""
+
+
+@pytest.mark.parametrize("case", ["with-plugin", "without-plugin"])
+def test_heic_decodes_with_nothing_registered_by_the_caller(case):
+    """A fresh process (no earlier test registered an opener): `open_image` registers pillow-heif's
+    itself; without the package a HEIC file is one coded error that names the fix."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", _HEIC_IN_A_FRESH_PROCESS, case], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr
+    if case == "with-plugin":
+        import ast
+
+        r, g, b = ast.literal_eval(res.stdout.strip())
+        assert abs(r - 200) <= 8 and abs(g - 40) <= 8 and abs(b - 30) <= 8, res.stdout
+    else:
+        assert res.stdout.startswith("unreadable <bytes>: a HEIC/HEIF image") and "pip install pillow-heif" in res.stdout
