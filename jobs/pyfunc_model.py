@@ -3,9 +3,13 @@
 MLflow stores this file's source, not a cloudpickle of Python objects; the predictor itself
 travels as the `predictor` artifact (JSON + safetensors + FAISS, no pickle). Input: a DataFrame
 with an `image` column of base64 strings or raw bytes (or a list of those). Output: one row per
-image with label, score, decision and top-k; a multi-label model's rows add `labels` (the list
-of labels that passed, best first) and `label_scores` (JSON [{label, score}]), `label` being
+image with label, score, decision, top-k and error; a multi-label model's rows add `labels` (the
+list of labels that passed, best first) and `label_scores` (JSON [{label, score}]), `label` being
 their key "a|b" (None on abstention).
+
+A row whose image cannot be used (not base64, not an image, truncated, too large) does not fail
+the batch: it comes back with decision ``error``, no label, a NaN score and the reason in `error`
+(None on every other row), so one bad file in a batch-scoring job costs one row, not the job.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import json
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import set_model
+
+from pipeline.images import ImageValidationError, inspect_image
+from pipeline.multilabel.predictor import MultiLabelPredictor, load_any_predictor
 
 
 def _as_bytes(item) -> bytes:
@@ -32,8 +39,6 @@ def _as_bytes(item) -> bytes:
 
 class TlpipeModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from pipeline.multilabel.predictor import load_any_predictor
-
         # a single-label Predictor or a MultiLabelPredictor, by what the artifact holds
         self.predictor = load_any_predictor(context.artifacts["predictor"])
 
@@ -51,14 +56,37 @@ class TlpipeModel(mlflow.pyfunc.PythonModel):
             images = list(model_input["image"])
         else:
             images = list(model_input)
-        preds = self.predictor.predict_images([_as_bytes(x) for x in images])
-        rows = [{"label": p.label, "score": p.score, "decision": p.decision,
-                 "top_k": json.dumps(p.top_k)} for p in preds]
-        if preds and hasattr(preds[0], "labels"):  # multi-label: the answered set, best first
-            for row, p in zip(rows, preds):
-                row["labels"] = [d["label"] for d in p.labels]
-                row["label_scores"] = json.dumps(p.labels)
-        return pd.DataFrame(rows)
+        data, errors = [], {}
+        for i, item in enumerate(images):
+            try:
+                data.append(_as_bytes(item))
+            except (TypeError, ValueError) as exc:
+                data.append(b"")
+                errors[i] = f"row {i}: {exc}"
+        good = [i for i in range(len(data)) if i not in errors]
+        try:
+            preds = self.predictor.predict_images([data[i] for i in good]) if good else []
+        except ImageValidationError:
+            # some image in the batch is unusable: find each one, then predict the rest together
+            for i in good:
+                try:
+                    inspect_image(data[i])
+                except ImageValidationError as exc:
+                    errors[i] = f"row {i}: {exc}"
+            good = [i for i in range(len(data)) if i not in errors]
+            preds = self.predictor.predict_images([data[i] for i in good]) if good else []
+        multi = isinstance(self.predictor, MultiLabelPredictor)
+        rows: list[dict] = [{"label": None, "score": float("nan"), "decision": "error", "top_k": "[]",
+                             "error": errors.get(i)} for i in range(len(data))]
+        if multi:
+            for row in rows:
+                row["labels"], row["label_scores"] = [], "[]"
+        for i, p in zip(good, preds):
+            rows[i].update(label=p.label, score=p.score, decision=p.decision, top_k=json.dumps(p.top_k))
+            if multi:  # the answered set, best first
+                rows[i].update(labels=[d["label"] for d in p.labels], label_scores=json.dumps(p.labels))
+        columns = ["label", "score", "decision", "top_k", "error"] + (["labels", "label_scores"] if multi else [])
+        return pd.DataFrame(rows, columns=columns)
 
 
 set_model(TlpipeModel())

@@ -127,6 +127,11 @@ def test_registered_model_answers_label_lists_through_pyfunc(ml_run):
         assert row["label"] == ("|".join(sorted(row["labels"])) if row["labels"] else None)
         hits += len(set(row["labels"]) & set(truth[str(Path(r.path).resolve())]))
     assert hits >= len(test)  # on average at least one true label per mosaic found
+    # an unusable image is an error row with the multi-label columns empty; the others still answer
+    mixed = model.predict(pd.DataFrame({"image": [b"not an image", Path(test[0].path).read_bytes()]}))
+    assert list(mixed.columns) == list(out.columns) and out["error"].isna().all()
+    assert mixed["decision"].tolist() == ["error", out["decision"][0]] and mixed["labels"][0] == []
+    assert mixed["error"][0].startswith("row 0: ") and mixed["labels"][1] == out["labels"][0]
     # the promotion gate compares multi-label versions on their test label sets (subset accuracy)
     from jobs.registry import promote
 

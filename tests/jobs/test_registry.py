@@ -6,6 +6,7 @@ Real EfficientNet-Lite0 weights at 64 px, real CIFAR-10 photos, a real sqlite ML
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,26 @@ def test_pyfunc_from_registry_matches_in_process(mlflow_store, predictor_dir):
     # The logged model holds no pickle: the python model is stored as source code.
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/cifar3-pyfunc/{version}"))
     assert not list(model_dir.rglob("*.pkl")) and not list(model_dir.rglob("*.pickle"))
+
+    # bad rows in a batch cost those rows, not the batch: each is an `error` row naming why
+    assert served["error"].isna().all()
+    bad = {1: "not an image file", 3: "(corrupt|ends before the image data)", 4: "neither bytes nor valid base64",
+           5: "file is empty"}
+    mixed = [images[0], b"plain text", images[1], images[2][: len(images[2]) // 2], "@@@", b"", images[3]]
+    out = model.predict(pd.DataFrame({"image": mixed}))
+    assert len(out) == len(mixed) and list(out.columns) == list(served.columns)
+    for i, why in bad.items():
+        row = out.iloc[i]
+        assert row["decision"] == "error" and pd.isna(row["label"]) and np.isnan(row["score"]), row
+        assert re.match(f"row {i}: .*{why}", row["error"]), row["error"]
+    ok = [0, 2, 6]
+    assert out.iloc[ok]["error"].isna().all()
+    assert list(out.iloc[ok]["label"]) == [local[j].label for j in (0, 1, 3)]
+    np.testing.assert_allclose(out.iloc[ok]["score"].to_numpy(), [local[j].score for j in (0, 1, 3)], rtol=1e-5)
+    every_row_bad = model.predict(pd.DataFrame({"image": [b"x", b""]}))
+    assert list(every_row_bad["decision"]) == ["error", "error"]
+    with pytest.raises(ValueError, match="expected an 'image' column"):
+        model.predict(pd.DataFrame({"picture": mixed}))
 
 
 def _with_test_predictions(path: Path, dst: Path, accuracy: float, *, seed: int,
