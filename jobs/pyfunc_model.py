@@ -8,7 +8,7 @@ list of labels that passed, best first) and `label_scores` (JSON [{label, score}
 their key "a|b" (None on abstention).
 
 A row whose image cannot be used (not base64, not an image, truncated, too large) does not fail
-the batch: it comes back with decision ``error``, no label, a NaN score and the reason in `error`
+the batch: it comes back with decision ``error``, no label, score 0 and the reason in `error`
 (None on every other row), so one bad file in a batch-scoring job costs one row, not the job.
 """
 
@@ -76,7 +76,7 @@ class TlpipeModel(mlflow.pyfunc.PythonModel):
             good = [i for i in range(len(data)) if i not in errors]
             preds = self.predictor.predict_images([data[i] for i in good]) if good else []
         multi = isinstance(self.predictor, MultiLabelPredictor)
-        rows: list[dict] = [{"label": None, "score": float("nan"), "decision": "error", "top_k": "[]",
+        rows: list[dict] = [{"label": None, "score": 0.0, "decision": "error", "top_k": "[]",
                              "error": errors.get(i)} for i in range(len(data))]
         if multi:
             for row in rows:
@@ -86,7 +86,10 @@ class TlpipeModel(mlflow.pyfunc.PythonModel):
             if multi:  # the answered set, best first
                 rows[i].update(labels=[d["label"] for d in p.labels], label_scores=json.dumps(p.labels))
         columns = ["label", "score", "decision", "top_k", "error"] + (["labels", "label_scores"] if multi else [])
-        return pd.DataFrame(rows, columns=columns)
+        # text columns as objects: pandas would make them strings whose missing value is NaN, which
+        # `mlflow models serve` writes as a bare NaN (not JSON); None stays null
+        return pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=float if c == "score" else object)
+                             for c in columns})
 
 
 set_model(TlpipeModel())

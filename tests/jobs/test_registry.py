@@ -6,6 +6,7 @@ Real EfficientNet-Lite0 weights at 64 px, real CIFAR-10 photos, a real sqlite ML
 from __future__ import annotations
 
 import base64
+import json
 import re
 from pathlib import Path
 
@@ -98,12 +99,21 @@ def test_pyfunc_from_registry_matches_in_process(mlflow_store, predictor_dir):
     assert len(out) == len(mixed) and list(out.columns) == list(served.columns)
     for i, why in bad.items():
         row = out.iloc[i]
-        assert row["decision"] == "error" and pd.isna(row["label"]) and np.isnan(row["score"]), row
+        assert row["decision"] == "error" and row["label"] is None and row["score"] == 0.0, row
         assert re.match(f"row {i}: .*{why}", row["error"]), row["error"]
     ok = [0, 2, 6]
     assert out.iloc[ok]["error"].isna().all()
     assert list(out.iloc[ok]["label"]) == [local[j].label for j in (0, 1, 3)]
     np.testing.assert_allclose(out.iloc[ok]["score"].to_numpy(), [local[j].score for j in (0, 1, 3)], rtol=1e-5)
+    # what `mlflow models serve` answers for them (its own encoder) is strict JSON: null, never NaN
+    import io
+
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    buf = io.StringIO()
+    predictions_to_json(out, buf)
+    answer = json.loads(buf.getvalue(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON answer"))
+    assert answer["predictions"][1]["label"] is None and answer["predictions"][0]["error"] is None
     every_row_bad = model.predict(pd.DataFrame({"image": [b"x", b""]}))
     assert list(every_row_bad["decision"]) == ["error", "error"]
     with pytest.raises(ValueError, match="expected an 'image' column"):
