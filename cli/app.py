@@ -19,6 +19,7 @@ from cli.console import (
     leaderboard_table,
     load_dataset_arg,
     print_promotion,
+    skipped_backbone_lines,
     state_root,
     stats_table,
 )
@@ -222,8 +223,8 @@ def run(
                          label_separator=label_separator,
                          on_dataset=lambda ds: console.print(ds.card.render()))
     console.print(stats_table(result.extract_stats))
-    for s in result.skipped_backbones:
-        console.print(f"[yellow]skipped[/] {s['backbone']}: {s['reason']}")
+    for line in skipped_backbone_lines(result.skipped_backbones):
+        console.print(line)
     for s in result.sweep.skipped:
         console.print(f"[yellow]skipped[/] {s.get('backbone')} × {s.get('head')}: {s.get('reason')}")
     console.print(leaderboard_table(result.sweep.rows, f"sweep {result.sweep.parent_run_id}"))

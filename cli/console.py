@@ -77,6 +77,23 @@ def load_dataset_arg(data: str, seed: int, max_pixels: Optional[int]):
     return load_dataset(data, seed=seed, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
 
 
+# how `pipeline.backbones.weights_available` words "the weights are simply not here"
+_WEIGHTS_NOT_HERE = ("are not on this machine", "are not installed")
+
+
+def skipped_backbone_lines(skipped: list[dict]) -> list[str]:
+    """What `tlpipe run` says of the default backbones it left out: one line naming those whose
+    weights are simply not on this machine (each one's fix is in `tlpipe backbones show NAME`,
+    the full reasons in the run's `skipped_backbones.json`), then any other cause in full."""
+    absent = [s["backbone"] for s in skipped if any(m in s["reason"] for m in _WEIGHTS_NOT_HERE)]
+    lines = [f"[yellow]skipped[/] {s['backbone']}: {s['reason']}" for s in skipped if s["backbone"] not in absent]
+    if absent:
+        lines.insert(0, f"[yellow]skipped[/] {len(absent)} backbone(s) whose weights are not on this machine: "
+                        f"{', '.join(absent)}. `tlpipe backbones show NAME` says how to add one; "
+                        "`--backbones DIR` takes a weights folder directly")
+    return lines
+
+
 def stats_table(stats) -> Table:
     table = Table(title="feature extraction")
     for col in ("backbone", "engine", "images", "cached", "extracted", "failed", "seconds", "img/s"):
