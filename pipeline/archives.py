@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from pipeline.data.imagefolder import is_hidden
 from pipeline.settings import cache_dir as default_cache_dir
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -22,8 +23,6 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 class ArchiveError(ValueError):
     """An archive that cannot be unpacked safely: corrupt, or a member escaping the target."""
-
-
 
 
 def is_archive(path: str | os.PathLike) -> bool:
@@ -34,7 +33,8 @@ def is_archive(path: str | os.PathLike) -> bool:
 def unpack(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Unpack `archive` into the cache once and return the dataset root inside it.
 
-    The root is the single top-level folder when the archive has exactly one, else the
+    The root is the single top-level folder when the archive has exactly one (hidden entries
+    and tools' folders such as `__MACOSX` aside: `is_hidden`), else the
     unpack folder itself. Members that would land outside the target (absolute paths, `..`,
     links out of it) are refused (tarfile's `data` filter; a check of every zip member name):
     `ArchiveError`, as for a corrupt archive. Zip members are always written as plain files.
@@ -61,7 +61,7 @@ def unpack(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
                     _unpack_into(archive, target, base)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-    entries = [p for p in target.iterdir() if not p.name.startswith(".")]
+    entries = [p for p in target.iterdir() if not is_hidden(p.name)]  # a macOS zip's __MACOSX beside it
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
 
 

@@ -1,6 +1,6 @@
 """ImageFolder trees: `<class>/...` or `<split>/<class>/...`.
 
-Hidden entries (dot-prefixed, `__MACOSX`) are skipped, non-image extensions are listed as
+Hidden entries (dot-prefixed, `__MACOSX`, a NAS's `@eaDir` thumbnails) are skipped, non-image extensions are listed as
 ignored, symlinked folders are followed unless they loop or revisit a scanned folder.
 """
 
@@ -21,10 +21,14 @@ from pipeline.data.records import (
 )
 from pipeline.images import IMAGE_EXTENSIONS
 
-IGNORED_DIR_NAMES = frozenset({"__MACOSX"})
+# folders that tools add beside the data: a macOS zip's resource forks, a Synology NAS's
+# thumbnails (JPEGs of the photos beside them: read as data they would leak test images into train)
+IGNORED_DIR_NAMES = frozenset({"__MACOSX", "@eaDir"})
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """A folder entry that is never data: dot-prefixed (AppleDouble `._x.jpg`, `.DS_Store`) or a
+    tool's folder (`IGNORED_DIR_NAMES`)."""
     return name.startswith(".") or name in IGNORED_DIR_NAMES
 
 
@@ -40,7 +44,7 @@ def scan_imagefolder(root: Path) -> SourceListing:
     listing = SourceListing(kind="imagefolder", name=os.path.basename(root_str) or root_str,
                             source=display_path(root_str))
     try:
-        entries = [e for e in _scandir_sorted(root_str) if not _is_hidden(e.name)]
+        entries = [e for e in _scandir_sorted(root_str) if not is_hidden(e.name)]
     except OSError as exc:
         raise DatasetError(f"cannot list {display_path(root_str)}: {exc.strerror or exc}") from exc
     top_dirs = [e for e in entries if _entry_is_dir(e)]
@@ -63,7 +67,7 @@ def scan_imagefolder(root: Path) -> SourceListing:
             split = normalise_split(split_entry.name)
             visited.add(os.path.realpath(split_entry.path))
             try:
-                inner = [e for e in _scandir_sorted(split_entry.path) if not _is_hidden(e.name)]
+                inner = [e for e in _scandir_sorted(split_entry.path) if not is_hidden(e.name)]
             except OSError as exc:
                 listing.excluded.append(ExcludedFile(display_path(split_entry.name), "unreadable",
                                                      f"cannot list split folder: {exc.strerror or exc}"))
@@ -137,7 +141,7 @@ def _walk_class(listing: SourceListing, class_dir: str, root: str, label: str,
             continue
         subdirs: list[str] = []
         for e in entries:
-            if _is_hidden(e.name):
+            if is_hidden(e.name):
                 continue
             rel = display_path(os.path.relpath(e.path, root))
             try:

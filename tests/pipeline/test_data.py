@@ -465,3 +465,27 @@ def test_a_folder_of_netpbm_heic_avif_and_jpeg2000_files_is_read_whole(tmp_path)
     ds = load_dataset(tmp_path, seed=0)
     assert len(ds.records) == 12 and not ds.card.excluded and not ds.card.ignored
     assert sorted({os.path.splitext(r.path)[1].lower() for r in ds.records}) == sorted(formats)
+
+
+def test_a_macos_zip_of_a_nas_folder_is_the_dataset_inside_it(tmp_path):
+    """`zip -r pets.zip pets` on a Mac adds `__MACOSX/pets/<class>/._<file>` (AppleDouble files
+    with image extensions) and `.DS_Store`; a Synology share adds `@eaDir/<file>/*.jpg` thumbnails
+    of every photo. The archive's root is still `pets/`, and none of those files is data."""
+    import zipfile
+
+    from pipeline.archives import unpack
+
+    images = _tree(tmp_path / "src", {"cat": 5, "dog": 4})
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for rel, data in images.items():
+            cls, name = rel.split("/")
+            zf.writestr(f"pets/{rel}", data)
+            zf.writestr(f"__MACOSX/pets/{cls}/._{name}", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+            zf.writestr(f"pets/{cls}/@eaDir/{name}/SYNOPHOTO_THUMB_S.jpg", _png(99))
+        zf.writestr("pets/cat/.DS_Store", b"\x00\x00\x00\x01Bud1")
+    root = unpack(archive, tmp_path / "cache")
+    assert root.name == "pets"
+    ds = load_dataset(root, seed=0)
+    assert sorted(Counter(r.label for r in ds.records).items()) == [("cat", 5), ("dog", 4)]
+    assert not ds.card.excluded and not ds.card.ignored
