@@ -323,17 +323,23 @@ def ui(port: int = typer.Option(5000), host: str = typer.Option("127.0.0.1"), ro
 
 @app.command()
 @clean_errors
-def predict(images: List[Path] = typer.Argument(..., help="Image files."),
+def predict(images: List[Path] = typer.Argument(..., help="Image files, or folders (every image under them)."),
             model: str = typer.Option(..., "--model", help="NAME@alias, NAME/version, or a predictor dir."),
             as_json: bool = typer.Option(False, "--json", help="Print a JSON list (one object per image, "
                                          "with `labels`) instead of the table."),
             root: Optional[Path] = RootOpt) -> None:
-    """Classify images with a registered model (in process, no server). A multi-label model
-    answers a list of labels per image (empty when it abstains)."""
+    """Classify images with a registered model (in process, no server), in batches; an image
+    that cannot be read is an `error` row. A multi-label model answers a list of labels per
+    image (empty when it abstains)."""
     from jobs.registry import alias_version, predictor_path
     from jobs.tracking import setup_mlflow
+    from pipeline.batch_predict import image_files, predict_each
+    from pipeline.images import IMAGE_EXTENSIONS, ImageValidationError
     from pipeline.multilabel.predictor import MULTILABEL_TASK, answered_labels, load_any_predictor, task_of
 
+    paths = image_files(images)
+    if not paths:
+        fail(f"no image files under {', '.join(map(str, images))}: looked for {', '.join(sorted(IMAGE_EXTENSIONS))}")
     if Path(model).is_dir():
         pdir = Path(model)
     else:
@@ -349,15 +355,11 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files."),
     columns = ("labels",) if multilabel else ("label", "score")  # a multi-label answer: a list
     for col in ("image", *columns, "decision", "top-3"):
         table.add_column(col)
-    from pipeline.images import ImageValidationError
-
     rows = []
-    for path in images:
-        try:
-            (p,) = predictor.predict_images([path.read_bytes()])
-        except (ImageValidationError, OSError) as exc:
-            rows.append({"image": str(path), "error": str(exc)})
-            table.add_row(str(path), *["-"] * len(columns), "error", str(exc))
+    for path, p in zip(paths, predict_each(predictor, paths)):
+        if isinstance(p, ImageValidationError):
+            rows.append({"image": str(path), "error": str(p)})
+            table.add_row(str(path), *["-"] * len(columns), "error", str(p))
             continue
         rows.append({"image": str(path), **p.to_dict(), "labels": answered_labels(p)})
         tops = ", ".join(f"{t['label']} {t['score']:.2f}" for t in p.top_k[:3])

@@ -22,7 +22,8 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import set_model
 
-from pipeline.images import ImageValidationError, inspect_image
+from pipeline.batch_predict import predict_each
+from pipeline.images import ImageValidationError
 from pipeline.multilabel.predictor import MultiLabelPredictor, load_any_predictor
 
 
@@ -56,28 +57,21 @@ class TlpipeModel(mlflow.pyfunc.PythonModel):
             images = list(model_input["image"])
         else:
             images = list(model_input)
-        data, errors = [], {}
+        data, errors = {}, {}
         for i, item in enumerate(images):
             try:
-                data.append(_as_bytes(item))
+                data[i] = _as_bytes(item)
             except (TypeError, ValueError) as exc:
-                data.append(b"")
                 errors[i] = f"row {i}: {exc}"
-        good = [i for i in range(len(data)) if i not in errors]
-        try:
-            preds = self.predictor.predict_images([data[i] for i in good]) if good else []
-        except ImageValidationError:
-            # some image in the batch is unusable: find each one, then predict the rest together
-            for i in good:
-                try:
-                    inspect_image(data[i])
-                except ImageValidationError as exc:
-                    errors[i] = f"row {i}: {exc}"
-            good = [i for i in range(len(data)) if i not in errors]
-            preds = self.predictor.predict_images([data[i] for i in good]) if good else []
+        answers = dict(zip(data, predict_each(self.predictor, list(data.values()))))
+        for i, a in answers.items():
+            if isinstance(a, ImageValidationError):
+                errors[i] = f"row {i}: {a}"
+        good = [i for i in range(len(images)) if i not in errors]
+        preds = [answers[i] for i in good]
         multi = isinstance(self.predictor, MultiLabelPredictor)
         rows: list[dict] = [{"label": None, "score": 0.0, "decision": "error", "top_k": "[]",
-                             "error": errors.get(i)} for i in range(len(data))]
+                             "error": errors.get(i)} for i in range(len(images))]
         if multi:
             for row in rows:
                 row["labels"], row["label_scores"] = [], "[]"

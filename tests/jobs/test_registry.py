@@ -243,3 +243,68 @@ def test_registering_into_a_run_works_whatever_experiment_the_caller_made_active
     finally:
         if before is not None:
             os.environ["MLFLOW_EXPERIMENT_ID"] = before
+
+
+def test_predict_each_answers_in_batches_and_a_bad_image_costs_only_itself(predictor_dir):
+    from pipeline.batch_predict import predict_each
+    from pipeline.images import ImageValidationError
+    from pipeline.predictor import Predictor
+
+    path, images = predictor_dir
+    predictor = Predictor.load(path, engine="torch")
+    want = [predictor.predict_images([b])[0].to_dict() for b in images[:7]]
+    # bad images in the first and the last of three batches of 3
+    mixed = [images[0], b"not an image", images[1], images[2], images[3], images[4],
+             images[5][:200], images[6], b""]
+    got = predict_each(predictor, mixed, batch_size=3)
+    assert len(got) == len(mixed)
+    assert [type(g).__name__ for g in got] == ["Prediction", "ImageValidationError", "Prediction", "Prediction",
+                                               "Prediction", "Prediction", "ImageValidationError", "Prediction",
+                                               "ImageValidationError"]
+    codes = [g.code for g in got if isinstance(g, ImageValidationError)]
+    assert codes[0] == "not_image" and codes[1] in ("truncated", "corrupt") and codes[2] == "empty"
+    answered = [g.to_dict() for g in got if not isinstance(g, ImageValidationError)]
+    for a, w in zip(answered, [want[i] for i in (0, 1, 2, 3, 4, 6)]):
+        assert a["label"] == w["label"] and a["decision"] == w["decision"]
+        assert abs(a["score"] - w["score"]) < 1e-4
+    assert predict_each(predictor, []) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_each(predictor, images, batch_size=0)
+
+
+def test_tlpipe_predict_takes_folders(predictor_dir, tmp_path):
+    """A folder stands for every image under it (nested folders too; hidden files, tools' folders
+    and other files skipped), answered in batches; an unreadable image is an error row."""
+    from typer.testing import CliRunner
+
+    from cli.app import app as cli
+    from pipeline.predictor import Predictor
+
+    path, images = predictor_dir
+    folder = tmp_path / "traffic"
+    (folder / "day2" / "@eaDir").mkdir(parents=True)
+    for i, data in enumerate(images[:5]):
+        (folder / ("day2" if i % 2 else "") / f"img{i}.jpg").write_bytes(data)
+    (folder / "day2" / "@eaDir" / "thumb.jpg").write_bytes(images[5])
+    (folder / ".img9.jpg").write_bytes(images[6])
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes(images[7][:100])
+    single = tmp_path / "single.jpg"
+    single.write_bytes(images[8])
+    r = CliRunner().invoke(cli, ["predict", str(folder), str(single), "--model", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    expect = ["broken.jpg", "day2/img1.jpg", "day2/img3.jpg", "img0.jpg", "img2.jpg", "img4.jpg"]
+    assert [row["image"] for row in rows] == [str(folder / e) for e in expect] + [str(single)]
+    assert "error" in rows[0] and "broken.jpg" in rows[0]["error"]
+    predictor = Predictor.load(path)
+    want = predictor.predict_images([images[i] for i in (1, 3, 0, 2, 4, 8)])
+    assert [row["label"] for row in rows[1:]] == [w.label for w in want]
+
+    r = CliRunner().invoke(cli, ["predict", str(folder / "day2"), "--model", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    assert [row["image"] for row in json.loads(r.stdout)] == [str(folder / "day2" / f"img{i}.jpg") for i in (1, 3)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = CliRunner().invoke(cli, ["predict", str(empty), "--model", str(path)])
+    assert r.exit_code == 2 and "no image files under" in r.output and ".jpg" in r.output, r.output
