@@ -6,9 +6,13 @@ Rule (`select_winner`):
 2. `best` is the eligible candidate with the highest selection metric (cross-validation mean or
    validation score; never the test split). Ties: cheaper beyond noise and `min_cost_gap`,
    else fewer parameters, then name (repeated timings cannot flip the choice).
-3. A candidate is dominated when another eligible candidate has a strictly higher metric at no
-   higher cost (latency within noise or lower, parameters not higher). Dominated candidates never
-   win.
+   Scores measured on different images do not compare (probes cross-validated on train+val, a
+   fine-tune scored on the validation split alone): `best` is then the top of the candidates
+   scored on the widest image set, and one scored on other images takes its place only by a
+   higher metric on the images both were scored on (single-label, with predictions).
+3. A candidate is dominated when another eligible candidate scored on the same images has a
+   strictly higher metric at no higher cost (latency within noise or lower, parameters not
+   higher). Dominated candidates never win.
 4. A non-dominated candidate may replace `best` only when it is
    (a) cheaper beyond noise: its latency is lower by more than both candidates' measurement
        noise together and by at least `min_cost_gap` of best's latency — or, with latency equal
@@ -283,6 +287,48 @@ def _break_tie(tied: list[Candidate], key: str, min_cost_gap: float) -> Candidat
     return min([c for c in tied if close(c)], key=lambda c: (_inf(_num(c.params_m)), c.name))
 
 
+def _selection_sets(ranked: Sequence[Candidate], y_true: Mapping[str, str] | None,
+                    predictions: Mapping[str, Mapping[str, str]] | None) -> dict[str, frozenset]:
+    """Candidate -> the labelled images it was scored on, for those with predictions."""
+    if not y_true or not predictions:
+        return {}
+    out = {}
+    for c in ranked:
+        ids = frozenset(predictions.get(c.name) or ()).intersection(y_true)
+        if ids:
+            out[c.name] = ids
+    return out
+
+
+def _comparable_best_first(ranked: list[Candidate], scored_on: Mapping[str, frozenset],
+                           y_true: Mapping[str, str], predictions: Mapping[str, Mapping[str, str]],
+                           metric_name: str) -> tuple[list[Candidate], list[str]]:
+    """`ranked` with the best by comparable scores first, and what each cross-set comparison
+    found. The top of the widest image set (a cross-validation over train+val) starts as best; a
+    candidate scored on other images (a fine-tune on the validation split) replaces it only with
+    a higher metric on the images both were scored on."""
+    widest = max(scored_on.values(), key=len)
+    best = next(c for c in ranked if scored_on.get(c.name, widest) == widest)
+    notes = []
+    for c in ranked:
+        if scored_on.get(c.name, widest) == widest:
+            continue
+        shared = sorted(scored_on[c.name] & scored_on.get(best.name, widest))
+        if not shared:
+            notes.append(f"{c.name} shares no selection image with {best.name}, so it cannot be ranked "
+                         "above it")
+            continue
+        y = [y_true[i] for i in shared]
+        mc = metric_from_labels(metric_name, y, [predictions[c.name][i] for i in shared])
+        mb = metric_from_labels(metric_name, y, [predictions[best.name][i] for i in shared])
+        verdict = "ranks above" if mc > mb and not _same_score(mc, mb) else "does not rank above"
+        notes.append(f"{c.name} ({_fmt(_num(c.metric), '.4f')} on its {len(scored_on[c.name])} images) {verdict} "
+                     f"{best.name}: {mc:.4f} vs {mb:.4f} on the {len(shared)} images both were scored on")
+        if verdict == "ranks above":
+            best = c
+    return [best] + [c for c in ranked if c is not best], notes
+
+
 # ----------------------------------------------------------------------------- paired tests
 
 def _paired_vs_best(best: Candidate, others: Sequence[Candidate],
@@ -444,11 +490,20 @@ def select_winner(candidates: Iterable[Candidate], *,
     if len(tied) > 1:  # equal scores: a latency gap inside noise or the minimum gap decides nothing
         first = _break_tie(tied, latency_key, min_cost_gap)
         ranked = [first] + [c for c in ranked if c is not first]
+    scored_on = {} if multilabel else _selection_sets(ranked, y_true, predictions)
+    across: list[str] = []
+    if len(set(scored_on.values())) > 1:
+        ranked, across = _comparable_best_first(ranked, scored_on, y_true, predictions, metric_name)
     best = ranked[0]
     others = ranked[1:]
     # `ranked` is best metric first, so this names the strongest dominating candidate.
-    dominated_by = {c.name: next((d.name for d in ranked
-                                  if d is not c and _dominates(d, c, latency_key)), None)
+    def same_images(a: Candidate, b: Candidate) -> bool:  # unknown image sets: no evidence either way
+        sa, sb = scored_on.get(a.name), scored_on.get(b.name)
+        return sa is None or sb is None or sa == sb
+
+    # scores on different images do not dominate each other
+    dominated_by = {c.name: next((d.name for d in ranked if d is not c and same_images(d, c)
+                                  and _dominates(d, c, latency_key)), None)
                     for c in ranked}
     gaps = {c.name: _cost_gap(c, best, latency_key, min_cost_gap) for c in others}
     if multilabel:
@@ -485,6 +540,8 @@ def select_winner(candidates: Iterable[Candidate], *,
 
     winner = _pick_cheapest(qualified, latency_key, min_cost_gap) if qualified else best
     why = [f"Winner: {_describe(winner, latency_key)}."]
+    if across:
+        why.append("Scores on different images: " + "; ".join(across) + ".")
     if winner is best:
         why.append(f"It has the best selection {metric_name}.")
         why.append(_why_not_cheaper(best, others, gaps, paired, dominated_by, latency_key,

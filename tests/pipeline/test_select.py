@@ -311,6 +311,39 @@ def test_different_id_sets_are_compared_on_the_intersection():
     assert "on 500 images" in sel.why
 
 
+def test_a_lucky_score_on_few_images_does_not_outrank_cross_validated_ones():
+    """A fine-tune scored on a 30-image validation split (a perfect 1.000) against probes
+    cross-validated on all 600 train+val images: the scores do not compare. The probe stays best
+    unless the fine-tune beats it on the 30 images both were scored on."""
+    y = labels(600, k=3)
+    probe = predict(y, 0.80, 1, k=3)
+    weaker = degrade(y, probe, 30, seed=2, k=3)
+    val = np.arange(570, 600)
+    y_map = {f"img{i}": f"c{v}" for i, v in enumerate(y)}
+    ft_lucky = y.copy()                       # right on all 30 validation images ...
+    probe_val = probe.copy()
+    probe_val[val] = y[val]                   # ... and so is the probe there: a tie
+    preds = {"probe": as_map(probe_val), "weaker": as_map(weaker), "ft": as_map(ft_lucky[val], val)}
+    cs = [cand("ft", 1.0, lat=10.0, params=3.4), cand("probe", score(y, probe_val), lat=10.0, params=3.4),
+          cand("weaker", score(y, weaker), lat=10.0, params=3.4)]
+    sel = select_winner(cs, y_true=y_map, predictions=preds)
+    assert sel.winner.name == "probe" and sel.ranked[0].name == "probe"
+    assert "Scores on different images: ft (1.0000 on its 30 images) does not rank above probe: " \
+           "1.0000 vs 1.0000 on the 30 images both were scored on" in sel.why
+    # a cross-validated candidate is not "dominated" by the fine-tune's score on other images
+    assert comparison(sel, "probe")["dominated_by"] is None
+
+    # the fine-tune that does beat the probe on the shared images is best
+    probe_val[val[:6]] = (y[val[:6]] + 1) % 3
+    preds["probe"] = as_map(probe_val)
+    cs[1] = cand("probe", score(y, probe_val), lat=10.0, params=3.4)
+    sel = select_winner(cs, y_true=y_map, predictions=preds)
+    assert sel.ranked[0].name == "ft" and "ft (1.0000 on its 30 images) ranks above probe" in sel.why
+    # scored on the same images throughout, nothing changes and nothing is said
+    same = select_winner(cs[1:], y_true=y_map, predictions=preds)
+    assert same.ranked[0].name == "probe" and "different images" not in same.why
+
+
 def test_group_scoring_equals_pairwise():
     y = labels(700)
     ps = {f"m{i}": predict(y, 0.8 - 0.01 * i, i) for i in range(4)}
