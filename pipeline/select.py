@@ -36,8 +36,8 @@ import numpy as np
 from pipeline.multilabel.metrics import (MULTILABEL_METRICS, bootstrap_multilabel_scores,
                                          check_multilabel_metric)
 from pipeline.paired import (METRICS, PairedDifference, check_bootstrap, check_metric,
-                             bootstrap_scores, encode, metric_from_labels, paired_bootstrap,
-                             summarise)
+                             bootstrap_scores, discordant_counts, encode, metric_from_labels,
+                             paired_bootstrap, summarise)
 
 __all__ = ["Candidate", "Exclusion", "Selection", "NoEligibleCandidateError", "PairedDifference",
            "LabelScores", "MULTILABEL_METRICS",
@@ -362,7 +362,7 @@ def _paired_vs_best(best: Candidate, others: Sequence[Candidate],
                                        seed=seed)
         for j, c in enumerate(group, start=1):
             out[c.name] = summarise(metric_name, point[0] - point[j], boot[:, 0] - boot[:, j],
-                                    len(ids), confidence)
+                                    len(ids), confidence, discordant=discordant_counts(y, preds[0], preds[j]))
     return out
 
 

@@ -90,9 +90,11 @@ def test_paired_bootstrap_is_seeded_and_consistent():
     assert s.diff == pytest.approx(-r.diff)
     assert s.upper_one_sided == pytest.approx(-r.lower_one_sided)
     assert json.loads(json.dumps(r.to_dict()))["n"] == 800
-    # Identical models: a degenerate, exact zero difference.
+    # Identical models: a zero difference, and bounds no tighter than agreeing on all 800 images
+    # allows (every resample would say exactly zero; the exact binomial bound does not).
     z = paired_bootstrap("macro_f1", y, a, a, n_bootstrap=50)
-    assert (z.diff, z.low, z.high, z.upper_one_sided) == (0.0, 0.0, 0.0, 0.0)
+    assert z.diff == 0.0 and z.upper_one_sided == pytest.approx(1 - 0.05 ** (1 / 800))
+    assert z.lower_one_sided == pytest.approx(-z.upper_one_sided) and z.high == pytest.approx(1 - 0.025 ** (1 / 800))
     with pytest.raises(ValueError, match="confidence"):
         paired_bootstrap("accuracy", y, a, b, confidence=1.0)
     with pytest.raises(ValueError, match="n_bootstrap"):
@@ -134,7 +136,32 @@ def test_paired_bootstrap_balanced_accuracy_handles_missing_classes():
     b = np.where(y == 2, 0, y)
     r = paired_bootstrap("balanced_accuracy", y, a, b, n_bootstrap=300)
     assert r.diff == pytest.approx(1 / 3)
-    assert r.low == pytest.approx(0.0) and r.high == pytest.approx(1 / 3)
+    # one image decides it: the interval reaches below zero (no image has b alone right, but 101
+    # images cannot rule out b alone being right on a few per cent of images)
+    assert r.low == pytest.approx(1 / 101 - (1 - 0.025 ** (1 / 101))) and r.high == pytest.approx(1 / 3)
+
+
+def test_agreeing_on_a_few_images_is_no_proof_of_equivalence():
+    """A cheaper fine-tune scored on the validation split, right on exactly the validation images
+    the cross-validated probe also gets right: on 30 such images the bootstrap alone gives a
+    zero-width interval and would call it equivalent within any tolerance, but 30 agreements only
+    bound the gap by about 10 points (the rule of three), so it does not win. On 3 000 agreeing
+    images the bound is 0.1 point, and it does."""
+    for n_val, cheaper_wins in ((30, False), (3000, True)):
+        n = 10 * n_val
+        y = labels(n)
+        probe = predict(y, 0.8, 1)
+        val = np.arange(n - n_val, n)
+        probe[val] = y[val]
+        preds = {"probe": as_map(probe), "ft": as_map(y[val], val)}
+        cs = [cand("probe", score(y, probe), lat=40.0, params=300.0, noise=0.5),
+              cand("ft", 1.0, lat=4.0, params=5.0, noise=0.2)]
+        sel = select_winner(cs, y_true=as_map(y), predictions=preds)
+        assert sel.ranked[0].name == "probe"  # 1.000 on its own images vs 1.000 on them: no rank
+        c = comparison(sel, "ft")
+        assert c["n_images"] == n_val and c["diff"] == 0.0
+        assert c["upper"] == pytest.approx(1 - 0.05 ** (1 / n_val)) and c["equivalent"] == cheaper_wins
+        assert sel.winner.name == ("ft" if cheaper_wins else "probe"), sel.why
 
 
 # ----------------------------------------------------------------------------- selection
