@@ -203,12 +203,13 @@ def summarise(metric_name: str, diff: float, boot_diff: np.ndarray, n: int, conf
 
 def paired_bootstrap(metric_name: str, y_true: Any, pred_a: Any, pred_b: Any, *,
                      n_bootstrap: int = 2000, confidence: float = 0.95,
-                     seed: int = 0) -> PairedDifference:
-    """metric(a) - metric(b) on the same images, resampling image indices jointly (seeded)."""
+                     seed: int = 0, exact_floor: bool = True) -> PairedDifference:
+    """metric(a) - metric(b) on the same images, resampling image indices jointly (seeded);
+    `exact_floor`: bounds no tighter than the disagreements' exact binomial bounds (`summarise`)."""
     check_metric(metric_name)
     check_bootstrap(n_bootstrap, confidence)
     y, (a, b), k = encode(y_true, [pred_a, pred_b])
     point, boot = bootstrap_scores(metric_name, y, [a, b], k, n_bootstrap=int(n_bootstrap),
                                    seed=seed)
     return summarise(metric_name, point[0] - point[1], boot[:, 0] - boot[:, 1], len(y),
-                     float(confidence), discordant=discordant_counts(y, a, b))
+                     float(confidence), discordant=discordant_counts(y, a, b) if exact_floor else None)
