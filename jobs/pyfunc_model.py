@@ -23,7 +23,6 @@ import pandas as pd
 from mlflow.models import set_model
 
 from pipeline.batch_predict import predict_each
-from pipeline.images import ImageValidationError
 from pipeline.multilabel.predictor import MultiLabelPredictor, load_any_predictor
 
 
@@ -62,23 +61,20 @@ class TlpipeModel(mlflow.pyfunc.PythonModel):
             try:
                 data[i] = _as_bytes(item)
             except (TypeError, ValueError) as exc:
-                errors[i] = f"row {i}: {exc}"
-        answers = dict(zip(data, predict_each(self.predictor, list(data.values()))))
-        for i, a in answers.items():
-            if isinstance(a, ImageValidationError):
-                errors[i] = f"row {i}: {a}"
-        good = [i for i in range(len(images)) if i not in errors]
-        preds = [answers[i] for i in good]
+                errors[i] = exc
+        answers = {**errors, **dict(zip(data, predict_each(self.predictor, list(data.values()))))}
         multi = isinstance(self.predictor, MultiLabelPredictor)
-        rows: list[dict] = [{"label": None, "score": 0.0, "decision": "error", "top_k": "[]",
-                             "error": errors.get(i)} for i in range(len(images))]
-        if multi:
-            for row in rows:
-                row["labels"], row["label_scores"] = [], "[]"
-        for i, p in zip(good, preds):
-            rows[i].update(label=p.label, score=p.score, decision=p.decision, top_k=json.dumps(p.top_k))
-            if multi:  # the answered set, best first
-                rows[i].update(labels=[d["label"] for d in p.labels], label_scores=json.dumps(p.labels))
+        rows: list[dict] = []
+        for i in range(len(images)):
+            p = answers[i]
+            if isinstance(p, Exception):  # an unusable image: its row says why
+                rows.append({"label": None, "score": 0.0, "decision": "error", "top_k": "[]",
+                             "error": f"row {i}: {p}", "labels": [], "label_scores": "[]"})
+            else:  # a multi-label answer's `labels`: the answered set, best first
+                rows.append({"label": p.label, "score": p.score, "decision": p.decision,
+                             "top_k": json.dumps(p.top_k), "error": None,
+                             "labels": [d["label"] for d in p.labels] if multi else None,
+                             "label_scores": json.dumps(p.labels) if multi else None})
         columns = ["label", "score", "decision", "top_k", "error"] + (["labels", "label_scores"] if multi else [])
         # text columns as objects: pandas would make them strings whose missing value is NaN, which
         # `mlflow models serve` writes as a bare NaN (not JSON); None stays null

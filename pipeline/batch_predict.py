@@ -31,29 +31,27 @@ def predict_each(predictor, images: Sequence[Any], *, batch_size: int = DEFAULT_
 
 
 def _predict_batch(predictor, batch: list) -> list:
+    if not batch:
+        return []
     try:
         return list(predictor.predict_images(batch))
-    except ImageValidationError:
-        pass  # some image in it is unusable: find each one, then answer the rest together
-    errors: dict[int, ImageValidationError] = {}
-    for i, item in enumerate(batch):
-        try:
-            inspect_image(item)
-        except ImageValidationError as exc:
-            errors[i] = exc
-    good = [i for i in range(len(batch)) if i not in errors]
+    except ImageValidationError as exc:
+        if len(batch) == 1:
+            return [exc]
+    # some image in it is unusable: find each one, then answer the rest together
+    found = [_decode_error(item) for item in batch]
+    if not any(found):  # each passes the check alone, yet the batch failed: one at a time
+        return [_predict_batch(predictor, [item])[0] for item in batch]
+    answers = iter(_predict_batch(predictor, [item for item, err in zip(batch, found) if err is None]))
+    return [err if err is not None else next(answers) for err in found]
+
+
+def _decode_error(item: Any) -> ImageValidationError | None:
     try:
-        preds = list(predictor.predict_images([batch[i] for i in good])) if good else []
-    except ImageValidationError:  # one that passed the check still fails: one at a time
-        preds = []
-        for i in list(good):
-            try:
-                preds.extend(predictor.predict_images([batch[i]]))
-            except ImageValidationError as exc:
-                errors[i] = exc
-                good.remove(i)
-    answers = dict(zip(good, preds))
-    return [errors[i] if i in errors else answers[i] for i in range(len(batch))]
+        inspect_image(item)
+    except ImageValidationError as exc:
+        return exc
+    return None
 
 
 def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:

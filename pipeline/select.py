@@ -313,7 +313,7 @@ def _comparable_best_first(ranked: list[Candidate], scored_on: Mapping[str, froz
     for c in ranked:
         if scored_on.get(c.name, widest) == widest:
             continue
-        shared = sorted(scored_on[c.name] & scored_on.get(best.name, widest))
+        shared = sorted(scored_on[c.name] & scored_on.get(best.name, frozenset()))
         if not shared:
             notes.append(f"{c.name} shares no selection image with {best.name}, so it cannot be ranked "
                          "above it")
@@ -496,12 +496,13 @@ def select_winner(candidates: Iterable[Candidate], *,
         ranked, across = _comparable_best_first(ranked, scored_on, y_true, predictions, metric_name)
     best = ranked[0]
     others = ranked[1:]
-    # `ranked` is best metric first, so this names the strongest dominating candidate.
+
     def same_images(a: Candidate, b: Candidate) -> bool:  # unknown image sets: no evidence either way
         sa, sb = scored_on.get(a.name), scored_on.get(b.name)
         return sa is None or sb is None or sa == sb
 
-    # scores on different images do not dominate each other
+    # `ranked` is best metric first, so this names the strongest dominating candidate; scores on
+    # different images do not dominate each other
     dominated_by = {c.name: next((d.name for d in ranked if d is not c and same_images(d, c)
                                   and _dominates(d, c, latency_key)), None)
                     for c in ranked}
